@@ -1,0 +1,120 @@
+// Fused masked SGD step on CUDA: ONE launch updates every tensor of a parameter group.
+//
+// Multi-tensor layout (the apex idea, with the table in device memory instead of kernel
+// arguments so any number of tensors fits one launch): the host writes one int64 table
+//   [n_tensors x 5]   param, grad, buf, mask addresses and numel per tensor
+//   [n_tensors + 1]   prefix sum of chunk counts (chunk = kChunk elements)
+// Each thread block owns one chunk; it finds its tensor by binary search over the prefix sum
+// (a few hundred tensors at most: ~8 steps from L1/L2), then updates the chunk with the same
+// select-based arithmetic as the CPU kernel (see csrc/include/ong_sgd.h).
+#include "ong_sgd.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace ong {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kChunk = 8192;  // elements per block: 32 per thread, amortises the table lookup
+
+// Arithmetic in float for float/half/bf16 (as torch's fused SGD), in double for double.
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ int find_tensor(const std::int64_t* prefix, int n_tensors, int chunk) {
+  int lo = 0, hi = n_tensors;  // invariant: prefix[lo] <= chunk < prefix[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (prefix[mid] <= chunk) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+masked_sgd_kernel(const std::int64_t* __restrict__ table, int n_tensors, SgdHyper h) {
+  using A = typename Acc<T>::type;
+  const std::int64_t* prefix = table + 5 * n_tensors;
+  const int chunk = blockIdx.x;
+  const int t = find_tensor(prefix, n_tensors, chunk);
+  const std::int64_t* row = table + 5 * t;
+  T* __restrict__ p = reinterpret_cast<T*>(row[0]);
+  const T* __restrict__ grad = reinterpret_cast<const T*>(row[1]);
+  T* __restrict__ buf = reinterpret_cast<T*>(row[2]);
+  const std::uint8_t* __restrict__ mask = reinterpret_cast<const std::uint8_t*>(row[3]);
+  const std::int64_t numel = row[4];
+  const std::int64_t begin = static_cast<std::int64_t>(chunk - prefix[t]) * kChunk;
+  const std::int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
+
+  const A lr = h.lr, wd = h.weight_decay, mom = h.momentum, damp = A(1) - A(h.dampening);
+  const A sign = h.maximize ? A(-1) : A(1);
+  for (std::int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const bool keep = mask == nullptr || mask[i] != 0;
+    // Select, never multiply: a NaN/Inf gradient at a pruned position must not leak.
+    A g = keep ? sign * to_acc(grad[i]) : A(0);
+    const A w = to_acc(p[i]);
+    if (wd != A(0)) g += wd * w;
+    if (buf != nullptr) {
+      A b = h.first_step ? g : mom * to_acc(buf[i]) + damp * g;
+      b = keep ? b : A(0);
+      buf[i] = from_acc<T>(b);
+      g = h.nesterov ? g + mom * b : b;
+    }
+    p[i] = keep ? from_acc<T>(w - lr * g) : from_acc<T>(A(0));
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("masked_sgd_step_cuda: ") + what + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+}  // namespace
+
+int masked_sgd_chunk_size_cuda() { return kChunk; }
+
+// table: device address of the int64 table described above; n_chunks = prefix[n_tensors].
+void masked_sgd_step_cuda(std::uintptr_t table, int n_tensors, std::int64_t n_chunks, DType dtype,
+                          const SgdHyper& h, int device, std::uintptr_t stream) {
+  if (n_chunks == 0) return;
+  if (n_chunks > 0x7fffffffLL) throw std::invalid_argument("masked_sgd_step_cuda: too many chunks");
+  check(cudaSetDevice(device), "cudaSetDevice");
+  const auto* tbl = reinterpret_cast<const std::int64_t*>(table);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>(n_chunks));
+  switch (dtype) {
+    case DType::kFloat32: masked_sgd_kernel<float><<<grid, kThreads, 0, s>>>(tbl, n_tensors, h); break;
+    case DType::kFloat64: masked_sgd_kernel<double><<<grid, kThreads, 0, s>>>(tbl, n_tensors, h); break;
+    case DType::kFloat16: masked_sgd_kernel<__half><<<grid, kThreads, 0, s>>>(tbl, n_tensors, h); break;
+    case DType::kBFloat16:
+      masked_sgd_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(tbl, n_tensors, h);
+      break;
+  }
+  check(cudaGetLastError(), "kernel launch");
+}
+
+bool cuda_device_available() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+}  // namespace ong

@@ -1,0 +1,26 @@
+"""ong_kernels: One-shot NMF-based Gradient masking (ONG) for PyTorch.
+
+Batched NMF of every weight matrix of a model, a fused masked SGD optimizer, the ONG pruning
+masks and the methods they are compared with, and a reference CIFAR ResNet trainer.
+"""
+
+from ong_kernels import _ops  # noqa: F401  (registers the torch.library ops)
+from ong_kernels.backends import _native
+from ong_kernels.nmf import nmf_batched
+from ong_kernels.optim import FusedMaskedSGD
+
+__version__ = "0.1.0"
+
+
+def backends_available() -> dict[str, bool]:
+    """Which kernel backends can run here: reference always; cpu/cuda when compiled (and a GPU)."""
+    import torch
+
+    return {
+        "reference": True,
+        "cpu": _native.has_cpu(),
+        "cuda": _native.has_cuda_build() and torch.cuda.is_available(),
+    }
+
+
+__all__ = ["FusedMaskedSGD", "backends_available", "nmf_batched"]

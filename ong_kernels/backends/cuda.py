@@ -1,0 +1,78 @@
+"""Compiled CUDA kernels (csrc/cuda/): one launch per fused step, driven by a device table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ong_kernels.backends import _native, reference
+from ong_kernels.backends._multi_tensor import partition
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _table(rows: list[list[int]], chunk: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """int64 table [n x (param, grad, buf, mask, numel)] + prefix sums of chunks, on `device`.
+
+    Built on the host and sent with one non-blocking copy from pinned memory (the caching host
+    allocator keeps that memory alive until the copy is done); the kernel reads the table from
+    global memory, so the number of tensors per launch is unbounded (no kernel-argument limit).
+    """
+    flat: list[int] = []
+    prefix = [0]
+    for row in rows:
+        flat += row
+        prefix.append(prefix[-1] + (row[4] + chunk - 1) // chunk)
+    host = torch.tensor(flat + prefix, dtype=torch.int64).pin_memory()
+    return host.to(device, non_blocking=True), prefix[-1]
+
+
+def masked_sgd_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+) -> None:
+    """One kernel launch per dtype for all dense tensors; the rest go to the reference kernel."""
+    lib = _native.cuda_lib()
+    hyper = (lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    parts = partition(params, grads, momentum_buffers, masks, SUPPORTED_DTYPES)
+    chunk = lib.masked_sgd_chunk_size_cuda()
+    for dtype, idx in parts.by_dtype.items():
+        device = params[idx[0]].device
+        rows = [
+            [
+                params[i].data_ptr(),
+                parts.grads[i].data_ptr(),
+                momentum_buffers[i].data_ptr() if momentum_buffers else 0,
+                masks[i].data_ptr() if masks[i] is not None else 0,
+                params[i].numel(),
+            ]
+            for i in idx
+        ]
+        table, n_chunks = _table(rows, chunk, device)
+        lib.masked_sgd_step_cuda(
+            table.data_ptr(),
+            len(idx),
+            n_chunks,
+            _native.DTYPE_CODES[dtype],
+            *hyper,
+            device.index,
+            torch.cuda.current_stream(device).cuda_stream,
+        )
+    if parts.fallback:
+        reference.masked_sgd_step_(
+            [params[i] for i in parts.fallback],
+            [grads[i] for i in parts.fallback],
+            [momentum_buffers[i] for i in parts.fallback] if momentum_buffers else [],
+            [masks[i] for i in parts.fallback],
+            *hyper,
+        )

@@ -1,0 +1,286 @@
+"""nmf_batched: multiplicative-update NMF of many matrices of different shapes in one call.
+
+Everything here is host-side bookkeeping (validation, initialisation, views); the iterations
+run in one op (ong_kernels::nmf_mu_) over the whole ragged batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ong_kernels import _ops
+from ong_kernels._batching import group_indices
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+INITS = ("random", "nndsvd", "nndsvda")
+BACKENDS = ("auto", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# scikit-learn's _initialize_nmf(eps=1e-6): NNDSVD entries below this are set to zero.
+NNDSVD_EPS = 1e-6
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """The (shape[0], prod(shape[1:])) view NMF factorises; a 1-D tensor is (1, n)."""
+    if t.dim() == 1:
+        return t.reshape(1, -1)
+    return t.reshape(t.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_weights(weights) -> list[torch.Tensor]:
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence):
+        raise TypeError(
+            f"weights must be a sequence of tensors (wrap a single tensor in a list), "
+            f"got {type(weights).__name__}"
+        )
+    if len(weights) == 0:
+        raise ValueError("weights is empty: pass at least one tensor")
+    device = None
+    for i, t in enumerate(weights):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"weights[{i}] has dtype {t.dtype}; supported: float16, bfloat16, float32, float64"
+            )
+        if t.dim() == 0 or t.numel() == 0:
+            raise ValueError(f"weights[{i}] has shape {tuple(t.shape)}: need at least one entry")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(
+                f"weights[{i}] is on {t.device} but weights[0] is on {device}: "
+                "put all matrices on one device"
+            )
+    for i, t in enumerate(weights):
+        _check_nonnegative_finite(t, f"weights[{i}]")
+    return [t.detach() for t in weights]
+
+
+def _check_nonnegative_finite(t: torch.Tensor, name: str) -> None:
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains NaN or Inf (first at index {bad})")
+    if bool((t < 0).any()):
+        raise ValueError(
+            f"{name} contains negative entries (min {float(t.min()):.3g}); NMF factorises a "
+            "non-negative matrix, e.g. pass weight.abs()"
+        )
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _ranks(rank, shapes: list[tuple[int, int]]) -> list[int]:
+    if isinstance(rank, Sequence) and not isinstance(rank, str):
+        if len(rank) != len(shapes):
+            raise ValueError(f"rank has {len(rank)} entries but there are {len(shapes)} matrices")
+        ranks = [_check_int(r, f"rank[{i}]", 1) for i, r in enumerate(rank)]
+    else:
+        ranks = [_check_int(rank, "rank", 1)] * len(shapes)
+    return [min(r, m, n) for r, (m, n) in zip(ranks, shapes, strict=True)]
+
+
+def _check_custom_init(init, mats: list[torch.Tensor], ranks: list[int]) -> list[Factors]:
+    if len(init) != len(mats):
+        raise ValueError(f"init has {len(init)} (W, H) pairs but there are {len(mats)} matrices")
+    out = []
+    for i, pair in enumerate(init):
+        if not (isinstance(pair, Sequence) and len(pair) == 2):
+            raise TypeError(f"init[{i}] must be a (W0, H0) pair")
+        w0, h0 = pair
+        (m, n), r = mats[i].shape, ranks[i]
+        for name, t, shape in (
+            (f"init[{i}][0] (W0)", w0, (m, r)),
+            (f"init[{i}][1] (H0)", h0, (r, n)),
+        ):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}, expected {shape} (rank clipped to "
+                    f"min(m, n) = {r})"
+                )
+            if t.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"{name} has dtype {t.dtype}; need a floating dtype")
+            _check_nonnegative_finite(t, name)
+        out.append((w0, h0))
+    return out
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def _random_init(v: torch.Tensor, r: int, seed: int) -> Factors:
+    """scikit-learn's init="random": |N(0, 1)| * sqrt(mean(V) / r), H drawn before W.
+
+    Each matrix gets a fresh CPU generator seeded with `seed` (as scikit-learn's random_state
+    does per call), so a matrix's start does not depend on its neighbours in the batch and is
+    the same on every device.
+    """
+    m, n = v.shape
+    gen = torch.Generator().manual_seed(seed)
+    scale = math.sqrt(float(v.mean()) / r)
+    h = torch.randn(r, n, generator=gen).abs_().mul_(scale)
+    w = torch.randn(m, r, generator=gen).abs_().mul_(scale)
+    return w.to(v.device), h.to(v.device)
+
+
+def _safe_unit(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return torch.where(norm > 0, x / torch.where(norm > 0, norm, 1.0), 0.0)
+
+
+def _nndsvd_batch(v: torch.Tensor, r: int, fill_average: bool) -> Factors:
+    """NNDSVD (Boutsidis & Gallopoulos 2008) of a same-shape batch, as scikit-learn's.
+
+    Deviation: scikit-learn takes a randomized SVD; we take the exact one (batched
+    torch.linalg.svd), which randomized SVD approximates. Zero norms give zero vectors instead
+    of NaN, so an all-zero matrix initialises to zeros. `fill_average` is "nndsvda".
+    """
+    u, s, vh = torch.linalg.svd(v, full_matrices=False)
+    u, s, vh = u[:, :, :r], s[:, :r], vh[:, :r, :]
+    w = torch.zeros(v.shape[0], v.shape[1], r, dtype=v.dtype, device=v.device)
+    h = torch.zeros(v.shape[0], r, v.shape[2], dtype=v.dtype, device=v.device)
+    root = s.clamp_min(0).sqrt()
+    w[:, :, 0] = root[:, :1] * u[:, :, 0].abs()
+    h[:, 0, :] = root[:, :1] * vh[:, 0, :].abs()
+    if r > 1:
+        x, y = u[:, :, 1:], vh[:, 1:, :]
+        xp, yp = x.clamp_min(0), y.clamp_min(0)
+        xn, yn = (-x).clamp_min(0), (-y).clamp_min(0)
+        xpn, ypn = xp.norm(dim=1), yp.norm(dim=2)
+        xnn, ynn = xn.norm(dim=1), yn.norm(dim=2)
+        mp, mn = xpn * ypn, xnn * ynn
+        positive = mp > mn
+        uu = torch.where(
+            positive[:, None, :], _safe_unit(xp, xpn[:, None, :]), _safe_unit(xn, xnn[:, None, :])
+        )
+        vv = torch.where(
+            positive[:, :, None], _safe_unit(yp, ypn[:, :, None]), _safe_unit(yn, ynn[:, :, None])
+        )
+        sigma = torch.where(positive, mp, mn)
+        lbd = (s[:, 1:] * sigma).clamp_min(0).sqrt()
+        w[:, :, 1:] = lbd[:, None, :] * uu
+        h[:, 1:, :] = lbd[:, :, None] * vv
+    w = torch.where(w < NNDSVD_EPS, 0.0, w)
+    h = torch.where(h < NNDSVD_EPS, 0.0, h)
+    if fill_average:
+        avg = v.mean(dim=(1, 2))
+        w = torch.where(w == 0, avg[:, None, None], w)
+        h = torch.where(h == 0, avg[:, None, None], h)
+    return w, h
+
+
+def initial_factors(mats: list[torch.Tensor], ranks: list[int], init, seed: int) -> list[Factors]:
+    """Starting (W0, H0) per float32 matrix for init in INITS or a custom list of pairs."""
+    if not isinstance(init, str):
+        pairs = _check_custom_init(init, mats, ranks)
+        return [
+            (w.to(m.device, torch.float32).clone(), h.to(m.device, torch.float32).clone())
+            for m, (w, h) in zip(mats, pairs, strict=True)
+        ]
+    if init == "random":
+        return [_random_init(m, r, seed) for m, r in zip(mats, ranks, strict=True)]
+    factors: list[Factors | None] = [None] * len(mats)
+    keys = [(tuple(m.shape), r) for m, r in zip(mats, ranks, strict=True)]
+    for indices in group_indices(keys).values():
+        batch = torch.stack([mats[i] for i in indices])
+        w, h = _nndsvd_batch(batch, ranks[indices[0]], fill_average=init == "nndsvda")
+        for j, i in enumerate(indices):
+            factors[i] = (w[j].contiguous(), h[j].contiguous())
+    return factors  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _run(
+    weights, rank, *, max_iter, tol, init, seed, backend
+) -> tuple[list[Factors], torch.Tensor]:
+    tensors = _check_weights(weights)
+    _check_int(max_iter, "max_iter", 1)
+    if (
+        isinstance(tol, bool)
+        or not isinstance(tol, (int, float))
+        or not math.isfinite(tol)
+        or tol < 0
+    ):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    _check_int(seed, "seed", 0)
+    if isinstance(init, str) and init not in INITS:
+        raise ValueError(
+            f"init must be one of {INITS} or a sequence of (W0, H0) pairs, got {init!r}"
+        )
+    if not isinstance(init, str) and not isinstance(init, Sequence):
+        raise TypeError(
+            f"init must be a string or a sequence of (W0, H0) pairs, got {type(init).__name__}"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend {backend!r} has no NMF kernel in this version; choose from {BACKENDS}"
+        )
+    mats = [as_matrix(t).to(torch.float32).contiguous() for t in tensors]
+    ranks = _ranks(rank, [tuple(m.shape) for m in mats])
+    factors = initial_factors(mats, ranks, init, seed)
+    w_list = [w for w, _ in factors]
+    h_list = [h for _, h in factors]
+    n_iter = _ops.nmf_mu_(mats, w_list, h_list, max_iter, float(tol))
+    return list(zip(w_list, h_list, strict=True)), n_iter
+
+
+def nmf_batched(
+    weights: Sequence[torch.Tensor],
+    rank: int | Sequence[int],
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    init: str | Sequence[Factors] = "random",
+    seed: int = 0,
+    backend: str = "auto",
+) -> list[Factors]:
+    """Factorise every matrix V_i ~= W_i H_i with Lee-Seung multiplicative updates, together.
+
+    Args:
+        weights: non-negative tensors of any shapes, all on one device; each is viewed as
+            (shape[0], prod(shape[1:])) (a conv weight is out x in*kh*kw, a 1-D tensor 1 x n).
+        rank: one int for all, or one per matrix; clipped to min(m, n) per matrix.
+        max_iter: iterations per matrix (>= 1).
+        tol: a matrix stops when (previous_error - error) / initial_error < tol, checked every
+            10 iterations (scikit-learn's rule); 0 runs exactly max_iter iterations.
+        init: "random" (|N(0,1)| * sqrt(mean(V)/r), seeded), "nndsvd", "nndsvda", or one
+            (W0, H0) pair per matrix (scikit-learn's init="custom").
+        seed: seed of the "random" init (a fresh generator per matrix, as scikit-learn's
+            random_state per call).
+        backend: "auto" or "reference" (batched PyTorch matmuls on the inputs' device).
+
+    Returns:
+        [(W_i, H_i)]: float32 factors on the inputs' device, W_i (m_i, r_i), H_i (r_i, n_i).
+
+    The update order and epsilon rule are scikit-learn's NMF(solver="mu", beta_loss=2):
+    W <- W * (V H^T) / (W H H^T), then H <- H * (W^T V) / (W^T W H), and a denominator that is
+    exactly 0 becomes float32 eps. Matrices of the same shape advance as one batched matmul.
+    """
+    factors, _ = _run(
+        weights, rank, max_iter=max_iter, tol=tol, init=init, seed=seed, backend=backend
+    )
+    return factors
+
+
+def nmf_batched_with_info(weights, rank, **kwargs) -> tuple[list[Factors], list[int]]:
+    """nmf_batched that also returns the number of iterations each matrix ran."""
+    defaults = dict(max_iter=200, tol=1e-4, init="random", seed=0, backend="auto")
+    defaults.update(kwargs)
+    factors, n_iter = _run(weights, rank, **defaults)
+    return factors, n_iter.tolist()
