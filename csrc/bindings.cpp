@@ -44,8 +44,7 @@ std::vector<ong::SgdTensor> gather_tensors(const std::vector<std::uintptr_t>& pa
 
 ong::SgdHyper make_hyper(double lr, double momentum, double dampening, double weight_decay,
                          bool nesterov, bool maximize, bool first_step) {
-  return {static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(dampening),
-          static_cast<float>(weight_decay), nesterov, maximize, first_step};
+  return {lr, momentum, dampening, weight_decay, nesterov, maximize, first_step};
 }
 
 }  // namespace

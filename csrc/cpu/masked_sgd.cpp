@@ -27,7 +27,7 @@ void update_span(T* __restrict p, const T* __restrict grad, T* __restrict buf,
   const T lr = static_cast<T>(h.lr);
   const T wd = static_cast<T>(h.weight_decay);
   const T mom = static_cast<T>(h.momentum);
-  const T damp = static_cast<T>(1.0f - h.dampening);
+  const T damp = static_cast<T>(1.0 - h.dampening);
   const T sign = h.maximize ? T(-1) : T(1);
   for (std::int64_t i = 0; i < n; ++i) {
     const bool keep = kMasked ? mask[i] != 0 : true;
@@ -51,7 +51,7 @@ using SpanFn = void (*)(T*, const T*, T*, const std::uint8_t*, std::int64_t, con
 
 template <typename T, bool kMasked>
 SpanFn<T> pick_momentum(const SgdHyper& h) {
-  if (h.momentum == 0.0f) return update_span<T, kMasked, false, false, false>;
+  if (h.momentum == 0.0) return update_span<T, kMasked, false, false, false>;
   if (h.nesterov) {
     return h.first_step ? update_span<T, kMasked, true, true, true>
                         : update_span<T, kMasked, true, true, false>;

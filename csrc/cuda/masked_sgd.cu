@@ -63,7 +63,8 @@ masked_sgd_kernel(const std::int64_t* __restrict__ table, int n_tensors, SgdHype
   const std::int64_t begin = static_cast<std::int64_t>(chunk - prefix[t]) * kChunk;
   const std::int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
 
-  const A lr = h.lr, wd = h.weight_decay, mom = h.momentum, damp = A(1) - A(h.dampening);
+  const A lr = A(h.lr), wd = A(h.weight_decay), mom = A(h.momentum);
+  const A damp = A(1.0 - h.dampening);
   const A sign = h.maximize ? A(-1) : A(1);
   for (std::int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     const bool keep = mask == nullptr || mask[i] != 0;

@@ -14,10 +14,11 @@
 namespace ong {
 
 struct SgdHyper {
-  float lr;
-  float momentum;
-  float dampening;
-  float weight_decay;
+  // double so float64 parameters see the exact hyper-parameters; float kernels round once.
+  double lr;
+  double momentum;
+  double dampening;
+  double weight_decay;
   bool nesterov;
   bool maximize;
   bool first_step;  // the momentum buffers are new: buf = g (no dampening), as torch.optim.SGD

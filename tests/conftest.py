@@ -1,0 +1,72 @@
+"""Shared test helpers: the devices to run on, and a tensor comparison that says where it fails."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import ong_kernels
+
+
+def available_devices() -> list[str]:
+    """CPU always; CUDA when this machine has a GPU and the CUDA kernels were built."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+DEVICES = available_devices()
+
+# Per-dtype (atol, rtol) for one fused step against the reference: the kernels may contract
+# a*b+c into an FMA and accumulate half types in float32, so they differ by a few ulps.
+STEP_TOLERANCES = {
+    torch.float32: (1e-6, 1e-5),
+    torch.float64: (1e-12, 1e-10),
+    torch.float16: (1e-3, 1e-2),
+    torch.bfloat16: (1e-2, 5e-2),
+}
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = ""
+):
+    """torch.testing.assert_close with NaN never equal and a report of the worst entries."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert not torch.isnan(actual).any(), (
+        f"{what}: result has NaN at {torch.isnan(actual).nonzero()[:5].tolist()}"
+    )
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    err = (a - e).abs()
+    bad = err > atol + rtol * e.abs()
+    if bool(bad.any()):
+        worst = torch.topk(err.flatten(), min(5, err.numel())).indices
+        rows = [
+            f"  at {[int(x) for x in np.unravel_index(i, tuple(a.shape))]}: "
+            f"got {a.flatten()[i]:.9g}, expected {e.flatten()[i]:.9g}"
+            for i in worst.tolist()
+        ]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {a.numel()} entries differ (atol={atol}, rtol={rtol}), "
+            f"max abs err {float(err.max()):.3g}\n" + "\n".join(rows)
+        )
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different seed per test (stable across runs: derived from the test id) so tests don't
+    # all see the same "random" tensors, while a failure reproduces.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+def compiled_cpu() -> bool:
+    return ong_kernels.backends_available()["cpu"]
