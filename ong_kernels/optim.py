@@ -152,17 +152,23 @@ class FusedMaskedSGD(Optimizer):
         torch's loader casts floating state to the parameter dtype, so masks are turned back
         into bool here (exact for 0/1 values) and re-applied.
         """
+        self._check_state_dict_masks(state_dict)
         super().load_state_dict(state_dict)
         for p in self._params():
             state = self.state.get(p)
             if state and "mask" in state:
-                mask = state["mask"]
-                if mask.shape != p.shape:
-                    raise ValueError(
-                        f"state_dict: mask of shape {tuple(mask.shape)} for a parameter of shape "
-                        f"{tuple(p.shape)}"
-                    )
-                self._install_mask(p, mask.to(device=p.device, dtype=torch.bool))
+                self._install_mask(p, state["mask"].to(device=p.device, dtype=torch.bool))
+
+    def _check_state_dict_masks(self, state_dict) -> None:
+        """Mask shapes are checked before anything is loaded (torch checks the groups)."""
+        ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        for i, p in zip(ids, self._params(), strict=False):
+            mask = state_dict.get("state", {}).get(i, {}).get("mask")
+            if mask is not None and tuple(mask.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"state_dict: mask of shape {tuple(mask.shape)} for a parameter of shape "
+                    f"{tuple(p.shape)}"
+                )
 
     # ------------------------------------------------------------------ step
 
