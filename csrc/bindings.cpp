@@ -73,7 +73,8 @@ PYBIND11_MODULE(_C, m) {
         One fused masked SGD step over contiguous CPU tensors of one dtype (0=float32, 1=float64).
 
         Each list holds one address per tensor (bufs: 0 when momentum == 0; masks: 0 for a
-        dense tensor, else a 1-byte-per-element bool mask). Runs with the GIL released.
+        dense tensor, else its bit-packed mask, see ong_kernels/_bitmask.py). Runs with the
+        GIL released.
       )pbdoc");
 
 #ifdef ONG_WITH_CUDA

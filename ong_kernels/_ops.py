@@ -1,5 +1,8 @@
 """Every op's schema, once (torch.library), with its fake implementation and device kernels.
 
+masked_sgd_step_ takes masks bit-packed (ong_kernels._bitmask.pack_mask: one bit per weight
+in memory order, None for a dense tensor), which is what the kernels read.
+
 Mutated tensors are marked in the schemas (Tensor(a!)), so torch.compile and
 torch.library.opcheck know what each op writes. Device kernels:
   CPU  -> compiled C++ (backends.cpu) when built, else the reference
@@ -18,7 +21,7 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 
 _lib.define(
     "masked_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-    "Tensor?[] masks, float lr, float momentum, float dampening, float weight_decay, "
+    "Tensor?[] mask_bits, float lr, float momentum, float dampening, float weight_decay, "
     "bool nesterov, bool maximize, bool first_step) -> ()"
 )
 _lib.define(
@@ -40,13 +43,13 @@ if _native.has_cuda_build():
 
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")
-def _masked_sgd_step_fake(params, grads, momentum_buffers, masks, *_hyper) -> None:
+def _masked_sgd_step_fake(params, grads, momentum_buffers, mask_bits, *_hyper) -> None:
     torch._check(len(grads) == len(params), lambda: "grads and params differ in length")
     torch._check(
         len(momentum_buffers) in (0, len(params)),
         lambda: "momentum_buffers must be empty or one per param",
     )
-    torch._check(len(masks) == len(params), lambda: "masks and params differ in length")
+    torch._check(len(mask_bits) == len(params), lambda: "mask_bits and params differ in length")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::nmf_mu_")

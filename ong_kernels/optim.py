@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from ong_kernels import _ops
+from ong_kernels._bitmask import pack_mask
 
 _HYPER_DEFAULTS = dict(
     momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
@@ -77,6 +78,9 @@ class FusedMaskedSGD(Optimizer):
         )
         _check_hyper(defaults, "FusedMaskedSGD")
         super().__init__(params, defaults)
+        # The kernels read masks bit-packed (1/8 byte per weight instead of 1: the step is
+        # memory-bound); derived from state[p]["mask"], so not part of the state_dict.
+        self._mask_bits: dict[torch.Tensor, torch.Tensor] = {}
         if masks is not None:
             self.set_masks(masks)
 
@@ -126,6 +130,7 @@ class FusedMaskedSGD(Optimizer):
         checked = self._validated_masks(masks)
         for p in self._params():
             self.state[p].pop("mask", None)
+        self._mask_bits.clear()
         for p, mask in checked.items():
             self._install_mask(p, mask)
 
@@ -133,6 +138,7 @@ class FusedMaskedSGD(Optimizer):
         own = torch.empty_like(p, dtype=torch.bool).copy_(mask)
         state = self.state[p]
         state["mask"] = own
+        self._mask_bits[p] = pack_mask(own)
         p.masked_fill_(~own, 0)
         buf = state.get("momentum_buffer")
         if buf is not None:
@@ -154,6 +160,7 @@ class FusedMaskedSGD(Optimizer):
         """
         self._check_state_dict_masks(state_dict)
         super().load_state_dict(state_dict)
+        self._mask_bits.clear()
         for p in self._params():
             state = self.state.get(p)
             if state and "mask" in state:
@@ -205,7 +212,7 @@ class FusedMaskedSGD(Optimizer):
                 gs.append(p.grad)
                 if momentum != 0:
                     bs.append(state["momentum_buffer"])
-                ms.append(state.get("mask"))
+                ms.append(self._mask_bits.get(p))
             for (_, _, first), (ps, gs, bs, ms) in buckets.items():
                 _ops.masked_sgd_step_(
                     ps,

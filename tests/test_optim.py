@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ong_kernels
+from ong_kernels._bitmask import pack_mask
 from ong_kernels.backends import reference
 
 # Odd shapes: a conv weight, a 1x1 conv, a linear, a bias-like vector, a single element.
@@ -194,8 +195,9 @@ def test_property_kernels_match_reference(
                         bufs[i][~m] = float("inf")
             expected = [t.clone() for t in params], [t.clone() for t in bufs]
             hyper = (0.05, momentum, dampening, weight_decay, nesterov, maximize, first_step)
-            reference.masked_sgd_step_(expected[0], grads, expected[1], masks, *hyper)
-            kernel(params, grads, bufs, masks, *hyper)
+            bits = [None if m is None else pack_mask(m) for m in masks]
+            reference.masked_sgd_step_(expected[0], grads, expected[1], bits, *hyper)
+            kernel(params, grads, bufs, bits, *hyper)
             atol, rtol = STEP_TOLERANCES[torch.float32]
             for i in range(len(sizes)):
                 assert_close(
@@ -215,7 +217,7 @@ def test_masked_sgd_op_passes_opcheck(device):
     params = [torch.randn(5, 3, device=device), torch.randn(4, device=device)]
     grads = [torch.randn_like(p) for p in params]
     bufs = [torch.randn_like(p) for p in params]
-    masks = [torch.rand(5, 3, device=device) > 0.5, None]
+    masks = [pack_mask(torch.rand(5, 3, device=device) > 0.5), None]
     torch.library.opcheck(
         _ops.masked_sgd_step_, (params, grads, bufs, masks, 0.1, 0.9, 0.0, 1e-4, True, False, False)
     )

@@ -58,7 +58,7 @@ masked_sgd_kernel(const std::int64_t* __restrict__ table, int n_tensors, SgdHype
   T* __restrict__ p = reinterpret_cast<T*>(row[0]);
   const T* __restrict__ grad = reinterpret_cast<const T*>(row[1]);
   T* __restrict__ buf = reinterpret_cast<T*>(row[2]);
-  const std::uint8_t* __restrict__ mask = reinterpret_cast<const std::uint8_t*>(row[3]);
+  const std::uint8_t* __restrict__ bits = reinterpret_cast<const std::uint8_t*>(row[3]);
   const std::int64_t numel = row[4];
   const std::int64_t begin = static_cast<std::int64_t>(chunk - prefix[t]) * kChunk;
   const std::int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
@@ -67,7 +67,8 @@ masked_sgd_kernel(const std::int64_t* __restrict__ table, int n_tensors, SgdHype
   const A damp = A(1.0 - h.dampening);
   const A sign = h.maximize ? A(-1) : A(1);
   for (std::int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const bool keep = mask == nullptr || mask[i] != 0;
+    // Bit-packed mask: a warp's 32 elements share 4 bytes, one transaction.
+    const bool keep = bits == nullptr || ((bits[i >> 3] >> (i & 7)) & 1);
     // Select, never multiply: a NaN/Inf gradient at a pruned position must not leak.
     A g = keep ? sign * to_acc(grad[i]) : A(0);
     const A w = to_acc(p[i]);

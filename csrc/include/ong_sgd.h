@@ -28,7 +28,8 @@ struct SgdHyper {
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // One tensor of the step. Pointers are raw device/host addresses (tensor.data_ptr()).
-// buf == 0 when momentum == 0; mask == 0 for a dense parameter (mask is 1 byte per element).
+// buf == 0 when momentum == 0; mask == 0 for a dense parameter, else the address of the
+// bit-packed mask (bit j of byte k = element 8k + j in memory order; ong_kernels/_bitmask.py).
 struct SgdTensor {
   std::uintptr_t param;
   std::uintptr_t grad;

@@ -32,16 +32,16 @@ def partition(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor],
-    masks: Sequence[torch.Tensor | None],
+    mask_bits: Sequence[torch.Tensor | None],
     supported_dtypes: Sequence[torch.dtype],
 ) -> Partition:
     out = Partition()
     has_buf = len(momentum_buffers) > 0
     for i, p in enumerate(params):
-        mask = masks[i]
+        bits = mask_bits[i]
         ok = p.dtype in supported_dtypes and dense_layout(p)
         ok = ok and (not has_buf or momentum_buffers[i].stride() == p.stride())
-        ok = ok and (mask is None or (mask.dtype == torch.bool and mask.stride() == p.stride()))
+        ok = ok and (bits is None or (bits.dtype == torch.uint8 and bits.is_contiguous()))
         if not ok:
             out.fallback.append(i)
             continue

@@ -17,7 +17,7 @@ def masked_sgd_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor],
-    masks: Sequence[torch.Tensor | None],
+    mask_bits: Sequence[torch.Tensor | None],
     lr: float,
     momentum: float,
     dampening: float,
@@ -32,13 +32,13 @@ def masked_sgd_step_(
     """
     lib = _native.lib()
     hyper = (lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
-    parts = partition(params, grads, momentum_buffers, masks, SUPPORTED_DTYPES)
+    parts = partition(params, grads, momentum_buffers, mask_bits, SUPPORTED_DTYPES)
     for dtype, idx in parts.by_dtype.items():
         lib.masked_sgd_step_cpu(
             [params[i].data_ptr() for i in idx],
             [parts.grads[i].data_ptr() for i in idx],
             [momentum_buffers[i].data_ptr() if momentum_buffers else 0 for i in idx],
-            [masks[i].data_ptr() if masks[i] is not None else 0 for i in idx],
+            [mask_bits[i].data_ptr() if mask_bits[i] is not None else 0 for i in idx],
             [params[i].numel() for i in idx],
             _native.DTYPE_CODES[dtype],
             *hyper,
@@ -49,6 +49,6 @@ def masked_sgd_step_(
             [params[i] for i in parts.fallback],
             [grads[i] for i in parts.fallback],
             [momentum_buffers[i] for i in parts.fallback] if momentum_buffers else [],
-            [masks[i] for i in parts.fallback],
+            [mask_bits[i] for i in parts.fallback],
             *hyper,
         )

@@ -32,7 +32,7 @@ def masked_sgd_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor],
-    masks: Sequence[torch.Tensor | None],
+    mask_bits: Sequence[torch.Tensor | None],
     lr: float,
     momentum: float,
     dampening: float,
@@ -44,7 +44,7 @@ def masked_sgd_step_(
     """One kernel launch per dtype for all dense tensors; the rest go to the reference kernel."""
     lib = _native.cuda_lib()
     hyper = (lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
-    parts = partition(params, grads, momentum_buffers, masks, SUPPORTED_DTYPES)
+    parts = partition(params, grads, momentum_buffers, mask_bits, SUPPORTED_DTYPES)
     chunk = lib.masked_sgd_chunk_size_cuda()
     for dtype, idx in parts.by_dtype.items():
         device = params[idx[0]].device
@@ -53,7 +53,7 @@ def masked_sgd_step_(
                 params[i].data_ptr(),
                 parts.grads[i].data_ptr(),
                 momentum_buffers[i].data_ptr() if momentum_buffers else 0,
-                masks[i].data_ptr() if masks[i] is not None else 0,
+                mask_bits[i].data_ptr() if mask_bits[i] is not None else 0,
                 params[i].numel(),
             ]
             for i in idx
@@ -73,6 +73,6 @@ def masked_sgd_step_(
             [params[i] for i in parts.fallback],
             [grads[i] for i in parts.fallback],
             [momentum_buffers[i] for i in parts.fallback] if momentum_buffers else [],
-            [masks[i] for i in parts.fallback],
+            [mask_bits[i] for i in parts.fallback],
             *hyper,
         )

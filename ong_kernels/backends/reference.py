@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ong_kernels._batching import group_indices
+from ong_kernels._bitmask import unpack_mask
 
 # scikit-learn's EPSILON (np.finfo(np.float32).eps): an exactly-zero MU denominator becomes this.
 EPS = float(torch.finfo(torch.float32).eps)
@@ -25,7 +26,7 @@ def masked_sgd_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor],
-    masks: Sequence[torch.Tensor | None],
+    mask_bits: Sequence[torch.Tensor | None],
     lr: float,
     momentum: float,
     dampening: float,
@@ -36,12 +37,13 @@ def masked_sgd_step_(
 ) -> None:
     """torch.optim.SGD on grad*mask, in place; pruned entries of params and buffers become 0.
 
-    The gradient is *selected* by the mask (torch.where), never multiplied, so NaN/Inf at a
-    pruned position cannot reach the weights. `first_step` means the buffers are new:
-    buf = g without dampening, as torch.optim.SGD does on its first step.
+    `mask_bits[i]` is None for a dense tensor, else its mask packed by
+    ong_kernels._bitmask.pack_mask. The gradient is *selected* by the mask (torch.where), never
+    multiplied, so NaN/Inf at a pruned position cannot reach the weights. `first_step` means
+    the buffers are new: buf = g without dampening, as torch.optim.SGD does on its first step.
     """
     for i, param in enumerate(params):
-        mask = masks[i]
+        mask = None if mask_bits[i] is None else unpack_mask(mask_bits[i], param)
         grad = grads[i].neg() if maximize else grads[i]
         if mask is not None:
             grad = torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
