@@ -22,7 +22,6 @@ void masked_sgd_step_cpu(const std::vector<SgdTensor>& tensors, DType dtype, con
 void masked_sgd_step_cuda(std::uintptr_t table, int n_tensors, std::int64_t n_chunks, DType dtype,
                           const SgdHyper& h, int device, std::uintptr_t stream);
 int masked_sgd_chunk_size_cuda();
-bool cuda_device_available();
 #endif
 }  // namespace ong
 
@@ -79,8 +78,6 @@ PYBIND11_MODULE(_C, m) {
 
 #ifdef ONG_WITH_CUDA
   m.attr("with_cuda") = true;
-  m.def("cuda_device_available", &ong::cuda_device_available,
-        "True when the CUDA runtime sees at least one device.");
   m.def("masked_sgd_chunk_size_cuda", &ong::masked_sgd_chunk_size_cuda,
         "Elements per thread block of the CUDA masked SGD kernel (the table's chunk unit).");
   m.def(

@@ -127,11 +127,7 @@ def test_matches_torch_sgd_on_masked_grads(device, hyper):
 
 @pytest.mark.parametrize(
     "dtype",
-    [
-        torch.float64,
-        pytest.param(torch.float16, marks=pytest.mark.gpu),
-        pytest.param(torch.bfloat16, marks=pytest.mark.gpu),
-    ],
+    [torch.float64, torch.float16, torch.bfloat16],
 )
 def test_other_dtypes(device, dtype):
     if dtype in (torch.float16, torch.bfloat16) and device == "cpu":

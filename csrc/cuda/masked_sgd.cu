@@ -99,7 +99,11 @@ void masked_sgd_step_cuda(std::uintptr_t table, int n_tensors, std::int64_t n_ch
                           const SgdHyper& h, int device, std::uintptr_t stream) {
   if (n_chunks == 0) return;
   if (n_chunks > 0x7fffffffLL) throw std::invalid_argument("masked_sgd_step_cuda: too many chunks");
-  check(cudaSetDevice(device), "cudaSetDevice");
+  // Launch on the tensors' device and give the caller's current device back (as torch's
+  // CUDAGuard does), so torch's idea of the current device never changes under it.
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   const auto* tbl = reinterpret_cast<const std::int64_t*>(table);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned>(n_chunks));
@@ -111,12 +115,10 @@ void masked_sgd_step_cuda(std::uintptr_t table, int n_tensors, std::int64_t n_ch
       masked_sgd_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(tbl, n_tensors, h);
       break;
   }
-  check(cudaGetLastError(), "kernel launch");
+  const cudaError_t launch = cudaGetLastError();
+  if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
+  check(launch, "kernel launch");
 }
 
-bool cuda_device_available() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
 
 }  // namespace ong
