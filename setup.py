@@ -3,7 +3,7 @@
 Environment switches, forwarded to CMake:
   ONG_WITH_CUDA=0        build the CPU kernels only, even where nvcc exists
   ONG_CUDA_ARCHS="80;90" SASS architectures (PTX of the last one is added)
-  ONG_PTXAS_VERBOSE=1    print ptxas register/spill reports
+  ONG_PTXAS_VERBOSE=0    no ptxas register/spill reports (on by default; pip install -v shows them)
   ONG_NATIVE_CPU=0       no -march=native (for a binary that moves between machines)
 """
 
@@ -43,7 +43,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DONG_WITH_CUDA={_on_off('ONG_WITH_CUDA', True)}",
             f"-DONG_NATIVE_CPU={_on_off('ONG_NATIVE_CPU', True)}",
-            f"-DONG_PTXAS_VERBOSE={_on_off('ONG_PTXAS_VERBOSE', False)}",
+            f"-DONG_PTXAS_VERBOSE={_on_off('ONG_PTXAS_VERBOSE', True)}",
         ]
         if "ONG_CUDA_ARCHS" in os.environ:
             cmake_args.append(f"-DONG_CUDA_ARCHS={os.environ['ONG_CUDA_ARCHS']}")
