@@ -8,6 +8,26 @@ from ong_kernels import _ops  # noqa: F401  (registers the torch.library ops)
 from ong_kernels.backends import _native
 from ong_kernels.nmf import nmf_batched
 from ong_kernels.optim import FusedMaskedSGD
+from ong_kernels.pruning import (
+    METHODS,
+    SCOPES,
+    LayerReport,
+    PruneResult,
+    grasp_scores,
+    load_masks,
+    magnitude_scores,
+    mask_overlap,
+    masks_for,
+    masks_from_scores,
+    ong_masks,
+    ong_scores,
+    prunable_parameters,
+    prune,
+    random_scores,
+    save_masks,
+    snip_scores,
+    synflow_scores,
+)
 
 __version__ = "0.1.0"
 
@@ -23,4 +43,26 @@ def backends_available() -> dict[str, bool]:
     }
 
 
-__all__ = ["FusedMaskedSGD", "backends_available", "nmf_batched"]
+__all__ = [
+    "METHODS",
+    "SCOPES",
+    "FusedMaskedSGD",
+    "LayerReport",
+    "PruneResult",
+    "backends_available",
+    "grasp_scores",
+    "load_masks",
+    "magnitude_scores",
+    "mask_overlap",
+    "masks_for",
+    "masks_from_scores",
+    "nmf_batched",
+    "ong_masks",
+    "ong_scores",
+    "prunable_parameters",
+    "prune",
+    "random_scores",
+    "save_masks",
+    "snip_scores",
+    "synflow_scores",
+]

@@ -1,0 +1,121 @@
+"""Spreading per-matrix work over the ranks of torch.distributed and gathering the results;
+summing data-dependent gradients over the ranks.
+
+ONG factorises one matrix per prunable weight; with a process group, each rank factorises
+a share of the matrices (balanced by the cost of a multiplicative update, m * n * r), and
+one all-reduce of a flat buffer gives every rank all the scores. Each score entry is written
+by exactly one rank and is 0 elsewhere, so the sum is exact: every rank ends up with
+bit-identical scores and therefore identical masks.
+
+These are collectives: every rank of the group must make the same pruning call. To prune
+on one rank only (and broadcast the masks yourself), pass ``distributed=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["balance", "run_sharded", "world"]
+
+
+def world(group=None, distributed: bool = True) -> tuple[int, int]:
+    """(rank, world size) of `group`; (0, 1) when torch.distributed is not initialised or
+    `distributed` is False (the caller computes everything itself, talking to no rank)."""
+    if not distributed:
+        return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("group was given but torch.distributed is not initialised")
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def balance(costs: Sequence[float], world_size: int) -> list[int]:
+    """Owner rank of each item: longest-processing-time-first greedy over `world_size` ranks.
+
+    Items are taken by decreasing cost (ties by index), each to the least loaded rank (ties
+    by rank), so the result is deterministic and the same on every rank. LPT's makespan is
+    within 4/3 of the optimum.
+    """
+    loads = [0.0] * world_size
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[i] = r
+        loads[r] += costs[i]
+    return owner
+
+
+def _comm_device(group, fallback: torch.device) -> torch.device:
+    # NCCL only moves CUDA tensors; gloo moves CPU tensors (and CUDA ones via the host).
+    backend = str(dist.get_backend(group))
+    if fallback.type == "cuda" and "nccl" in backend:
+        return fallback
+    return torch.device("cpu")
+
+
+def run_sharded(
+    compute: Callable[[list[int]], list[torch.Tensor]],
+    costs: Sequence[float],
+    shapes: Sequence[torch.Size],
+    device: torch.device,
+    group=None,
+    distributed: bool = True,
+) -> list[torch.Tensor]:
+    """Results for every item, each rank computing `compute(its item indices)`.
+
+    `compute(indices)` returns one float32 tensor per index, of `shapes[index]`. Without a
+    process group (or with one rank) it is simply called on every index. An exception on
+    any rank is raised on every rank (instead of leaving the others waiting in the
+    all-reduce).
+    """
+    rank, world_size = world(group, distributed)
+    if world_size == 1:
+        return compute(list(range(len(shapes))))
+    owner = balance(costs, world_size)
+    mine = [i for i, r in enumerate(owner) if r == rank]
+    numels = [torch.Size(s).numel() for s in shapes]
+    offsets = [0]
+    for n in numels:
+        offsets.append(offsets[-1] + n)
+    comm = _comm_device(group, device)
+    buffer = torch.zeros(offsets[-1], dtype=torch.float32, device=comm)
+    failed = torch.zeros(1, dtype=torch.float32, device=comm)
+    error: BaseException | None = None
+    try:
+        if mine:
+            for i, result in zip(mine, compute(mine), strict=True):
+                buffer[offsets[i] : offsets[i + 1]] = result.reshape(-1).to(comm, torch.float32)
+    except Exception as exc:  # re-raised below, after the other ranks have been told
+        error = exc
+        failed.fill_(1)
+    dist.all_reduce(failed, group=group)
+    if error is not None:
+        raise error
+    if bool(failed.item()):
+        raise RuntimeError("scoring failed on another rank; see that rank's error")
+    dist.all_reduce(buffer, group=group)
+    return [
+        buffer[offsets[i] : offsets[i + 1]].reshape(shapes[i]).to(device)
+        for i in range(len(shapes))
+    ]
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor], group=None, distributed: bool = True) -> None:
+    """Sum `tensors` in place over the ranks of `group` (no-op without a process group).
+
+    SNIP and GraSP use it so that every rank scores the data of all ranks and gets the same
+    masks. One all-reduce of one flat buffer; every rank receives the same bits.
+    """
+    _, world_size = world(group, distributed)
+    if world_size == 1 or not tensors:
+        return
+    device = tensors[0].device
+    comm = _comm_device(group, device)
+    flat = torch.cat([t.detach().reshape(-1).to(comm) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(part.view(t.shape))
