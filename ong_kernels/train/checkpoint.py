@@ -1,0 +1,128 @@
+"""Atomic, code-free checkpoints and the other run-folder files.
+
+A checkpoint is a ``torch.save`` of plain tensors, dicts, lists, strings and numbers only
+(RNG states as uint8 tensors, masks as bool tensors keyed by parameter name), so it is
+read with ``torch.load(weights_only=True)``: loading a checkpoint cannot run code.
+
+Every file is written to a temporary file in the destination folder, flushed to disk, and
+then moved over the old one with ``os.replace`` (atomic on POSIX), so a run killed at any
+moment leaves either the previous complete file or the new complete file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "atomic_write",
+    "load_checkpoint",
+    "save_checkpoint",
+    "write_csv",
+    "write_json",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+_REQUIRED_KEYS = ("format_version", "epoch", "config", "model", "optimizer", "scheduler", "rng")
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; run artefacts get the usual 0666 & ~umask instead.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, corrupt or from an incompatible run."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Call ``write(file)`` on a temp file next to ``path``, fsync it, then rename it over."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave temp files behind.
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows of dicts with the same keys -> CSV with a header (rewritten whole, atomically)."""
+    if not rows:
+        raise ValueError("rows: nothing to write")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    data = text.getvalue().encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Atomically save a checkpoint dict (see :func:`load_checkpoint` for the keys)."""
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"state: missing checkpoint key(s) {', '.join(missing)}")
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; a bad file raises CheckpointError.
+
+    The error says which file, what is wrong, and what to do about it.
+    """
+    path = Path(path)
+    advice = (
+        "delete it to restart the run from scratch, or train into a new --run-dir; "
+        "a partially written checkpoint cannot occur (writes are atomic), so this file "
+        "was damaged or replaced after it was written"
+    )
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint to resume from")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:  # fmt: skip
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot be loaded ({first_line}); {advice}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}; {advice}")
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) {', '.join(missing)}; {advice}")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {state['format_version']!r}, this version of ong_kernels "
+            f"reads {FORMAT_VERSION}"
+        )
+    return state

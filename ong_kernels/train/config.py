@@ -1,0 +1,215 @@
+"""Training configuration: one validated dataclass, plus the paper's presets.
+
+A :class:`TrainConfig` holds only JSON-friendly values (str, int, float, bool, None,
+lists, dicts of those), so it round-trips through ``config.json`` and through a checkpoint
+loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .data import DATASETS
+from .models import MODELS
+
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "SCHEDULES",
+    "SCOPES",
+    "TrainConfig",
+    "preset",
+]
+
+# "dense" trains without pruning; the rest are ong_kernels.prune methods.
+METHODS = ("dense", "ong", "magnitude", "random", "snip", "grasp", "synflow")
+SCOPES = ("global", "layer", "erk")
+SCHEDULES = ("cosine", "multistep", "linear", "constant")
+_TRISTATE = ("auto", "on", "off")
+
+# Fields that may differ when a run is resumed: they do not change what is computed.
+RESUMABLE_OVERRIDES = frozenset({"data_dir", "run_dir", "progress", "compile"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run. See ``ong-train --help`` for each field."""
+
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    # (num_train, num_test, channels, size) of the synthetic dataset.
+    synthetic_shape: list[int] = field(default_factory=lambda: [512, 256, 3, 16])
+    width: float = 1.0
+
+    method: str = "ong"
+    sparsity: float = 0.9
+    scope: str = "global"
+    prune_batches: int = 1
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    epochs: int = 200
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    milestones: list[int] | None = None
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    progress: bool = True
+    run_dir: str | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError/TypeError naming the first bad field."""
+
+        def check(cond: bool, name: str, what: str, exc=ValueError):
+            if not cond:
+                raise exc(f"{name}: {what}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        check(self.model in MODELS, "model", f"expected one of {', '.join(MODELS)}")
+        check(self.dataset in DATASETS, "dataset", f"expected one of {', '.join(DATASETS)}")
+        check(
+            self.data_dir is None or isinstance(self.data_dir, str), "data_dir", "expected a path"
+        )
+        for name in ("train_subset", "test_subset"):
+            v = getattr(self, name)
+            check(v is None or (is_int(v) and v > 0), name, "expected a positive int or None")
+        s = self.synthetic_shape
+        check(
+            isinstance(s, (list, tuple)) and len(s) == 4 and all(is_int(v) and v > 0 for v in s),
+            "synthetic_shape",
+            "expected 4 positive ints (num_train, num_test, channels, size)",
+        )
+        self.synthetic_shape = list(s)
+        check(is_num(self.width) and self.width > 0, "width", "expected a positive number")
+
+        check(self.method in METHODS, "method", f"expected one of {', '.join(METHODS)}")
+        check(is_num(self.sparsity) and 0 <= self.sparsity < 1, "sparsity", "expected in [0, 1)")
+        if self.method == "dense":
+            self.sparsity = 0.0
+        else:
+            check(self.sparsity > 0, "sparsity", f"method {self.method!r} needs sparsity > 0")
+        check(self.scope in SCOPES, "scope", f"expected one of {', '.join(SCOPES)}")
+        check(
+            is_int(self.prune_batches) and self.prune_batches > 0, "prune_batches", "expected > 0"
+        )
+        check(
+            isinstance(self.method_kwargs, dict)
+            and all(isinstance(k, str) for k in self.method_kwargs),
+            "method_kwargs",
+            "expected a dict with str keys",
+            TypeError,
+        )
+
+        check(is_int(self.epochs) and self.epochs > 0, "epochs", "expected a positive int")
+        check(is_int(self.batch_size) and self.batch_size > 0, "batch_size", "expected > 0")
+        check(
+            is_int(self.eval_batch_size) and self.eval_batch_size > 0,
+            "eval_batch_size",
+            "expected > 0",
+        )
+        check(is_num(self.lr) and self.lr > 0, "lr", "expected a positive number")
+        check(is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", "expected in [0, 1)")
+        check(isinstance(self.nesterov, bool), "nesterov", "expected a bool", TypeError)
+        check(not self.nesterov or self.momentum > 0, "nesterov", "nesterov needs momentum > 0")
+        check(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "expected >= 0")
+        check(self.schedule in SCHEDULES, "schedule", f"expected one of {', '.join(SCHEDULES)}")
+        if self.milestones is not None:
+            m = self.milestones
+            check(
+                isinstance(m, (list, tuple))
+                and all(is_int(v) and 0 < v < self.epochs for v in m)
+                and list(m) == sorted(set(m)),
+                "milestones",
+                f"expected increasing epochs in (0, {self.epochs})",
+            )
+            self.milestones = list(m)
+        check(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "expected in (0, 1]")
+        check(
+            is_int(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
+            "warmup_epochs",
+            f"expected an int in [0, epochs={self.epochs})",
+        )
+
+        check(is_int(self.seed) and self.seed >= 0, "seed", "expected an int >= 0")
+        check(
+            isinstance(self.device, str) and self.device != "", "device", "expected a device string"
+        )
+        check(self.amp in ("auto", "bf16", "off"), "amp", "expected auto, bf16 or off")
+        check(self.channels_last in _TRISTATE, "channels_last", "expected auto, on or off")
+        check(isinstance(self.compile, bool), "compile", "expected a bool", TypeError)
+        check(isinstance(self.progress, bool), "progress", "expected a bool", TypeError)
+        check(self.run_dir is None or isinstance(self.run_dir, str), "run_dir", "expected a path")
+
+    # ------------------------------------------------------------------ helpers
+    def resolved_milestones(self) -> list[int]:
+        """Multistep milestones in epochs: the configured ones, or 50% and 75% of training
+        (epochs 100 and 150 of 200, the schedule of He et al. and of the BIMP baselines)."""
+        if self.milestones is not None:
+            return list(self.milestones)
+        return sorted({m for m in (self.epochs // 2, self.epochs * 3 // 4) if 0 < m < self.epochs})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (e.g. config.json); unknown keys are an error, not ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def run_name(self) -> str:
+        """A folder name describing the run, e.g. ``resnet20-fashion-mnist-ong-0.9-seed0``."""
+        method = self.method if self.method == "dense" else f"{self.method}-{self.sparsity:g}"
+        return f"{self.model}-{self.dataset}-{method}-seed{self.seed}"
+
+
+# The paper's settings: 200 epochs, batch 128, SGD with nesterov momentum 0.9, lr 0.1,
+# cosine decay, weight decay 1e-4 on CIFAR-10 and 5e-4 on CIFAR-100. Each preset also
+# lists the sparsities the paper reports, which `ong-sweep --preset` uses by default.
+_PAPER = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, schedule="cosine")
+PRESETS: dict[str, dict[str, Any]] = {
+    "resnet56-cifar10": dict(_PAPER, model="resnet56", dataset="cifar10", weight_decay=1e-4),
+    "resnet18-cifar10": dict(_PAPER, model="resnet18", dataset="cifar10", weight_decay=1e-4),
+    "resnet34-cifar10": dict(_PAPER, model="resnet34", dataset="cifar10", weight_decay=1e-4),
+    "resnet18-cifar100": dict(_PAPER, model="resnet18", dataset="cifar100", weight_decay=5e-4),
+    "resnet34-cifar100": dict(_PAPER, model="resnet34", dataset="cifar100", weight_decay=5e-4),
+}
+PRESET_SPARSITIES = (0.9, 0.95, 0.98)
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The field values of a named preset (a copy)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])

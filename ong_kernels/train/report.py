@@ -1,0 +1,43 @@
+"""Plain-text tables for the terminal and for markdown files."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["format_table", "mean_std"]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A GitHub-markdown table (also readable in a terminal).
+
+    ``columns`` is a sequence of (key, header); floats are shown with two decimals, other
+    values with ``str`` (pre-format a value as a string to control it).
+    """
+    header = [h for _, h in columns]
+    body = [[_cell(row.get(key, "")) for key, _ in columns] for row in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(columns))]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in body)])
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    if not values:
+        raise ValueError("values: empty")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)

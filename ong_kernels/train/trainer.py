@@ -1,0 +1,568 @@
+"""The training loop: prune at initialisation, train with FusedMaskedSGD, never lose a run.
+
+:class:`Trainer` runs one configuration end to end:
+
+1. build the model from ``seed``; prune it with ``ong_kernels.pruning.prune`` (unless ``dense``)
+   and check that the masks hold the requested sparsity;
+2. train with ``ong_kernels.FusedMaskedSGD`` and a per-step LR schedule, on data held in
+   device memory with batched augmentation drawn from one seeded ``torch.Generator``;
+3. after every epoch evaluate on the test set, verify that the number of exact zeros in the
+   masked weights equals the number of pruned weights, and atomically write the metrics CSV
+   and a checkpoint (model, optimizer with masks, scheduler, RNG states, history);
+4. at the end write results.json and the loss/accuracy plots.
+
+A run folder that holds a checkpoint is never overwritten: it is continued with
+``resume=True``, and on CPU the resumed run ends bit-identical to an uninterrupted one
+(everything random is drawn from checkpointed generators, and the restored state is exact).
+
+Under ``torchrun`` the model is wrapped in DistributedDataParallel; see
+:mod:`ong_kernels.train.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import augment
+from . import distributed as D
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    write_csv,
+    write_json,
+)
+from .config import RESUMABLE_OVERRIDES, TrainConfig
+from .data import ImageDataset, load_dataset
+from .models import build_model
+from .schedule import make_scheduler
+
+__all__ = ["Callback", "SparsityError", "StopTraining", "Trainer"]
+
+# Pruning methods that score with data (gradients or a forward pass); the others get none.
+DATA_METHODS = frozenset({"snip", "grasp", "synflow"})
+
+
+class SparsityError(RuntimeError):
+    """The weights do not hold the sparsity the masks promise."""
+
+
+class StopTraining(Exception):
+    """Raise from a callback to end training early; the run stays resumable."""
+
+
+class Callback(Protocol):
+    def __call__(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        """Called on every rank after epoch ``epoch`` (1-based) is evaluated and saved."""
+
+
+def _plain(value: Any) -> Any:
+    """Convert a pruning report (rows of dataclasses / dicts / tensors) to JSON-able values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "_asdict"):
+        return _plain(value._asdict())
+    return str(value)
+
+
+class Trainer:
+    """Train one :class:`TrainConfig`; call :meth:`fit`.
+
+    Args:
+        config: the run's configuration. ``config.run_dir`` None trains without writing
+            anything (and cannot be resumed).
+        dataset: an already-loaded dataset to use instead of loading ``config.dataset``
+            (tests, sweeps that reuse one dataset); subsets in the config still apply.
+        resume: continue the run saved in ``config.run_dir``.
+        callbacks: called after each epoch (see :class:`Callback`); raising
+            :class:`StopTraining` ends training cleanly, any other exception propagates.
+        dist_ctx: a distributed context; by default one is set up from the environment.
+        log: where one-line progress messages go (rank 0 only); None silences them.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        dataset: ImageDataset | None = None,
+        resume: bool = False,
+        callbacks: Sequence[Callback] = (),
+        dist_ctx: D.DistContext | None = None,
+        log: Callable[[str], None] | None = print,
+    ):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        config.validate()
+        if dataset is not None and not isinstance(dataset, ImageDataset):
+            raise TypeError(f"dataset: expected an ImageDataset, got {type(dataset).__name__}")
+        self.run_dir = Path(config.run_dir) if config.run_dir is not None else None
+        checkpoint_path = self.run_dir / CHECKPOINT_NAME if self.run_dir else None
+        if resume and checkpoint_path is None:
+            raise ValueError("resume: needs config.run_dir (the folder of the run to continue)")
+        if not resume and checkpoint_path is not None and checkpoint_path.exists():
+            raise ValueError(
+                f"run_dir: {self.run_dir} already holds a run ({CHECKPOINT_NAME}); pass "
+                "--resume to continue it, or choose another --run-dir"
+            )
+        self.config = config
+        self.callbacks = list(callbacks)
+        self._resume_state = load_checkpoint(checkpoint_path) if resume else None
+        if self._resume_state is not None:
+            self._check_resumable(self._resume_state["config"], checkpoint_path)
+        # All checks above run before any process group exists or any file is written.
+        # A context handed in belongs to the caller (e.g. a sweep reusing one process group).
+        self._owns_ctx = dist_ctx is None
+        self.ctx = dist_ctx if dist_ctx is not None else D.setup(config.device)
+        self.device = self.ctx.device
+        self._log = log if (log is not None and self.ctx.is_main) else (lambda msg: None)
+        # setup() (called by fit()) loads the data, builds and prunes the model.
+        self._dataset_arg = dataset
+        self._setup_done = False
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ setup
+    def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
+        current = self.config.to_dict()
+        differ = sorted(
+            k for k in set(saved) | set(current)
+            if k not in RESUMABLE_OVERRIDES and saved.get(k) != current.get(k)
+        )  # fmt: skip
+        if differ:
+            details = "; ".join(
+                f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differ
+            )
+            raise CheckpointError(
+                f"{path}: the run was started with a different config ({details})"
+            )
+
+    def _resolve_flags(self) -> None:
+        cuda = self.device.type == "cuda"
+        cfg = self.config
+        self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
+        if self.amp and cfg.amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"amp: bf16 is not supported on {torch.cuda.get_device_name(self.device)}"
+            )
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def setup(self) -> None:
+        """Load data, build and prune the model, create optimizer and scheduler (idempotent)."""
+        if self._setup_done:
+            return
+        cfg, ctx = self.config, self.ctx
+        self._resolve_flags()
+        if cfg.batch_size % ctx.world_size:
+            raise ValueError(
+                f"batch_size: the global batch {cfg.batch_size} must divide evenly over "
+                f"{ctx.world_size} processes"
+            )
+        ds = self._dataset_arg
+        if ds is None:
+            ds = load_dataset(cfg.dataset, cfg.data_dir, synthetic_shape=cfg.synthetic_shape)
+        self.data = ds.subset(cfg.train_subset, cfg.test_subset).to(self.device)
+        self._mean = torch.tensor(self.data.mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(self.data.std, dtype=torch.float32, device=self.device)
+        n_train = len(self.data.train_y)
+        if n_train < cfg.batch_size:
+            raise ValueError(
+                f"batch_size: {cfg.batch_size} exceeds the {n_train} training examples"
+            )
+        self.steps_per_epoch = n_train // cfg.batch_size  # drop_last: equal shards, fixed BN batch
+
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(
+            cfg.model,
+            in_channels=self.data.in_channels,
+            num_classes=self.data.num_classes,
+            width=cfg.width,
+        ).to(self.device)
+
+        state = self._resume_state
+        self.prune_time_s = 0.0
+        if state is not None:
+            self.masks = {k: v.to(self.device) for k, v in state["masks"].items()}
+            self.pruning_report = state["pruning_report"]
+            self.prune_time_s = state["prune_time_s"]
+        elif cfg.method == "dense":
+            self.masks, self.pruning_report = {}, []
+        else:
+            start = time.perf_counter()
+            self.masks, self.pruning_report = self._prune()
+            self.prune_time_s = time.perf_counter() - start
+        self.masks = D.broadcast_masks(ctx, self.masks)
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(self.masks) - set(params))
+        if unknown:
+            raise SparsityError(f"masks name parameters the model lacks: {', '.join(unknown)}")
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                params[name].masked_fill_(~mask, 0)  # already so, unless masks came from rank 0
+        self.pruned_count = sum(int((~m).sum()) for m in self.masks.values())
+        self.masked_total = sum(m.numel() for m in self.masks.values())
+        self._check_mask_sparsity()
+
+        self.model.to(memory_format=self.memory_format)
+        self.optimizer = self._make_optimizer()
+        self.scheduler = make_scheduler(
+            self.optimizer,
+            cfg.schedule,
+            epochs=cfg.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            warmup_epochs=cfg.warmup_epochs,
+            milestones=cfg.resolved_milestones() if cfg.schedule == "multistep" else (),
+            gamma=cfg.gamma,
+        )
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed)
+        self.start_epoch = 0
+        self.elapsed_s = 0.0
+        if state is not None:
+            self._restore(state)
+            self._resume_state = None
+
+        self.train_model: nn.Module = self.model
+        if ctx.enabled:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self._setup_done = True
+
+    def _prune(self) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        from ong_kernels.pruning import prune
+
+        cfg = self.config
+        data = None
+        if cfg.method in DATA_METHODS:
+            # Un-augmented training batches from their own generator, so pruning does not
+            # consume the training RNG stream.
+            g = torch.Generator().manual_seed(cfg.seed)
+            order = torch.randperm(len(self.data.train_y), generator=g).to(self.device)
+            data = []
+            for i in range(min(cfg.prune_batches, self.steps_per_epoch)):
+                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                data.append((self._normalize(self.data.train_x[idx]), self.data.train_y[idx]))
+        result = prune(
+            self.model,
+            method=cfg.method,
+            sparsity=cfg.sparsity,
+            scope=cfg.scope,
+            data=data,
+            loss_fn=nn.CrossEntropyLoss(),
+            seed=cfg.seed,
+            **cfg.method_kwargs,
+        )
+        masks = {
+            name: m.detach().to(device=self.device, dtype=torch.bool)
+            for name, m in result.masks.items()
+        }
+        return masks, _plain(getattr(result, "report", []))
+
+    def _check_mask_sparsity(self) -> None:
+        cfg = self.config
+        if cfg.method == "dense":
+            return
+        if not self.masks:
+            raise SparsityError(f"pruning with {cfg.method!r} returned no masks")
+        if "min_density" in cfg.method_kwargs:
+            return  # a user-set per-layer floor may keep more than the target: by request
+        wanted = cfg.sparsity * self.masked_total
+        # prune() removes exactly round(s * N) weights, except that it keeps at least one
+        # weight per tensor and that per-layer allocations round once per tensor: at most
+        # one weight per masked tensor away from s * N.
+        if abs(self.pruned_count - wanted) > len(self.masks):
+            raise SparsityError(
+                f"pruning with {cfg.method!r} ({cfg.scope}) removed {self.pruned_count} of "
+                f"{self.masked_total} weights; sparsity {cfg.sparsity} asks for {wanted:.1f}"
+            )
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        from ong_kernels import FusedMaskedSGD
+        from ong_kernels.pruning import masks_for
+
+        cfg = self.config
+        masks = None
+        if self.masks:
+            # Masks take their parameter's strides (channels_last) so a fused kernel that
+            # walks both tensors' storage in step sees matching layouts.
+            masks = {
+                p: torch.empty_like(p, dtype=torch.bool).copy_(m)
+                for p, m in masks_for(self.model, self.masks).items()
+            }
+        return FusedMaskedSGD(
+            self.model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            dampening=0,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
+            masks=masks,
+        )
+
+    # ------------------------------------------------------------------ state
+    def _rng_state(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        """The checkpoint after ``epoch`` completed epochs (plain tensors and containers)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "epoch": epoch,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "masks": {k: v.cpu() for k, v in self.masks.items()},
+            "pruning_report": self.pruning_report,
+            "prune_time_s": self.prune_time_s,
+            "rng": self._rng_state(),
+            "history": self.history,
+            "elapsed_s": self.elapsed_s,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["data"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.history = list(state["history"])
+        self.start_epoch = int(state["epoch"])
+        self.elapsed_s = float(state["elapsed_s"])
+
+    # ------------------------------------------------------------------ steps
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = augment.normalize(images, self._mean, self._std)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def _autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set (drop-last batches); returns loss/acc/time."""
+        from tqdm.auto import tqdm
+
+        cfg, ctx, data = self.config, self.ctx, self.data
+        bsz = cfg.batch_size
+        local = bsz // ctx.world_size
+        mine = slice(ctx.rank * local, (ctx.rank + 1) * local)
+        self.train_model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
+        start = time.perf_counter()
+        order = torch.randperm(len(data.train_y), generator=self.generator, device=self.device)
+        bar = tqdm(
+            range(self.steps_per_epoch),
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not (cfg.progress and ctx.is_main),
+        )
+        for step in bar:
+            # Draw for the global batch on every rank, then take this rank's slice.
+            idx = order[step * bsz : (step + 1) * bsz]
+            params = augment.draw_params(
+                bsz, data.crop_padding, data.flip, self.generator, self.device
+            )
+            idx = idx[mine]
+            x = self._normalize(augment.apply(data.train_x[idx], params[mine], data.crop_padding))
+            y = data.train_y[idx]
+            with self._autocast():
+                out = self.train_model(x)
+                loss = F.cross_entropy(out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():  # accumulated on the device: no sync per step
+                sums[0] += loss.detach().double() * local
+                sums[1] += (out.argmax(1) == y).sum()
+                sums[2] += local
+            if bar.disable is False and step % 20 == 0:
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4f}"
+                )
+        bar.close()
+        sums = D.all_reduce_sum(ctx, sums)
+        seconds = time.perf_counter() - start
+        loss_sum, correct, count = sums.tolist()
+        train_loss = loss_sum / count
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"training diverged at epoch {epoch}: mean loss {train_loss}; lower --lr or "
+                "add --warmup-epochs"
+            )
+        return {
+            "train_loss": train_loss,
+            "train_acc": 100.0 * correct / count,
+            "epoch_time_s": seconds,
+            "images_per_s": count / seconds,
+        }
+
+    def _sync_buffers(self) -> None:
+        # DDP broadcasts buffers before each forward, so after the last step every rank's
+        # BatchNorm statistics include its own last batch. Make them rank 0's so all ranks
+        # evaluate - and end with - the same model.
+        if self.ctx.enabled:
+            for buf in self.model.buffers():
+                torch.distributed.broadcast(buf, src=0)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Test loss and accuracy; each rank evaluates a contiguous shard, sums are reduced."""
+        ctx, data = self.ctx, self.data
+        self._sync_buffers()
+        self.model.eval()
+        n = len(data.test_y)
+        lo, hi = n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for s in range(lo, hi, self.config.eval_batch_size):
+            e = min(s + self.config.eval_batch_size, hi)
+            x, y = self._normalize(data.test_x[s:e]), data.test_y[s:e]
+            with self._autocast():
+                out = self.model(x).float()
+            sums[0] += F.cross_entropy(out, y, reduction="sum").double()
+            sums[1] += (out.argmax(1) == y).sum()
+            sums[2] += e - s
+        loss_sum, correct, count = D.all_reduce_sum(ctx, sums).tolist()
+        return {"test_loss": loss_sum / count, "test_acc": 100.0 * correct / count}
+
+    def measured_sparsity(self) -> tuple[int, int]:
+        """(exact zeros in the masked weights, number of masked weights)."""
+        params = dict(self.model.named_parameters())
+        zeros = sum(int((params[name] == 0).sum()) for name in self.masks)
+        return zeros, self.masked_total
+
+    def check_sparsity(self) -> float:
+        """Raise SparsityError unless the zeros in the masked weights equal the pruned count.
+
+        A kept weight becoming exactly 0.0 in float32 would also trip this; with SGD and
+        multiplicative weight decay that does not happen in practice, and if it did the run
+        would deserve a look anyway.
+        """
+        if not self.masks:
+            return 0.0
+        zeros, total = self.measured_sparsity()
+        if zeros != self.pruned_count:
+            params = dict(self.model.named_parameters())
+            leaked = {n: int((params[n][~m] != 0).sum()) for n, m in self.masks.items()}
+            leaked = {n: c for n, c in leaked.items() if c}
+            raise SparsityError(
+                f"measured {zeros} zero weights, the masks prune {self.pruned_count} of {total}; "
+                f"non-zero pruned weights per tensor: {leaked or 'none (kept weights hit 0)'}"
+            )
+        return zeros / total
+
+    # ------------------------------------------------------------------ run
+    def fit(self) -> dict[str, Any]:
+        """Train (or continue) to ``config.epochs``; returns the results dict."""
+        try:
+            self.setup()
+            return self._fit()
+        finally:
+            if self._owns_ctx:
+                D.teardown(self.ctx)
+
+    def _fit(self) -> dict[str, Any]:
+        cfg, ctx = self.config, self.ctx
+        if ctx.is_main and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "config.json", cfg.to_dict())
+        sparsity = self.check_sparsity()
+        if self.start_epoch:
+            self._log(f"resuming {self.run_dir} after epoch {self.start_epoch}")
+        elif cfg.method != "dense":
+            self._log(
+                f"pruned {self.pruned_count}/{self.masked_total} weights with {cfg.method} "
+                f"({cfg.scope}) in {self.prune_time_s:.1f}s: sparsity {sparsity:.4f}"
+            )
+        for epoch in range(self.start_epoch + 1, cfg.epochs + 1):
+            metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.evaluate()}
+            metrics["sparsity"] = self.check_sparsity()
+            metrics["lr"] = self.scheduler.get_last_lr()[0]
+            self.elapsed_s += metrics["epoch_time_s"]
+            self.history.append(metrics)
+            if ctx.is_main and self.run_dir is not None:
+                write_csv(self.run_dir / "metrics.csv", self.history)
+                save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.state_dict(epoch))
+            self._log(
+                f"epoch {epoch}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_acc']:.2f}% | test loss {metrics['test_loss']:.4f} "
+                f"acc {metrics['test_acc']:.2f}% | sparsity {metrics['sparsity']:.4f} | "
+                f"{metrics['epoch_time_s']:.1f}s ({metrics['images_per_s']:.0f} img/s)"
+            )
+            try:
+                for callback in self.callbacks:
+                    callback(self, epoch, metrics)
+            except StopTraining:
+                return self.results(complete=False)
+        results = self.results(complete=True)
+        if ctx.is_main and self.run_dir is not None:
+            write_json(self.run_dir / "results.json", results)
+            from .plots import plot_history
+
+            plot_history(self.history, self.run_dir / "loss.png", self.run_dir / "accuracy.png")
+        return results
+
+    def results(self, complete: bool) -> dict[str, Any]:
+        """A JSON-able summary of the run so far."""
+        cfg = self.config
+        zeros, total = self.measured_sparsity() if self.masks else (0, 0)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        last = self.history[-1] if self.history else {}
+        return {
+            "complete": complete,
+            "config": cfg.to_dict(),
+            "epochs_completed": len(self.history),
+            "final": last,
+            "test_acc": last.get("test_acc"),
+            "best_test_acc": max((h["test_acc"] for h in self.history), default=None),
+            "target_sparsity": cfg.sparsity,
+            "measured_sparsity": zeros / total if total else 0.0,
+            "pruned_weights": self.pruned_count,
+            "prunable_weights": total,
+            "parameters": n_params,
+            "remaining_parameters": n_params - self.pruned_count,
+            "prune_time_s": self.prune_time_s,
+            "train_time_s": self.elapsed_s,
+            "device": str(self.device),
+            "world_size": self.ctx.world_size,
+            "amp_bf16": self.amp,
+            "channels_last": self.channels_last,
+            "torch": torch.__version__,
+            "pruning_report": self.pruning_report,
+        }
+
+
+def train(config: TrainConfig, **kwargs: Any) -> dict[str, Any]:
+    """Convenience: ``Trainer(config, **kwargs).fit()``."""
+    return Trainer(config, **kwargs).fit()

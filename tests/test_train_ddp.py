@@ -1,0 +1,74 @@
+"""DistributedDataParallel: 2 gloo processes on CPU, launched by torchrun as users would."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ong_kernels
+
+REPO = Path(ong_kernels.__file__).resolve().parent.parent
+
+# Each rank trains, then saves its final model and masks so the test can compare ranks.
+WORKER = textwrap.dedent(
+    """
+    import os, sys, torch
+    from ong_kernels.train.config import TrainConfig
+    from ong_kernels.train.trainer import Trainer
+
+    out = sys.argv[1]
+    rank = int(os.environ["RANK"])
+    config = TrainConfig(
+        model="resnet20", dataset="synthetic", synthetic_shape=[128, 40, 3, 8], width=0.25,
+        epochs=2, batch_size=32, eval_batch_size=16, lr=0.05, method="ong", sparsity=0.9,
+        progress=False, device="cpu", run_dir=os.path.join(out, "run"),
+    )
+    trainer = Trainer(config, log=None)
+    results = trainer.fit()
+    torch.save(
+        {"state": trainer.model.state_dict(), "masks": trainer.masks,
+         "world": results["world_size"], "history": trainer.history},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+    """
+)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+def test_two_gloo_ranks_end_identical(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(script), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["world"] == r1["world"] == 2
+    assert r0["masks"].keys() == r1["masks"].keys() and r0["masks"]
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+    assert r0["state"].keys() == r1["state"].keys()
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), f"{name} differs between ranks"
+    # Evaluation is reduced over ranks, so both report the same numbers.
+    assert [h["test_acc"] for h in r0["history"]] == [h["test_acc"] for h in r1["history"]]
+    # Only rank 0 wrote the run folder, and its checkpoint holds the same model.
+    run = tmp_path / "run"
+    assert (run / "results.json").is_file() and (run / "checkpoint.pt").is_file()
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], r0["state"][k]) for k in saved)

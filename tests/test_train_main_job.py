@@ -1,0 +1,62 @@
+"""The main job end to end, on a small Fashion-MNIST-format folder the test writes."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from ong_kernels.train import main_job
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny workload: one intra-op thread is as fast and immune to other load on the box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_idx_gz(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 256), ("t10k", 100)):
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        write_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def test_main_job_prints_the_comparison(fashion_dir, tmp_path, capsys):
+    out = tmp_path / "job"
+    args = ["--data-dir", str(fashion_dir), "--train-subset", "0", "--epochs", "1"]
+    args += ["--workers", "1", "--device", "cpu", "--no-progress", "--out-dir", str(out)]
+    assert main_job.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Shortened to fit 10 minutes" in printed and "all 60,000 training images" in printed
+    rows = {
+        line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")
+    }
+    assert set(rows) == {"method", "dense", "ong"}
+    assert "| 0.9000 " in rows["ong"] and "| 0.0000 " in rows["dense"]
+    assert "wall time:" in printed
+    assert (out / "results.md").is_file()
+    assert (out / "resnet20-fashion-mnist-ong-0.9-seed0" / "results.json").is_file()
+
+
+def test_main_job_errors(tmp_path, capsys):
+    args = ["--data-dir", str(tmp_path), "--workers", "1", "--no-progress"]
+    assert main_job.main([*args, "--out-dir", str(tmp_path / "job")]) == 1
+    assert str(tmp_path) in capsys.readouterr().err
+    assert main_job.main(["--epochs", "0"]) == 2
+    assert "epochs:" in capsys.readouterr().err
