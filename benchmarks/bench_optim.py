@@ -14,11 +14,16 @@ Providers, measured in the same run:
   less work (no mask read), the speed-of-light peer.
 
 Targets on the 2-core CPU (issue 2): ours <= 1.05x torch_fused_nomask and >= 4x faster than
-torch_foreach_masked. ``test_bandwidth`` measures the bandwidth behind the floors.
+torch_foreach_masked. ``test_masked_sgd_step_paired`` times ours and the fused peer
+alternately, for a ratio that slow drift of the machine hardly moves; ``test_bandwidth`` measures
+the bandwidth behind the floors.
 """
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import pytest
 import torch
 
@@ -110,8 +115,12 @@ def test_masked_sgd_step(measure, provider, config, device):
         params=sum(p.numel() for p in params),
         sparsity=SPARSITY if masks else 0.0,
     )
-    # Not timed: the step did its job. Pruned weights and their momentum are exactly 0 and
-    # every value is finite (lr 0.1 on these gradients keeps the weights small).
+    # lr 0.1 on these gradients keeps the weights small: any non-finite value is a bug.
+    check_pruned_stay_zero(opt, params, masks)
+
+
+def check_pruned_stay_zero(opt, params, masks) -> None:
+    """Not timed: pruned weights and their momentum are exactly 0, every value is finite."""
     for p in params:
         assert bool(torch.isfinite(p).all())
         buf = opt.state[p].get("momentum_buffer")
@@ -119,6 +128,62 @@ def test_masked_sgd_step(measure, provider, config, device):
         if p in masks:
             assert not bool(p[~masks[p]].any()), "a pruned weight moved"
             assert not bool(buf[~masks[p]].any()), "a pruned momentum entry is not 0"
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_masked_sgd_step_paired(measure, benchmark, config, device):
+    """ours and torch_fused_nomask timed alternately, step by step: the ratio of each pair.
+
+    The 1.05x target sits within run-to-run drift on the shared 2-core CPU: two runs a few
+    minutes apart measured the unmasked fused step at 4.05 and 4.70 ms (momentum). Timing the
+    two steps back to back and taking the median of the per-pair ratios cancels drift that
+    is slower than a pair (~10 ms); the order alternates so that neither always goes first.
+    The report prints the ratio (extra_info "paired"); the row's own time is the pair's.
+    """
+    cfg = CONFIGS[config]
+    params, masks = make_problem(device, masked=True)
+    params_dense, _ = make_problem(device, masked=False)
+    opt, ours = build_step("ours", params, masks, cfg)
+    _, peer = build_step("torch_fused_nomask", params_dense, {}, cfg)
+    clock = time.perf_counter
+    ratios: list[float] = []
+
+    def timed(step) -> float:
+        t0 = clock()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return clock() - t0
+
+    def pair() -> None:
+        if len(ratios) % 2:
+            t_peer, t_ours = timed(peer), timed(ours)
+        else:
+            t_ours, t_peer = timed(ours), timed(peer)
+        ratios.append(t_ours / t_peer)
+
+    pairs = 300 if device.type == "cuda" else 100  # ~1 s of pairs on the 2-core CPU
+    measure(
+        pair,
+        kernel="masked_sgd_step_paired",
+        provider="ours_and_torch_fused_nomask",
+        workload=f"{WORKLOAD} {config}",
+        device=device,
+        rounds=pairs,
+        warmup_rounds=WARMUP_STEPS,
+    )
+    p20, median, p80 = np.percentile(ratios[-pairs:], [20, 50, 80])
+    benchmark.extra_info["paired"] = {
+        "ours": "ours",
+        "peer": "torch_fused_nomask",
+        "kernel": "masked_sgd_step",
+        "pairs": pairs,
+        "median": float(median),
+        "p20": float(p20),
+        "p80": float(p80),
+    }
+    check_pruned_stay_zero(opt, params, masks)
 
 
 @pytest.mark.benchmark

@@ -152,15 +152,15 @@ summarise() {
   fi
   if [[ -s "$OUT_DIR/report.txt" ]]; then
     echo
-    # The ratio table is the report's last table (before the CSV line).
-    awk 'BEGIN { RS = ""; } /^kernel +workload +ours/ { print }' "$OUT_DIR/report.txt"
+    # The ratio tables (ours / peer, and the paired ratios when recorded): their paragraphs.
+    awk 'BEGIN { RS = ""; ORS = "\n\n" } /^kernel +workload +ours/ { print }' "$OUT_DIR/report.txt"
   fi
   echo
-  printf '%-13s %-18s %6s  %s\n' phase status secs log
+  printf '%-14s %-18s %6s  %s\n' phase status secs log
   local row name status secs log
   for row in "${PHASES[@]}"; do
     IFS='|' read -r name status secs log <<<"$row"
-    printf '%-13s %-18s %6s  %s\n' "$name" "$status" "$secs" "${log#"$OUT_DIR"/}"
+    printf '%-14s %-18s %6s  %s\n' "$name" "$status" "$secs" "${log#"$OUT_DIR"/}"
   done
 }
 summarise | tee "$OUT_DIR/summary.txt"

@@ -8,12 +8,15 @@ Rows are labelled by ``benchmarks/conftest.py``'s ``measure`` fixture (extra_inf
 provider, workload, device, flops, bytes). Providers whose name starts with ``ours`` are
 ours; every other provider of the same kernel and workload is a peer.
 
-Three tables:
+Three tables (four when a benchmark recorded paired ratios):
 1. rates: fp32 matmul GFLOP/s and memory GB/s per device, from the ``matmul`` and
    ``bandwidth`` benchmarks of the same run;
 2. every measurement: median, p20-p80 spread, rounds, and the floor = max(flops / matmul
    rate, bytes / best bandwidth) of the device it ran on, with median / floor;
-3. ratios: ours / each peer per workload (below 1: ours is faster).
+3. ratios: ours / each peer per workload (below 1: ours is faster);
+4. paired ratios: benchmarks that timed ours and a peer alternately, call by call, record
+   the median (p20, p80) of the per-pair ratios as extra_info "paired" = {"ours", "peer",
+   "kernel", "pairs", "median", "p20", "p80"}; slow drift of a shared machine cancels there.
 
 The CSV gets one row per measurement with fixed columns (CSV_COLUMNS), so runs on different
 machines and commits accumulate in one file; times are in seconds.
@@ -59,6 +62,7 @@ class Row:
     bytes: float | None
     torch_version: str
     commit: str
+    paired: dict | None = None
 
     @property
     def ours(self) -> bool:
@@ -120,6 +124,7 @@ def load_rows(data: dict) -> list[Row]:
                 bytes=info.get("bytes"),
                 torch_version=torch_version,
                 commit=commit,
+                paired=info.get("paired"),
             )
         )
     return rows
@@ -230,6 +235,24 @@ def ratio_table(rows: list[Row]) -> str:
     return table(["kernel", "workload", "ours", "peer", "ours/peer", "ours is"], body)
 
 
+def paired_table(rows: list[Row]) -> str:
+    body = [
+        [
+            row.paired["kernel"],
+            row.workload,
+            f"{row.paired['ours']} ({row.device})",
+            f"{row.paired['peer']} ({row.device})",
+            f"{row.paired['median']:.3f}",
+            f"{row.paired['p20']:.3f} - {row.paired['p80']:.3f}",
+            str(row.paired["pairs"]),
+        ]
+        for row in sorted(rows, key=lambda r: (r.kernel, r.workload, r.device))
+        if row.paired
+    ]
+    headers = ["kernel", "workload", "ours", "peer", "paired ours/peer", "p20 - p80", "pairs"]
+    return table(headers, body)
+
+
 def csv_rows(rows: list[Row]) -> list[list[str]]:
     return [
         [
@@ -315,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     print(measurement_table(rows, device_rates))
     print()
     print(ratio_table(rows))
+    if any(row.paired for row in rows):
+        print()
+        print(paired_table(rows))
     if not args.no_csv:
         try:
             append_csv(args.csv, csv_rows(rows))
