@@ -7,6 +7,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Triton runs the GPU kernels' tests in its interpreter on this CPU machine. triton 3.9 with
+# numpy 2.4.6 works; triton 3.6's interpreter fails with numpy 2.4 on loop bounds read from
+# tensors. (The GPU machine's preinstalled triton 3.6 compiles the kernels, no interpreter.)
+TRITON_SPEC ?= triton==3.9.0
+NUMPY_SPEC ?= numpy==2.4.6
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP_DEPS := $(VENV)/.deps
@@ -22,8 +27,8 @@ $(STAMP_DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "$(TORCH_SPEC)" pybind11 cmake ninja numpy safetensors tqdm matplotlib \
-		pytest hypothesis scikit-learn pytest-benchmark ruff
+	$(PIP) install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" "$(NUMPY_SPEC)" pybind11 cmake ninja \
+		safetensors tqdm matplotlib pytest hypothesis scikit-learn pytest-benchmark ruff
 	touch $@
 
 # The extension needs only pybind11 + CMake at build time (it does not link libtorch), so the

@@ -4,7 +4,6 @@ Environment switches, forwarded to CMake:
   ONG_WITH_CUDA=0        build the CPU kernels only, even where nvcc exists
   ONG_CUDA_ARCHS="80;90" SASS architectures (PTX of the last one is added)
   ONG_PTXAS_VERBOSE=0    no ptxas register/spill reports (on by default; pip install -v shows them)
-  ONG_NATIVE_CPU=0       no -march=native (for a binary that moves between machines)
 """
 
 import os
@@ -42,7 +41,6 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DONG_WITH_CUDA={_on_off('ONG_WITH_CUDA', True)}",
-            f"-DONG_NATIVE_CPU={_on_off('ONG_NATIVE_CPU', True)}",
             f"-DONG_PTXAS_VERBOSE={_on_off('ONG_PTXAS_VERBOSE', True)}",
         ]
         if "ONG_CUDA_ARCHS" in os.environ:

@@ -5,7 +5,7 @@ masks and the methods they are compared with, and a reference CIFAR ResNet train
 """
 
 from ong_kernels import _ops  # noqa: F401  (registers the torch.library ops)
-from ong_kernels.backends import _native
+from ong_kernels.backends import registry as _registry
 from ong_kernels.nmf import nmf_batched
 from ong_kernels.optim import FusedMaskedSGD
 from ong_kernels.pruning import (
@@ -32,15 +32,12 @@ from ong_kernels.pruning import (
 __version__ = "0.1.0"
 
 
-def backends_available() -> dict[str, bool]:
-    """Which kernel backends can run here: reference always; cpu/cuda when compiled (and a GPU)."""
-    import torch
-
-    return {
-        "reference": True,
-        "cpu": _native.has_cpu(),
-        "cuda": _native.has_cuda_build() and torch.cuda.is_available(),
-    }
+def backends_available(op: str | None = None) -> dict[str, bool]:
+    """{backend: whether it can run here} over every op (or one op: "nmf_mu",
+    "masked_sgd_step"). reference always; cpu when the extension is built; cuda when it is
+    built with CUDA and a GPU is present; triton when triton is installed and a GPU is present
+    (or TRITON_INTERPRET=1, on CPU tensors)."""
+    return _registry.backends_available(op)
 
 
 __all__ = [

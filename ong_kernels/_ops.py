@@ -1,20 +1,25 @@
-"""Every op's schema, once (torch.library), with its fake implementation and device kernels.
+"""Every op's schema, once (torch.library), its argument checks and its fake implementation.
 
-masked_sgd_step_ takes masks bit-packed (ong_kernels._bitmask.pack_mask: one bit per weight
-in memory order, None for a dense tensor), which is what the kernels read.
+Which kernel runs is not decided here: each op has one implementation for every device
+(CompositeExplicitAutograd) that asks the backend registry (ong_kernels/backends/registry.py)
+for the kernel of the tensors' device and the op's `backend` argument ("auto", "reference",
+"cpu", "cuda", "triton"). That keeps several kernels per device possible (Triton and CUDA C++
+both serve CUDA tensors; Triton's interpreter runs on CPU tensors) and lets the public API's
+`backend=` reach the kernel through the op.
 
 Mutated tensors are marked in the schemas (Tensor(a!)), so torch.compile and
-torch.library.opcheck know what each op writes. Device kernels:
-  CPU  -> compiled C++ (backends.cpu) when built, else the reference
-  CUDA -> compiled CUDA (backends.cuda) when built with CUDA, else the reference
-  other devices (meta aside) -> the reference (CompositeExplicitAutograd)
+torch.library.opcheck know what each op writes. The checks below run in the fakes (meta and
+FakeTensor tracing) and before every real kernel, so a kernel is never handed tensors of
+mixed devices, wrong dtypes or wrong shapes, whoever calls the op.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from ong_kernels.backends import _native, reference
+from ong_kernels.backends import load_all, registry
 
 NAMESPACE = "ong_kernels"
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -22,39 +27,118 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define(
     "masked_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
     "Tensor?[] mask_bits, float lr, float momentum, float dampening, float weight_decay, "
-    "bool nesterov, bool maximize, bool first_step) -> ()"
+    "bool nesterov, bool maximize, bool first_step, str backend='auto') -> ()"
 )
+# The ragged batch is three lists (V_i any float dtype, W_i (m_i, r_i) and H_i (r_i, n_i)
+# float32, contiguous); kernels read them through a pointer table (ong_kernels/nmf_plan.py
+# says why that layout and not one packed buffer). Returns n_iter per matrix (int64).
 _lib.define(
-    "nmf_mu_(Tensor[] v, Tensor(a!)[] w, Tensor(b!)[] h, int max_iter, float tol) -> Tensor"
+    "nmf_mu_(Tensor[] v, Tensor(a!)[] w, Tensor(b!)[] h, int max_iter, float tol, "
+    "str backend='auto') -> Tensor"
 )
 
-_lib.impl("masked_sgd_step_", reference.masked_sgd_step_, "CompositeExplicitAutograd")
-_lib.impl("nmf_mu_", reference.nmf_mu_, "CompositeExplicitAutograd")
+SGD_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+NMF_INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-if _native.has_cpu():
-    from ong_kernels.backends import cpu as _cpu
 
-    _lib.impl("masked_sgd_step_", _cpu.masked_sgd_step_, "CPU")
+def _same(t: torch.Tensor, ref: torch.Tensor, what: str, *, shape=True, dtype=True) -> None:
+    torch._check(t.device == ref.device, lambda: f"{what} is on {t.device}, not {ref.device}")
+    if dtype:
+        torch._check(t.dtype == ref.dtype, lambda: f"{what} has dtype {t.dtype}, not {ref.dtype}")
+    if shape:
+        torch._check(
+            t.shape == ref.shape,
+            lambda: f"{what} has shape {tuple(t.shape)}, not {tuple(ref.shape)}",
+        )
 
-if _native.has_cuda_build():
-    from ong_kernels.backends import cuda as _cuda
 
-    _lib.impl("masked_sgd_step_", _cuda.masked_sgd_step_, "CUDA")
+def check_masked_sgd_args(params, grads, momentum_buffers, mask_bits) -> None:
+    """Every list one entry per param; grads/buffers of their param's shape, dtype and device;
+    masks uint8 of ceil(numel / 8) bytes on that device."""
+    n = len(params)
+    torch._check(len(grads) == n, lambda: f"grads has {len(grads)} tensors, params {n}")
+    torch._check(
+        len(momentum_buffers) in (0, n),
+        lambda: f"momentum_buffers must be empty or one per param, got {len(momentum_buffers)}",
+    )
+    torch._check(len(mask_bits) == n, lambda: f"mask_bits has {len(mask_bits)} entries, params {n}")
+    for i, p in enumerate(params):
+        torch._check(p.dtype in SGD_DTYPES, lambda: f"params[{i}] has dtype {p.dtype}")
+        _same(grads[i], p, f"grads[{i}]")
+        if momentum_buffers:
+            _same(momentum_buffers[i], p, f"momentum_buffers[{i}]")
+        bits = mask_bits[i]
+        if bits is not None:
+            _same(bits, p, f"mask_bits[{i}]", shape=False, dtype=False)
+            torch._check(bits.dtype == torch.uint8, lambda: f"mask_bits[{i}] must be uint8")
+            torch._check(
+                bits.dim() == 1 and bits.numel() == (p.numel() + 7) // 8,
+                lambda: f"mask_bits[{i}] must hold ceil({p.numel()} / 8) bytes",
+            )
+
+
+def check_nmf_args(v, w, h) -> None:
+    """V_i 2-D floating, W_i (m, r) and H_i (r, n) float32 contiguous, all on one device."""
+    n = len(v)
+    torch._check(n > 0, lambda: "nmf_mu_ needs at least one matrix")
+    torch._check(len(w) == n and len(h) == n, lambda: "v, w and h differ in length")
+    device = v[0].device
+    for i in range(n):
+        vi, wi, hi = v[i], w[i], h[i]
+        torch._check(vi.dim() == 2, lambda: f"v[{i}] must be 2-D, got {vi.dim()}-D")
+        torch._check(vi.dtype in NMF_INPUT_DTYPES, lambda: f"v[{i}] has dtype {vi.dtype}")
+        for name, t in (("v", vi), ("w", wi), ("h", hi)):
+            torch._check(t.device == device, lambda: f"{name}[{i}] is on {t.device}, not {device}")
+            torch._check(t.is_contiguous(), lambda: f"{name}[{i}] must be contiguous")
+        for name, t in (("w", wi), ("h", hi)):
+            torch._check(t.dtype == torch.float32, lambda: f"{name}[{i}] must be float32")
+        m, cols = vi.shape
+        torch._check(
+            wi.dim() == 2 and wi.shape[0] == m and hi.dim() == 2 and hi.shape[1] == cols,
+            lambda: (
+                f"w[{i}] {tuple(wi.shape)} and h[{i}] {tuple(hi.shape)} do not factor "
+                f"v[{i}] {tuple(vi.shape)}"
+            ),
+        )
+        torch._check(
+            wi.shape[1] == hi.shape[0] and 1 <= wi.shape[1] <= min(m, cols),
+            lambda: f"w[{i}] and h[{i}] need one rank in [1, min(m, n)]",
+        )
+
+
+def _masked_sgd_step_impl(
+    params, grads, momentum_buffers, mask_bits, lr, momentum, dampening, weight_decay,
+    nesterov, maximize, first_step, backend="auto",
+) -> None:  # fmt: skip
+    check_masked_sgd_args(params, grads, momentum_buffers, mask_bits)
+    if not params:
+        return
+    kernel = registry.select("masked_sgd_step", params[0].device.type, backend)
+    kernel.fn(
+        params, grads, momentum_buffers, mask_bits, lr, momentum, dampening, weight_decay,
+        nesterov, maximize, first_step,
+    )  # fmt: skip
+
+
+def _nmf_mu_impl(v, w, h, max_iter, tol, backend="auto") -> torch.Tensor:
+    check_nmf_args(v, w, h)
+    kernel = registry.select("nmf_mu", v[0].device.type, backend)
+    return kernel.fn(v, w, h, max_iter, tol)
+
+
+load_all()
+_lib.impl("masked_sgd_step_", _masked_sgd_step_impl, "CompositeExplicitAutograd")
+_lib.impl("nmf_mu_", _nmf_mu_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")
 def _masked_sgd_step_fake(params, grads, momentum_buffers, mask_bits, *_hyper) -> None:
-    torch._check(len(grads) == len(params), lambda: "grads and params differ in length")
-    torch._check(
-        len(momentum_buffers) in (0, len(params)),
-        lambda: "momentum_buffers must be empty or one per param",
-    )
-    torch._check(len(mask_bits) == len(params), lambda: "mask_bits and params differ in length")
+    check_masked_sgd_args(params, grads, momentum_buffers, mask_bits)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::nmf_mu_")
-def _nmf_mu_fake(v, w, h, max_iter, tol) -> torch.Tensor:
-    torch._check(len(v) == len(w) == len(h), lambda: "v, w and h differ in length")
+def _nmf_mu_fake(v: Sequence[torch.Tensor], w, h, max_iter, tol, backend="auto") -> torch.Tensor:
+    check_nmf_args(v, w, h)
     return v[0].new_empty((len(v),), dtype=torch.int64)
 
 

@@ -13,12 +13,20 @@ import torch
 
 from ong_kernels import _ops
 from ong_kernels._batching import group_indices
+from ong_kernels._validate import (
+    FLOAT_DTYPES,
+    check_int,
+    check_nonnegative_finite,
+    check_real,
+    check_seed,
+    check_tensor,
+)
+from ong_kernels.backends import registry
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
 INITS = ("random", "nndsvd", "nndsvda")
-BACKENDS = ("auto", "reference")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # scikit-learn's _initialize_nmf(eps=1e-6): NNDSVD entries below this are set to zero.
 NNDSVD_EPS = 1e-6
 
@@ -43,12 +51,7 @@ def _check_weights(weights) -> list[torch.Tensor]:
         raise ValueError("weights is empty: pass at least one tensor")
     device = None
     for i, t in enumerate(weights):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"weights[{i}] has dtype {t.dtype}; supported: float16, bfloat16, float32, float64"
-            )
+        check_tensor(t, f"weights[{i}]", dtypes=FLOAT_DTYPES)
         if t.dim() == 0 or t.numel() == 0:
             raise ValueError(f"weights[{i}] has shape {tuple(t.shape)}: need at least one entry")
         if device is None:
@@ -59,38 +62,46 @@ def _check_weights(weights) -> list[torch.Tensor]:
                 "put all matrices on one device"
             )
     for i, t in enumerate(weights):
-        _check_nonnegative_finite(t, f"weights[{i}]")
+        check_nonnegative_finite(t, f"weights[{i}]")
+        if t.dtype == torch.float64 and bool((t > FLOAT32_MAX).any()):
+            raise ValueError(
+                f"weights[{i}] has entries above the float32 range (max {float(t.max()):.3g} > "
+                f"{FLOAT32_MAX:.3g}); NMF computes in float32: rescale the matrix first"
+            )
     return [t.detach() for t in weights]
-
-
-def _check_nonnegative_finite(t: torch.Tensor, name: str) -> None:
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero()[0].tolist()
-        raise ValueError(f"{name} contains NaN or Inf (first at index {bad})")
-    if bool((t < 0).any()):
-        raise ValueError(
-            f"{name} contains negative entries (min {float(t.min()):.3g}); NMF factorises a "
-            "non-negative matrix, e.g. pass weight.abs()"
-        )
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _ranks(rank, shapes: list[tuple[int, int]]) -> list[int]:
     if isinstance(rank, Sequence) and not isinstance(rank, str):
         if len(rank) != len(shapes):
             raise ValueError(f"rank has {len(rank)} entries but there are {len(shapes)} matrices")
-        ranks = [_check_int(r, f"rank[{i}]", 1) for i, r in enumerate(rank)]
+        ranks = [check_int(r, f"rank[{i}]", 1) for i, r in enumerate(rank)]
     else:
-        ranks = [_check_int(rank, "rank", 1)] * len(shapes)
+        ranks = [check_int(rank, "rank", 1)] * len(shapes)
     return [min(r, m, n) for r, (m, n) in zip(ranks, shapes, strict=True)]
+
+
+def check_init(init) -> None:
+    """init is one of INITS or a sequence of (W0, H0) pairs (checked against shapes later)."""
+    if isinstance(init, str):
+        if init not in INITS:
+            raise ValueError(
+                f"init must be one of {INITS} or a sequence of (W0, H0) pairs, got {init!r}"
+            )
+    elif not isinstance(init, Sequence):
+        raise TypeError(
+            f"init must be a string or a sequence of (W0, H0) pairs, got {type(init).__name__}"
+        )
+
+
+def check_solver_args(max_iter, tol, init, seed, backend) -> float:
+    """The scalar arguments of nmf_batched (shared with ong_masks); returns tol as a float."""
+    check_int(max_iter, "max_iter", 1)
+    tol = check_real(tol, "tol", minimum=0.0)
+    check_seed(seed)
+    check_init(init)
+    registry.check_backend_name(backend)
+    return tol
 
 
 def _check_custom_init(init, mats: list[torch.Tensor], ranks: list[int]) -> list[Factors]:
@@ -106,16 +117,14 @@ def _check_custom_init(init, mats: list[torch.Tensor], ranks: list[int]) -> list
             (f"init[{i}][0] (W0)", w0, (m, r)),
             (f"init[{i}][1] (H0)", h0, (r, n)),
         ):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            check_tensor(t, name)
             if tuple(t.shape) != shape:
                 raise ValueError(
                     f"{name} has shape {tuple(t.shape)}, expected {shape} (rank clipped to "
                     f"min(m, n) = {r})"
                 )
-            if t.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"{name} has dtype {t.dtype}; need a floating dtype")
-            _check_nonnegative_finite(t, name)
+            check_tensor(t, name, dtypes=FLOAT_DTYPES)
+            check_nonnegative_finite(t, name)
         out.append((w0, h0))
     return out
 
@@ -132,7 +141,7 @@ def _random_init(v: torch.Tensor, r: int, seed: int) -> Factors:
     """
     m, n = v.shape
     gen = torch.Generator().manual_seed(seed)
-    scale = math.sqrt(float(v.mean()) / r)
+    scale = math.sqrt(float(v.mean(dtype=torch.float64)) / r)
     h = torch.randn(r, n, generator=gen).abs_().mul_(scale)
     w = torch.randn(m, r, generator=gen).abs_().mul_(scale)
     return w.to(v.device), h.to(v.device)
@@ -184,11 +193,14 @@ def _nndsvd_batch(v: torch.Tensor, r: int, fill_average: bool) -> Factors:
 
 
 def initial_factors(mats: list[torch.Tensor], ranks: list[int], init, seed: int) -> list[Factors]:
-    """Starting (W0, H0) per float32 matrix for init in INITS or a custom list of pairs."""
+    """Starting float32 (W0, H0) per matrix for init in INITS or a custom list of pairs."""
     if not isinstance(init, str):
         pairs = _check_custom_init(init, mats, ranks)
         return [
-            (w.to(m.device, torch.float32).clone(), h.to(m.device, torch.float32).clone())
+            (
+                w.to(m.device, torch.float32).clone(memory_format=torch.contiguous_format),
+                h.to(m.device, torch.float32).clone(memory_format=torch.contiguous_format),
+            )
             for m, (w, h) in zip(mats, pairs, strict=True)
         ]
     if init == "random":
@@ -196,7 +208,7 @@ def initial_factors(mats: list[torch.Tensor], ranks: list[int], init, seed: int)
     factors: list[Factors | None] = [None] * len(mats)
     keys = [(tuple(m.shape), r) for m, r in zip(mats, ranks, strict=True)]
     for indices in group_indices(keys).values():
-        batch = torch.stack([mats[i] for i in indices])
+        batch = torch.stack([mats[i].to(torch.float32) for i in indices])
         w, h = _nndsvd_batch(batch, ranks[indices[0]], fill_average=init == "nndsvda")
         for j, i in enumerate(indices):
             factors[i] = (w[j].contiguous(), h[j].contiguous())
@@ -206,37 +218,29 @@ def initial_factors(mats: list[torch.Tensor], ranks: list[int], init, seed: int)
 # ----------------------------------------------------------------------------- public API
 
 
+def as_kernel_input(t: torch.Tensor) -> torch.Tensor:
+    """The contiguous matrix view the NMF op takes: float32, float16 and bfloat16 as they are
+    (the kernels convert in their loads: no float32 copy of a half-precision model); float64
+    cast to float32 (range checked by _check_weights)."""
+    mat = as_matrix(t)
+    if mat.dtype == torch.float64:
+        mat = mat.to(torch.float32)
+    return mat.contiguous()
+
+
 def _run(
     weights, rank, *, max_iter, tol, init, seed, backend
 ) -> tuple[list[Factors], torch.Tensor]:
+    tol = check_solver_args(max_iter, tol, init, seed, backend)
     tensors = _check_weights(weights)
-    _check_int(max_iter, "max_iter", 1)
-    if (
-        isinstance(tol, bool)
-        or not isinstance(tol, (int, float))
-        or not math.isfinite(tol)
-        or tol < 0
-    ):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    _check_int(seed, "seed", 0)
-    if isinstance(init, str) and init not in INITS:
-        raise ValueError(
-            f"init must be one of {INITS} or a sequence of (W0, H0) pairs, got {init!r}"
-        )
-    if not isinstance(init, str) and not isinstance(init, Sequence):
-        raise TypeError(
-            f"init must be a string or a sequence of (W0, H0) pairs, got {type(init).__name__}"
-        )
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"backend {backend!r} has no NMF kernel in this version; choose from {BACKENDS}"
-        )
-    mats = [as_matrix(t).to(torch.float32).contiguous() for t in tensors]
+    mats = [as_kernel_input(t) for t in tensors]
     ranks = _ranks(rank, [tuple(m.shape) for m in mats])
+    # The kernel choice is made (and an unavailable explicit backend refused) before any work.
+    registry.select("nmf_mu", mats[0].device.type, backend)
     factors = initial_factors(mats, ranks, init, seed)
     w_list = [w for w, _ in factors]
     h_list = [h for _, h in factors]
-    n_iter = _ops.nmf_mu_(mats, w_list, h_list, max_iter, float(tol))
+    n_iter = _ops.nmf_mu_(mats, w_list, h_list, max_iter, tol, backend)
     return list(zip(w_list, h_list, strict=True)), n_iter
 
 
@@ -263,14 +267,17 @@ def nmf_batched(
             (W0, H0) pair per matrix (scikit-learn's init="custom").
         seed: seed of the "random" init (a fresh generator per matrix, as scikit-learn's
             random_state per call).
-        backend: "auto" or "reference" (batched PyTorch matmuls on the inputs' device).
+        backend: "auto" (the best kernel for the inputs' device), or one of "reference"
+            (batched PyTorch matmuls), "cpu" (the C++ solve), "cuda", "triton";
+            ong_kernels.backends_available() says which can run here. An explicit backend
+            that cannot run raises; ONG_KERNELS_BACKEND sets one when this is "auto".
 
     Returns:
         [(W_i, H_i)]: float32 factors on the inputs' device, W_i (m_i, r_i), H_i (r_i, n_i).
 
     The update order and epsilon rule are scikit-learn's NMF(solver="mu", beta_loss=2):
     W <- W * (V H^T) / (W H H^T), then H <- H * (W^T V) / (W^T W H), and a denominator that is
-    exactly 0 becomes float32 eps. Matrices of the same shape advance as one batched matmul.
+    exactly 0 becomes float32 eps. All matrices advance together in one op call.
     """
     factors, _ = _run(
         weights, rank, max_iter=max_iter, tol=tol, init=init, seed=seed, backend=backend

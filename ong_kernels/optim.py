@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -10,6 +9,8 @@ from torch.optim import Optimizer
 
 from ong_kernels import _ops
 from ong_kernels._bitmask import pack_mask
+from ong_kernels._validate import check_real
+from ong_kernels.backends import registry
 
 _HYPER_DEFAULTS = dict(
     momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
@@ -19,21 +20,10 @@ _HYPER_DEFAULTS = dict(
 def _check_hyper(group: Mapping, where: str) -> None:
     """Raise a ValueError naming the first invalid hyper-parameter of a group."""
     for name in ("lr", "momentum", "dampening", "weight_decay"):
-        value = group[name]
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(
-                    f"{where}: {name} must be a scalar, got shape {tuple(value.shape)}"
-                )
-            value = float(value)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
-            raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
-        if value < 0:
-            raise ValueError(f"{where}: {name} must be >= 0, got {value}")
+        try:
+            check_real(group[name], f"{where}: {name}", minimum=0.0)
+        except TypeError as exc:  # a ValueError for the optimizer, as torch.optim says
+            raise ValueError(str(exc)) from None
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
 
@@ -51,6 +41,8 @@ class FusedMaskedSGD(Optimizer):
         lr, momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``.
         masks: ``{parameter: bool tensor of its shape}`` (True = kept). Parameters without a
             mask are dense. ``ong_kernels.masks_for(model, masks_by_name)`` builds it.
+        backend: "auto" (the best kernel for the parameters' device), or "reference", "cpu",
+            "cuda", "triton"; an explicit backend that cannot run raises at the first step.
 
     Masks live in the optimizer state (``state[p]["mask"]``), so ``state_dict()`` saves them
     and ``load_state_dict()`` restores them. Works with LR schedulers and torch.amp.GradScaler.
@@ -67,7 +59,9 @@ class FusedMaskedSGD(Optimizer):
         maximize: bool = False,
         *,
         masks: Mapping[torch.Tensor, torch.Tensor] | None = None,
+        backend: str = "auto",
     ) -> None:
+        self.backend = registry.check_backend_name(backend)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -226,5 +220,6 @@ class FusedMaskedSGD(Optimizer):
                     bool(group["nesterov"]),
                     bool(group["maximize"]),
                     first,
+                    self.backend,
                 )
         return loss

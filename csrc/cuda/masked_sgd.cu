@@ -51,11 +51,11 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 masked_sgd_kernel(const std::int64_t* __restrict__ table, int n_tensors, SgdHyper h) {
   using A = typename Acc<T>::type;
-  const std::int64_t* prefix = table + 5 * n_tensors;
+  const std::int64_t* prefix = table + kSgdTableColumns * n_tensors;
   const int chunk = blockIdx.x;
   const int t = find_tensor(prefix, n_tensors, chunk);
-  const std::int64_t* row = table + 5 * t;
-  T* __restrict__ p = reinterpret_cast<T*>(row[0]);
+  const std::int64_t* row = table + kSgdTableColumns * t;
+  T* __restrict__ p = reinterpret_cast<T*>(row[0]);  // row = one SgdTensor
   const T* __restrict__ grad = reinterpret_cast<const T*>(row[1]);
   T* __restrict__ buf = reinterpret_cast<T*>(row[2]);
   const std::uint8_t* __restrict__ bits = reinterpret_cast<const std::uint8_t*>(row[3]);
@@ -97,6 +97,10 @@ int masked_sgd_chunk_size_cuda() { return kChunk; }
 // table: device address of the int64 table described above; n_chunks = prefix[n_tensors].
 void masked_sgd_step_cuda(std::uintptr_t table, int n_tensors, std::int64_t n_chunks, DType dtype,
                           const SgdHyper& h, int device, std::uintptr_t stream) {
+  switch (dtype) {  // an unknown code is refused before anything is touched
+    case DType::kFloat32: case DType::kFloat64: case DType::kFloat16: case DType::kBFloat16: break;
+    default: unsupported_dtype("masked_sgd_step_cuda", dtype);
+  }
   if (n_chunks == 0) return;
   if (n_chunks > 0x7fffffffLL) throw std::invalid_argument("masked_sgd_step_cuda: too many chunks");
   // Launch on the tensors' device and give the caller's current device back (as torch's
@@ -114,7 +118,7 @@ void masked_sgd_step_cuda(std::uintptr_t table, int n_tensors, std::int64_t n_ch
     case DType::kBFloat16:
       masked_sgd_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(tbl, n_tensors, h);
       break;
-  }
+  }  // no default: the codes were checked above
   const cudaError_t launch = cudaGetLastError();
   if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
   check(launch, "kernel launch");

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "ong_dtype.h"
+
 namespace ong {
 
 struct SgdHyper {
@@ -24,18 +26,36 @@ struct SgdHyper {
   bool first_step;  // the momentum buffers are new: buf = g (no dampening), as torch.optim.SGD
 };
 
-// Element dtypes understood by the kernels (values match ong_kernels/backends/_native.py).
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
-
-// One tensor of the step. Pointers are raw device/host addresses (tensor.data_ptr()).
-// buf == 0 when momentum == 0; mask == 0 for a dense parameter, else the address of the
-// bit-packed mask (bit j of byte k = element 8k + j in memory order; ong_kernels/_bitmask.py).
+// One tensor of the step: one row of the int64 table that ong_kernels/backends/_multi_tensor.py
+// builds (the same layout on the CPU and, in device memory, on CUDA). Pointers are raw
+// addresses (tensor.data_ptr()); buf == 0 when momentum == 0; mask == 0 for a dense parameter,
+// else the bit-packed mask (bit j of byte k = element 8k + j in memory order).
 struct SgdTensor {
-  std::uintptr_t param;
-  std::uintptr_t grad;
-  std::uintptr_t buf;
-  std::uintptr_t mask;
+  std::int64_t param;
+  std::int64_t grad;
+  std::int64_t buf;
+  std::int64_t mask;
   std::int64_t numel;
 };
+static_assert(sizeof(SgdTensor) == 5 * sizeof(std::int64_t), "SgdTensor is one table row");
+constexpr int kSgdTableColumns = 5;
+
+// CPU: every tensor of one dtype in one OpenMP region. `table` is a host address.
+void masked_sgd_step_cpu(const SgdTensor* table, std::int64_t n_tensors, DType dtype,
+                         const SgdHyper& h, int num_threads);
+
+// float32 span [begin, end) of one tensor with AVX-512 (csrc/cpu/masked_sgd_avx512.cpp);
+// call only when active_isa() is kAvx512.
+void masked_sgd_span_f32_avx512(float* p, const float* grad, float* buf,
+                                const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
+                                const SgdHyper& h);
+
+#ifdef ONG_WITH_CUDA
+// CUDA: ONE launch for every tensor of one dtype. `table` is a device address holding the
+// n_tensors rows followed by n_tensors + 1 prefix sums of chunk counts.
+void masked_sgd_step_cuda(std::uintptr_t table, int n_tensors, std::int64_t n_chunks, DType dtype,
+                          const SgdHyper& h, int device, std::uintptr_t stream);
+int masked_sgd_chunk_size_cuda();
+#endif
 
 }  // namespace ong

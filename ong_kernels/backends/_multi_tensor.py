@@ -1,4 +1,6 @@
-"""Shared host side of the fused multi-tensor steps: which tensors a native kernel can take."""
+"""Shared host side of the fused multi-tensor steps: which tensors a native kernel can take,
+and the int64 table (one csrc/include/ong_sgd.h SgdTensor row per tensor) that the CPU and
+CUDA kernels both read."""
 
 from __future__ import annotations
 
@@ -49,3 +51,36 @@ def partition(
         out.grads[i] = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
         out.by_dtype.setdefault(p.dtype, []).append(i)
     return out
+
+
+def sgd_rows(
+    indices: Sequence[int],
+    params: Sequence[torch.Tensor],
+    parts: Partition,
+    momentum_buffers: Sequence[torch.Tensor],
+    mask_bits: Sequence[torch.Tensor | None],
+) -> list[list[int]]:
+    """One (param, grad, buf, mask, numel) row per tensor: buf/mask 0 when absent."""
+    return [
+        [
+            params[i].data_ptr(),
+            parts.grads[i].data_ptr(),
+            momentum_buffers[i].data_ptr() if momentum_buffers else 0,
+            mask_bits[i].data_ptr() if mask_bits[i] is not None else 0,
+            params[i].numel(),
+        ]
+        for i in indices
+    ]
+
+
+def run_fallback(kernel, parts: Partition, params, grads, momentum_buffers, mask_bits, hyper):
+    """The tensors no native kernel took, through `kernel` (the reference)."""
+    if not parts.fallback:
+        return
+    kernel(
+        [params[i] for i in parts.fallback],
+        [grads[i] for i in parts.fallback],
+        [momentum_buffers[i] for i in parts.fallback] if momentum_buffers else [],
+        [mask_bits[i] for i in parts.fallback],
+        *hyper,
+    )

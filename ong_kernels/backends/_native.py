@@ -21,8 +21,12 @@ BUILD_HINT = (
     "set ONG_WITH_CUDA=0 to build the CPU kernels only"
 )
 
-# Codes of csrc/include/ong_sgd.h's DType enum.
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+# torch dtype -> the native DType enum (csrc/include/ong_dtype.h, exported by the extension).
+NATIVE_DTYPES = (
+    {}
+    if _C is None
+    else {getattr(torch, name): code for name, code in _C.DType.__members__.items()}
+)
 
 
 def has_cpu() -> bool:
@@ -33,6 +37,17 @@ def has_cpu() -> bool:
 def has_cuda_build() -> bool:
     """True when the extension was compiled with the CUDA kernels (a GPU may still be absent)."""
     return _C is not None and bool(getattr(_C, "with_cuda", False))
+
+
+def has_cuda() -> bool:
+    """True when the CUDA kernels are built and torch sees a GPU."""
+    return has_cuda_build() and torch.cuda.is_available()
+
+
+CUDA_HINT = (
+    "it needs a CUDA GPU and an extension built with nvcc (`pip install -e .` on a machine "
+    "with the CUDA toolkit, ONG_WITH_CUDA unset or 1)"
+)
 
 
 def lib():

@@ -7,12 +7,16 @@ from collections.abc import Sequence
 import torch
 
 from ong_kernels.backends import _native, reference
-from ong_kernels.backends._multi_tensor import partition
+from ong_kernels.backends._multi_tensor import partition, run_fallback, sgd_rows
+from ong_kernels.backends.registry import register
 
 # float16/bfloat16 parameters on the CPU are rare; they take the reference path.
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
+@register(
+    "masked_sgd_step", "cpu", devices=("cpu",), available=_native.has_cpu, hint=_native.BUILD_HINT
+)
 def masked_sgd_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -34,21 +38,16 @@ def masked_sgd_step_(
     hyper = (lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
     parts = partition(params, grads, momentum_buffers, mask_bits, SUPPORTED_DTYPES)
     for dtype, idx in parts.by_dtype.items():
+        table = torch.tensor(
+            sgd_rows(idx, params, parts, momentum_buffers, mask_bits), dtype=torch.int64
+        )
         lib.masked_sgd_step_cpu(
-            [params[i].data_ptr() for i in idx],
-            [parts.grads[i].data_ptr() for i in idx],
-            [momentum_buffers[i].data_ptr() if momentum_buffers else 0 for i in idx],
-            [mask_bits[i].data_ptr() if mask_bits[i] is not None else 0 for i in idx],
-            [params[i].numel() for i in idx],
-            _native.DTYPE_CODES[dtype],
+            table.data_ptr(),
+            len(idx),
+            _native.NATIVE_DTYPES[dtype],
             *hyper,
             torch.get_num_threads(),
         )
-    if parts.fallback:
-        reference.masked_sgd_step_(
-            [params[i] for i in parts.fallback],
-            [grads[i] for i in parts.fallback],
-            [momentum_buffers[i] for i in parts.fallback] if momentum_buffers else [],
-            [mask_bits[i] for i in parts.fallback],
-            *hyper,
-        )
+    run_fallback(
+        reference.masked_sgd_step_, parts, params, grads, momentum_buffers, mask_bits, hyper
+    )

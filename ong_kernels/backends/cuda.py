@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from ong_kernels.backends import _native, reference
-from ong_kernels.backends._multi_tensor import partition
+from ong_kernels.backends._multi_tensor import partition, run_fallback, sgd_rows
+from ong_kernels.backends.registry import register
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -28,6 +29,13 @@ def _table(rows: list[list[int]], chunk: int, device: torch.device) -> tuple[tor
     return host.to(device, non_blocking=True), prefix[-1]
 
 
+@register(
+    "masked_sgd_step",
+    "cuda",
+    devices=("cuda",),
+    available=_native.has_cuda,
+    hint=_native.CUDA_HINT,
+)
 def masked_sgd_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -48,31 +56,17 @@ def masked_sgd_step_(
     chunk = lib.masked_sgd_chunk_size_cuda()
     for dtype, idx in parts.by_dtype.items():
         device = params[idx[0]].device
-        rows = [
-            [
-                params[i].data_ptr(),
-                parts.grads[i].data_ptr(),
-                momentum_buffers[i].data_ptr() if momentum_buffers else 0,
-                mask_bits[i].data_ptr() if mask_bits[i] is not None else 0,
-                params[i].numel(),
-            ]
-            for i in idx
-        ]
+        rows = sgd_rows(idx, params, parts, momentum_buffers, mask_bits)
         table, n_chunks = _table(rows, chunk, device)
         lib.masked_sgd_step_cuda(
             table.data_ptr(),
             len(idx),
             n_chunks,
-            _native.DTYPE_CODES[dtype],
+            _native.NATIVE_DTYPES[dtype],
             *hyper,
             device.index,
             torch.cuda.current_stream(device).cuda_stream,
         )
-    if parts.fallback:
-        reference.masked_sgd_step_(
-            [params[i] for i in parts.fallback],
-            [grads[i] for i in parts.fallback],
-            [momentum_buffers[i] for i in parts.fallback] if momentum_buffers else [],
-            [mask_bits[i] for i in parts.fallback],
-            *hyper,
-        )
+    run_fallback(
+        reference.masked_sgd_step_, parts, params, grads, momentum_buffers, mask_bits, hyper
+    )

@@ -10,18 +10,15 @@ from collections.abc import Sequence
 
 import torch
 
+from ong_kernels import nmf_plan
 from ong_kernels._batching import group_indices
 from ong_kernels._bitmask import unpack_mask
-
-# scikit-learn's EPSILON (np.finfo(np.float32).eps): an exactly-zero MU denominator becomes this.
-EPS = float(torch.finfo(torch.float32).eps)
-# scikit-learn checks convergence every 10 iterations.
-CHECK_EVERY = 10
-
+from ong_kernels.backends.registry import ANY_DEVICE, register
 
 # ----------------------------------------------------------------------------- masked SGD
 
 
+@register("masked_sgd_step", "reference", devices=(ANY_DEVICE,))
 def masked_sgd_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -67,8 +64,9 @@ def masked_sgd_step_(
 
 
 def frobenius_error(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """||V - W H||_F per matrix of a batch (scikit-learn's _beta_divergence, square_root=True)."""
-    return torch.linalg.matrix_norm(v - torch.bmm(w, h))
+    """||V - W H||_F per matrix of a batch, computed in float64 (the exact error of the
+    float32 factors: the oracle for the kernels' cheaper float64 accumulations)."""
+    return torch.linalg.matrix_norm(v.double() - torch.bmm(w.double(), h.double()))
 
 
 def mu_iteration_(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> None:
@@ -76,57 +74,62 @@ def mu_iteration_(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> None:
 
     W <- W * (V H^T) / (W (H H^T)),  then  H <- H * (W^T V) / ((W^T W) H).
     """
+    eps = nmf_plan.EPS
     ht = h.transpose(1, 2)
     numerator = torch.bmm(v, ht)
     denominator = torch.bmm(w, torch.bmm(h, ht))
-    w.mul_(numerator.div_(denominator.masked_fill_(denominator == 0, EPS)))
+    w.mul_(numerator.div_(denominator.masked_fill_(denominator == 0, eps)))
     wt = w.transpose(1, 2)
     numerator = torch.bmm(wt, v)
     denominator = torch.bmm(torch.bmm(wt, w), h)
-    h.mul_(numerator.div_(denominator.masked_fill_(denominator == 0, EPS)))
+    h.mul_(numerator.div_(denominator.masked_fill_(denominator == 0, eps)))
 
 
-def _run_bucket(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor, max_iter: int, tol: float):
-    """MU on one same-shape batch; returns (W, H, n_iter) with per-matrix stopping.
+class _BucketStepper:
+    """nmf_plan.Stepper over same-shape buckets: each bucket is one stacked batch, so a
+    ResNet's ~60 matrices take a handful of bmm calls per iteration. Stopped matrices leave
+    the batch (the host reads the flags: this is the reference, not the fast path)."""
 
-    A matrix stops when (previous_error - error) / initial_error < tol at a check (every 10
-    iterations; scikit-learn's rule). Stopped matrices leave the batch, so they stop changing
-    and stop costing time. A matrix whose initial error is 0 is exact and stops at the first
-    check (scikit-learn would divide by zero there).
-    """
-    batch = v.shape[0]
-    n_iter = torch.full((batch,), max_iter, dtype=torch.int64)
-    if tol <= 0:
-        for _ in range(max_iter):
-            mu_iteration_(v, w, h)
-        return w, h, n_iter
+    syncs = True
 
-    w_out, h_out = w.clone(), h.clone()
-    alive = torch.arange(batch, device=v.device)
-    initial_error = frobenius_error(v, w, h)
-    previous_error = initial_error
-    for iteration in range(1, max_iter + 1):
-        mu_iteration_(v, w, h)
-        if iteration % CHECK_EVERY != 0 or iteration == max_iter:
-            continue
-        error = frobenius_error(v, w, h)
-        safe_initial = torch.where(initial_error > 0, initial_error, torch.ones_like(error))
-        progress = torch.where(initial_error > 0, (previous_error - error) / safe_initial, 0.0)
-        stopped = progress < tol
-        if bool(stopped.any()):
-            done = alive[stopped]
-            w_out[done], h_out[done] = w[stopped], h[stopped]
-            n_iter[done.cpu()] = iteration
-            keep = ~stopped
-            alive, v, w, h = alive[keep], v[keep], w[keep], h[keep]
-            initial_error, error = initial_error[keep], error[keep]
-            if alive.numel() == 0:
-                return w_out, h_out, n_iter
-        previous_error = error
-    w_out[alive], h_out[alive] = w, h
-    return w_out, h_out, n_iter
+    def __init__(self, v_list, w_list, h_list) -> None:
+        self.w_list, self.h_list = w_list, h_list
+        self.n = len(v_list)
+        shapes = [(v.shape[0], v.shape[1], w.shape[1]) for v, w in zip(v_list, w_list, strict=True)]
+        self.buckets = []
+        for indices in group_indices(shapes).values():
+            v = torch.stack([v_list[i].to(torch.float32) for i in indices])
+            w = torch.stack([w_list[i] for i in indices])
+            h = torch.stack([h_list[i] for i in indices])
+            self.buckets.append((torch.tensor(indices), v, w, h))
+
+    def iterate(self, n: int, active: torch.Tensor | None) -> None:
+        for indices, v, w, h in self.buckets:
+            keep = None if active is None else active.cpu()[indices]
+            if keep is None or bool(keep.all()):
+                for _ in range(n):
+                    mu_iteration_(v, w, h)
+            elif bool(keep.any()):
+                sub = keep.nonzero().squeeze(1).to(v.device)
+                vs, ws, hs = v[sub], w[sub], h[sub]
+                for _ in range(n):
+                    mu_iteration_(vs, ws, hs)
+                w[sub], h[sub] = ws, hs
+
+    def errors(self) -> torch.Tensor:
+        out = torch.empty(self.n, dtype=torch.float64, device=self.buckets[0][1].device)
+        for indices, v, w, h in self.buckets:
+            out[indices.to(out.device)] = frobenius_error(v, w, h)
+        return out
+
+    def finish(self) -> None:
+        for indices, _, w, h in self.buckets:
+            for j, i in enumerate(indices.tolist()):
+                self.w_list[i].copy_(w[j])
+                self.h_list[i].copy_(h[j])
 
 
+@register("nmf_mu", "reference", devices=(ANY_DEVICE,))
 def nmf_mu_(
     v_list: Sequence[torch.Tensor],
     w_list: Sequence[torch.Tensor],
@@ -134,20 +137,7 @@ def nmf_mu_(
     max_iter: int,
     tol: float,
 ) -> torch.Tensor:
-    """Multiplicative-update NMF of a ragged list of float32 matrices, W and H updated in place.
-
-    Matrices of one (m, n, r) shape advance together as one batch. Returns n_iter per matrix
-    (int64, on the matrices' device).
-    """
-    shapes = [(v.shape[0], v.shape[1], w.shape[1]) for v, w in zip(v_list, w_list, strict=True)]
-    n_iter = torch.empty(len(v_list), dtype=torch.int64)
-    for indices in group_indices(shapes).values():
-        v = torch.stack([v_list[i] for i in indices])
-        w = torch.stack([w_list[i] for i in indices])
-        h = torch.stack([h_list[i] for i in indices])
-        w, h, iters = _run_bucket(v, w, h, max_iter, tol)
-        for j, i in enumerate(indices):
-            w_list[i].copy_(w[j])
-            h_list[i].copy_(h[j])
-            n_iter[i] = iters[j]
-    return n_iter.to(v_list[0].device)
+    """Multiplicative-update NMF of a ragged batch, W and H updated in place; returns n_iter
+    per matrix (int64, on the matrices' device). Batched PyTorch matmuls per shape bucket."""
+    stepper = _BucketStepper(v_list, w_list, h_list)
+    return nmf_plan.run_stepwise(stepper, len(v_list), v_list[0].device, max_iter, tol)

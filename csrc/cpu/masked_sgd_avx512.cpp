@@ -1,0 +1,59 @@
+// The AVX-512 float32 masked-SGD span (compiled with -mavx512f -mavx512bw -mavx512vl -mfma;
+// called only after runtime detection, see ong_isa.h).
+//
+// 16 mask bits are one __mmask16, and a zero-masked load reads the gradient only where the
+// weight is kept, so a NaN/Inf gradient at a pruned position is never even loaded.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "masked_sgd_scalar.h"
+#include "ong_sgd.h"
+
+namespace ong {
+namespace {
+
+template <bool kMomentum, bool kNesterov, bool kFirst>
+void update_avx512(float* __restrict p, const float* __restrict grad, float* __restrict buf,
+                   const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
+                   const SgdHyper& h) {
+  const __m512 lr = _mm512_set1_ps(static_cast<float>(h.lr));
+  const __m512 wd = _mm512_set1_ps(static_cast<float>(h.weight_decay));
+  const __m512 mom = _mm512_set1_ps(static_cast<float>(h.momentum));
+  const __m512 damp = _mm512_set1_ps(static_cast<float>(1.0 - h.dampening));
+  const __m512 sign = _mm512_set1_ps(h.maximize ? -1.0f : 1.0f);
+  const bool use_wd = h.weight_decay != 0.0;
+  std::int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    __mmask16 keep = 0xFFFF;
+    if (bits != nullptr) std::memcpy(&keep, bits + (i >> 3), sizeof(keep));
+    __m512 g = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(keep, grad + i));
+    const __m512 w = _mm512_loadu_ps(p + i);
+    if (use_wd) g = _mm512_fmadd_ps(wd, w, g);
+    if constexpr (kMomentum) {
+      __m512 b = kFirst ? g : _mm512_fmadd_ps(mom, _mm512_loadu_ps(buf + i), _mm512_mul_ps(damp, g));
+      b = _mm512_maskz_mov_ps(keep, b);
+      _mm512_storeu_ps(buf + i, b);
+      g = kNesterov ? _mm512_fmadd_ps(mom, b, g) : b;
+    }
+    _mm512_storeu_ps(p + i, _mm512_maskz_mov_ps(keep, _mm512_fnmadd_ps(lr, g, w)));
+  }
+  update_scalar<float, kMomentum, kNesterov, kFirst>(p, grad, buf, bits, i, end, h);
+}
+
+}  // namespace
+
+void masked_sgd_span_f32_avx512(float* p, const float* grad, float* buf,
+                                const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
+                                const SgdHyper& h) {
+  if (h.momentum == 0.0) return update_avx512<false, false, false>(p, grad, buf, bits, begin, end, h);
+  if (h.nesterov) {
+    if (h.first_step) return update_avx512<true, true, true>(p, grad, buf, bits, begin, end, h);
+    return update_avx512<true, true, false>(p, grad, buf, bits, begin, end, h);
+  }
+  if (h.first_step) return update_avx512<true, false, true>(p, grad, buf, bits, begin, end, h);
+  return update_avx512<true, false, false>(p, grad, buf, bits, begin, end, h);
+}
+
+}  // namespace ong

@@ -1,0 +1,101 @@
+"""Argument checks shared by every public entry point.
+
+Each check returns the normalised value or raises a TypeError (wrong kind of thing) or a
+ValueError (right kind, wrong value) whose message names the argument and what was wrong.
+Public functions run their checks before touching any state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch.Generator.manual_seed takes seeds in [0, 2**64 - 1].
+MAX_SEED = 2**64 - 1
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` as an int in [minimum, maximum] (bool is not an int here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_real(
+    value,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+) -> float:
+    """`value` as a finite float within the bounds (open bounds exclude the end point).
+
+    A one-element tensor is accepted (optimizers take tensor learning rates).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value < minimum or (min_open and value == minimum)):
+        raise ValueError(f"{name} must be {'>' if min_open else '>='} {minimum}, got {value}")
+    if maximum is not None and (value > maximum or (max_open and value == maximum)):
+        raise ValueError(f"{name} must be {'<' if max_open else '<='} {maximum}, got {value}")
+    return value
+
+
+def check_choice(value, name: str, choices: Iterable[str]) -> str:
+    """`value` if it is one of `choices`."""
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """An int seed in [0, 2**64 - 1] (what torch.Generator.manual_seed accepts)."""
+    return check_int(value, name, 0, MAX_SEED)
+
+
+def check_tensor(value, name: str, *, dtypes=None) -> torch.Tensor:
+    """A strided tensor with data (not meta, not sparse), optionally of one of `dtypes`."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_meta:
+        raise ValueError(f"{name} is a meta tensor (shape only, no data): pass a real tensor")
+    if value.layout != torch.strided:
+        raise ValueError(f"{name} has layout {value.layout}: pass a dense tensor (.to_dense())")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} has dtype {value.dtype}; supported: {names}")
+    return value
+
+
+def check_nonnegative_finite(t: torch.Tensor, name: str) -> None:
+    """No NaN, Inf or negative entry (the NMF input contract)."""
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains NaN or Inf (first at index {bad})")
+    if bool((t < 0).any()):
+        raise ValueError(
+            f"{name} contains negative entries (min {float(t.min()):.3g}); NMF factorises a "
+            "non-negative matrix, e.g. pass weight.abs()"
+        )

@@ -1,0 +1,30 @@
+"""What every Triton kernel module shares: whether Triton can run here, and on which devices."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+HINT = (
+    "it needs the triton package (`pip install ong_kernels[triton]`) and a CUDA GPU, or "
+    "TRITON_INTERPRET=1 set before importing ong_kernels to run the kernels on CPU tensors "
+    "in Triton's interpreter (slow: for tests)"
+)
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs the kernels (TRITON_INTERPRET=1 at import time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def devices() -> tuple[str, ...]:
+    """Device types the Triton kernels take tensors of, in this process."""
+    return ("cuda", "cpu") if interpreting() else ("cuda",)
+
+
+def available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return interpreting() or torch.cuda.is_available()

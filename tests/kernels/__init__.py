@@ -1,0 +1,1 @@
+"""The conformance suite: every registered kernel against the reference."""
