@@ -213,12 +213,3 @@ def test_state_dict_with_wrong_mask_shape_is_rejected_before_loading():
     with pytest.raises(ValueError, match="state_dict: mask of shape"):
         opt.load_state_dict(state)
     assert_unchanged(params, opt, before)
-
-
-def test_calling_a_missing_cuda_backend_says_how_to_build():
-    from ong_kernels.backends import _native
-
-    if _native.has_cuda_build():
-        pytest.skip("this build has the CUDA kernels")
-    with pytest.raises(RuntimeError, match=r"rebuild on a machine with nvcc|pip install -e"):
-        _native.cuda_lib()
