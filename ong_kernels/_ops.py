@@ -64,6 +64,8 @@ def check_masked_sgd_args(params, grads, momentum_buffers, mask_bits) -> None:
     torch._check(len(mask_bits) == n, lambda: f"mask_bits has {len(mask_bits)} entries, params {n}")
     for i, p in enumerate(params):
         torch._check(p.dtype in SGD_DTYPES, lambda: f"params[{i}] has dtype {p.dtype}")
+        # one device for all: the kernel is chosen by params[0]'s device (issue 10, defect 4)
+        _same(p, params[0], f"params[{i}]", shape=False, dtype=False)
         _same(grads[i], p, f"grads[{i}]")
         if momentum_buffers:
             _same(momentum_buffers[i], p, f"momentum_buffers[{i}]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch.optim import Optimizer
@@ -11,6 +12,7 @@ from ong_kernels import _ops
 from ong_kernels._bitmask import pack_mask
 from ong_kernels._validate import check_real
 from ong_kernels.backends import registry
+from ong_kernels.backends._multi_tensor import check_native_args, reference_scaled, step_key
 
 _HYPER_DEFAULTS = dict(
     momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
@@ -26,6 +28,39 @@ def _check_hyper(group: Mapping, where: str) -> None:
             raise ValueError(str(exc)) from None
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return (t.device, t.dtype, tuple(t.shape), t.stride())
+
+
+@dataclass
+class _Bucket:
+    """Tensors of one device and first-step flag within a group, and their prepared kernel."""
+
+    indices: list[int]
+    first: bool
+    plan: object  # has run(grads, hyper, grad_scale, found_inf)
+
+
+@dataclass
+class _GroupPlan:
+    key: tuple
+    params: list[torch.Tensor]
+    buckets: list[_Bucket]
+    has_first: bool
+
+
+class _ListPlan:
+    """A kernel without a prepared form (the reference): called with the lists each step."""
+
+    def __init__(self, fn, params, grads, bufs, bits) -> None:
+        check_native_args(params, grads, bufs, bits)
+        self.run_scaled = reference_scaled(fn)
+        self.params, self.bufs, self.bits = params, bufs, bits
+
+    def run(self, grads, hyper, grad_scale=None, found_inf=None) -> None:
+        self.run_scaled(self.params, grads, self.bufs, self.bits, hyper, grad_scale, found_inf)
 
 
 class FusedMaskedSGD(Optimizer):
@@ -45,8 +80,24 @@ class FusedMaskedSGD(Optimizer):
             "cuda", "triton"; an explicit backend that cannot run raises at the first step.
 
     Masks live in the optimizer state (``state[p]["mask"]``), so ``state_dict()`` saves them
-    and ``load_state_dict()`` restores them. Works with LR schedulers and torch.amp.GradScaler.
+    and ``load_state_dict()`` restores them; a state_dict without any mask (one saved by
+    ``torch.optim.SGD``) keeps the current masks. ``set_masks`` replaces all masks,
+    ``update_masks`` changes only the parameters it names.
+
+    Layout changes: a parameter whose device, dtype or strides change under the optimizer
+    (``model.double()``, ``.to(memory_format=torch.channels_last)``, ``.cuda()``) gets its
+    mask repacked for the new layout and its momentum buffer converted (as torch's
+    ``load_state_dict`` casts state); a shape change raises. The step caches the partition
+    and pointer tables of each group while the parameters' and gradients' addresses, strides,
+    shapes and dtypes stay the same, so a step costs the key check and the launch.
+
+    GradScaler: ``torch.amp.GradScaler.step`` takes the fused path (the optimizer reads its
+    ``grad_scale`` and ``found_inf``; the kernel unscales and skips an inf step without a host
+    sync on CUDA). The scaler's inf check looks at every gradient entry, pruned ones too.
+    CUDA graphs: the step refuses capture (RuntimeError); see the README.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -71,18 +122,44 @@ class FusedMaskedSGD(Optimizer):
             maximize=bool(maximize),
         )
         _check_hyper(defaults, "FusedMaskedSGD")
+        self._reset_caches()
         super().__init__(params, defaults)
-        # The kernels read masks bit-packed (1/8 byte per weight instead of 1: the step is
-        # memory-bound); derived from state[p]["mask"], so not part of the state_dict.
-        self._mask_bits: dict[torch.Tensor, torch.Tensor] = {}
         if masks is not None:
             self.set_masks(masks)
+
+    def _reset_caches(self) -> None:
+        # The kernels read masks bit-packed (1/8 byte per weight instead of 1: the step is
+        # memory-bound), packed in the memory order of the parameter's layout `_packed_for`;
+        # derived from state[p]["mask"], so not part of the state_dict.
+        self._mask_bits: dict[torch.Tensor, torch.Tensor] = {}
+        self._packed_for: dict[torch.Tensor, tuple] = {}
+        self._plans: dict[int, _GroupPlan] = {}
+        self._hyper_ok: dict[int, tuple] = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in _HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
+        self._reset_caches()
+        for p in self._params():
+            if "mask" in self.state.get(p, {}):
+                self._install_mask(p, self.state[p]["mask"])
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for key in ("_mask_bits", "_packed_for", "_plans", "_hyper_ok"):
+            state.pop(key, None)
+        return state
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim.Optimizer's, with the group's hyper-parameters checked now (not at
+        the first step)."""
+        if isinstance(param_group, dict):
+            merged = {**self.defaults, **param_group}
+            _check_hyper(merged, f"add_param_group (group {len(self.param_groups)})")
+        super().add_param_group(param_group)
+        self._plans.clear()
 
     # ------------------------------------------------------------------ masks
 
@@ -98,6 +175,12 @@ class FusedMaskedSGD(Optimizer):
         known = {id(p) for p in self._params()}
         checked: dict[torch.Tensor, torch.Tensor] = {}
         for k, (param, mask) in enumerate(masks.items()):
+            if isinstance(param, str):
+                raise TypeError(
+                    f"masks entry {k} is keyed by the name {param!r}: keys must be the "
+                    "parameters themselves; ong_kernels.masks_for(model, masks_by_name) maps "
+                    "names to parameters"
+                )
             where = f"masks entry {k} (parameter of shape {tuple(getattr(param, 'shape', ()))})"
             if not isinstance(param, torch.Tensor) or id(param) not in known:
                 raise ValueError(f"{where}: key is not a parameter of this optimizer")
@@ -120,28 +203,77 @@ class FusedMaskedSGD(Optimizer):
 
         Every mask is validated before anything changes. The optimizer keeps its own copy (in the
         parameter's memory layout); pruned weights and their momentum are zeroed at once.
+        ``update_masks`` changes only the parameters it is given.
         """
         checked = self._validated_masks(masks)
         for p in self._params():
-            self.state[p].pop("mask", None)
+            self.state[p].pop("mask", None) if p in self.state else None
         self._mask_bits.clear()
+        self._packed_for.clear()
+        self._plans.clear()
+        for p, mask in checked.items():
+            self._install_mask(p, mask)
+
+    @torch.no_grad()
+    def update_masks(self, masks: Mapping[torch.Tensor, torch.Tensor | None]) -> None:
+        """Set the masks of the parameters in `masks` only (``None``: that parameter becomes
+        dense); every other parameter keeps its mask. Validated before anything changes."""
+        dense = [p for p, m in masks.items() if m is None] if isinstance(masks, Mapping) else []
+        if isinstance(masks, Mapping):
+            masks = {p: m for p, m in masks.items() if m is not None}
+        checked = self._validated_masks(masks)
+        known = {id(p) for p in self._params()}
+        for p in dense:
+            if not isinstance(p, torch.Tensor) or id(p) not in known:
+                raise ValueError("update_masks: a key is not a parameter of this optimizer")
+        self._plans.clear()
+        for p in dense:
+            self.state[p].pop("mask", None) if p in self.state else None
+            self._mask_bits.pop(p, None)
+            self._packed_for.pop(p, None)
         for p, mask in checked.items():
             self._install_mask(p, mask)
 
     def _install_mask(self, p: torch.Tensor, mask: torch.Tensor) -> None:
+        """Own copy of `mask` in p's layout and device, its bits, pruned entries zeroed."""
         own = torch.empty_like(p, dtype=torch.bool).copy_(mask)
         state = self.state[p]
         state["mask"] = own
         self._mask_bits[p] = pack_mask(own)
+        self._packed_for[p] = _layout(p)
         p.masked_fill_(~own, 0)
         buf = state.get("momentum_buffer")
         if buf is not None:
             buf.masked_fill_(~own, 0)
+        self._plans.clear()
 
     @property
     def masks(self) -> dict[torch.Tensor, torch.Tensor]:
         """The current masks, {parameter: bool tensor} (the optimizer's own tensors: read only)."""
         return {p: self.state[p]["mask"] for p in self._params() if "mask" in self.state.get(p, {})}
+
+    @torch.no_grad()
+    def _follow_layout(self, p: torch.Tensor, where: str) -> None:
+        """Repack p's mask and convert its momentum buffer when p's device, dtype or strides
+        changed since they were made; a shape change raises (the mask cannot follow)."""
+        state = self.state.get(p, {})
+        old = self._packed_for.get(p)
+        if old is not None and old != _layout(p):
+            if old[2] != tuple(p.shape):
+                raise ValueError(
+                    f"{where}: the parameter's shape changed from {old[2]} to "
+                    f"{tuple(p.shape)} since its mask was set; set a mask of the new shape "
+                    "(update_masks) or drop it (update_masks({p: None}))"
+                )
+            self._install_mask(p, state["mask"].to(p.device))
+        buf = state.get("momentum_buffer")
+        if buf is not None and _layout(buf) != _layout(p):
+            if buf.shape != p.shape:
+                raise ValueError(
+                    f"{where}: momentum buffer of shape {tuple(buf.shape)} for a parameter of "
+                    f"shape {tuple(p.shape)}"
+                )
+            state["momentum_buffer"] = torch.empty_like(p).copy_(buf)
 
     # ------------------------------------------------------------------ state_dict
 
@@ -149,16 +281,25 @@ class FusedMaskedSGD(Optimizer):
     def load_state_dict(self, state_dict) -> None:
         """Load momentum buffers, hyper-parameters and masks; pruned entries are re-zeroed.
 
+        A state_dict that holds masks replaces the masks (a parameter without one there is
+        dense). A state_dict without any mask (saved by ``torch.optim.SGD``) keeps the current
+        masks: they are re-applied to the loaded weights' momentum, never dropped.
         torch's loader casts floating state to the parameter dtype, so masks are turned back
-        into bool here (exact for 0/1 values) and re-applied.
+        into bool here (exact for 0/1 values).
         """
         self._check_state_dict_masks(state_dict)
+        has_masks = any("mask" in s for s in state_dict.get("state", {}).values())
+        kept = {} if has_masks else self.masks
         super().load_state_dict(state_dict)
         self._mask_bits.clear()
+        self._packed_for.clear()
+        self._plans.clear()
         for p in self._params():
             state = self.state.get(p)
             if state and "mask" in state:
                 self._install_mask(p, state["mask"].to(device=p.device, dtype=torch.bool))
+            elif p in kept:
+                self._install_mask(p, kept[p])
 
     def _check_state_dict_masks(self, state_dict) -> None:
         """Mask shapes are checked before anything is loaded (torch checks the groups)."""
@@ -173,6 +314,29 @@ class FusedMaskedSGD(Optimizer):
 
     # ------------------------------------------------------------------ step
 
+    def _hyper(self, index: int, group: dict) -> tuple:
+        """(lr, momentum, dampening, weight_decay, nesterov, maximize) by value, validated
+        when they change (an LR scheduler changes lr: nothing is re-uploaded)."""
+        values = (
+            group["lr"],
+            group["momentum"],
+            group["dampening"],
+            group["weight_decay"],
+            group["nesterov"],
+            group["maximize"],
+        )
+        if self._hyper_ok.get(index) != values:
+            _check_hyper(group, f"param_groups[{index}]")
+            self._hyper_ok[index] = values
+        return (
+            float(values[0]),
+            float(values[1]),
+            float(values[2]),
+            float(values[3]),
+            bool(values[4]),
+            bool(values[5]),
+        )
+
     @torch.no_grad()
     def step(self, closure=None):
         """One fused masked SGD step. Validates every group before touching any tensor."""
@@ -180,46 +344,103 @@ class FusedMaskedSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        for index, group in enumerate(self.param_groups):
-            _check_hyper(group, f"param_groups[{index}]")
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError("FusedMaskedSGD does not support sparse gradients")
-
-        for group in self.param_groups:
-            momentum = float(group["momentum"])
-            # (device, dtype, buffers-are-new) -> tensors; normally one bucket per step.
-            buckets: dict[tuple, tuple[list, list, list, list]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                first = False
-                if momentum != 0 and state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                    first = True
-                ps, gs, bs, ms = buckets.setdefault((p.device, p.dtype, first), ([], [], [], []))
-                ps.append(p)
-                gs.append(p.grad)
-                if momentum != 0:
-                    bs.append(state["momentum_buffer"])
-                ms.append(self._mask_bits.get(p))
-            for (_, _, first), (ps, gs, bs, ms) in buckets.items():
-                _ops.masked_sgd_step_(
-                    ps,
-                    gs,
-                    bs,
-                    ms,
-                    float(group["lr"]),
-                    momentum,
-                    float(group["dampening"]),
-                    float(group["weight_decay"]),
-                    bool(group["nesterov"]),
-                    bool(group["maximize"]),
-                    first,
-                    self.backend,
-                )
+        hypers = [self._hyper(i, group) for i, group in enumerate(self.param_groups)]
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():
+            for group, hyper in zip(self.param_groups, hypers, strict=True):
+                self._step_through_op(group, hyper, grad_scale, found_inf)
+            return loss
+        plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]
+        for (plan, grads), hyper in zip(plans, hypers, strict=True):
+            if plan is None:
+                continue
+            for bucket in plan.buckets:
+                gs = grads if len(plan.buckets) == 1 else [grads[i] for i in bucket.indices]
+                scale, inf = _on(grad_scale, found_inf, gs[0].device)
+                bucket.plan.run(gs, (*hyper, bucket.first), scale, inf)
         return loss
+
+    def _plan(self, index: int, group: dict) -> tuple[_GroupPlan | None, list]:
+        """(the cached plan of a group, its gradients); the plan is rebuilt (and everything
+        validated) when step_key changes."""
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if id(None) in set(map(id, grads)):
+            params = [p for p, g in zip(params, grads, strict=True) if g is not None]
+            if not params:
+                return None, []
+            grads = [p.grad for p in params]
+        try:
+            key = step_key(params, grads)
+        except RuntimeError:  # sparse gradients have no strides: the rebuild says why
+            key = None
+        plan = self._plans.get(index)
+        if plan is not None and key is not None and plan.key == key:
+            return plan, grads
+        plan = self._build_plan(index, group, params, grads, key)
+        self._plans[index] = plan
+        return plan, grads
+
+    def _build_plan(self, index, group, params, grads, key) -> _GroupPlan:
+        momentum = float(group["momentum"])
+        for j, p in enumerate(params):
+            if p.grad.is_sparse:
+                raise RuntimeError("FusedMaskedSGD does not support sparse gradients")
+            self._follow_layout(p, f"param_groups[{index}] parameter {j}")
+        by_bucket: dict[tuple, list[int]] = {}
+        for j, p in enumerate(params):
+            state = self.state[p]
+            first = False
+            if momentum != 0 and state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                first = True
+            by_bucket.setdefault((p.device, first), []).append(j)
+        buckets = []
+        for (device, first), idx in by_bucket.items():
+            ps = [params[j] for j in idx]
+            gs = [grads[j] for j in idx]
+            bs = [self.state[p]["momentum_buffer"] for p in ps] if momentum != 0 else []
+            bits = [self._mask_bits.get(p) for p in ps]
+            kernel = registry.select("masked_sgd_step", device.type, self.backend)
+            prepare = getattr(kernel.fn, "prepare", None)
+            plan = prepare(ps, gs, bs, bits) if prepare else _ListPlan(kernel.fn, ps, gs, bs, bits)
+            buckets.append(_Bucket(idx, first, plan))
+        has_first = any(b.first for b in buckets)
+        return _GroupPlan(None if has_first else key, params, buckets, has_first)
+
+    def _step_through_op(self, group, hyper, grad_scale, found_inf) -> None:
+        """The step as torch.ops.ong_kernels.masked_sgd_step_ calls (what torch.compile
+        traces). GradScaler's fused path is refused there (its inf skip needs the kernel)."""
+        if grad_scale is not None or found_inf is not None:
+            raise RuntimeError(
+                "FusedMaskedSGD: GradScaler's fused path under torch.compile is not supported; "
+                "step the optimizer outside the compiled region"
+            )
+        momentum = hyper[1]
+        buckets: dict[tuple, tuple[list, list, list, list]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            first = False
+            if momentum != 0 and state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                first = True
+            ps, gs, bs, ms = buckets.setdefault((p.device, first), ([], [], [], []))
+            ps.append(p)
+            gs.append(p.grad)
+            if momentum != 0:
+                bs.append(state["momentum_buffer"])
+            ms.append(self._mask_bits.get(p))
+        for (_, first), (ps, gs, bs, ms) in buckets.items():
+            _ops.masked_sgd_step_(ps, gs, bs, ms, *hyper, first, self.backend)
+
+
+def _on(grad_scale, found_inf, device):
+    """GradScaler's tensors on `device` (no copy when they are there already)."""
+    if grad_scale is not None and grad_scale.device != device:
+        grad_scale = grad_scale.to(device)
+    if found_inf is not None and found_inf.device != device:
+        found_inf = found_inf.to(device)
+    return grad_scale, found_inf

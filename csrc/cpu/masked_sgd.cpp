@@ -73,6 +73,8 @@ void step_all(const SgdTensor* tensors, std::int64_t n_tensors, const SgdHyper& 
 void masked_sgd_step_cpu(const SgdTensor* table, std::int64_t n_tensors, DType dtype,
                          const SgdHyper& h, int num_threads) {
   if (num_threads < 1) num_threads = 1;
+  // GradScaler found an inf/NaN: the step changes nothing (read once, on the host).
+  if (h.found_inf != 0 && *reinterpret_cast<const float*>(h.found_inf) != 0.0f) return;
   switch (dtype) {
     case DType::kFloat32:
       step_all<float>(table, n_tensors, h, num_threads);

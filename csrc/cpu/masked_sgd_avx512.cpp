@@ -22,7 +22,8 @@ void update_avx512(float* __restrict p, const float* __restrict grad, float* __r
   const __m512 wd = _mm512_set1_ps(static_cast<float>(h.weight_decay));
   const __m512 mom = _mm512_set1_ps(static_cast<float>(h.momentum));
   const __m512 damp = _mm512_set1_ps(static_cast<float>(1.0 - h.dampening));
-  const __m512 sign = _mm512_set1_ps(h.maximize ? -1.0f : 1.0f);
+  const __m512 sign =
+      _mm512_set1_ps(static_cast<float>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)));
   const bool use_wd = h.weight_decay != 0.0;
   std::int64_t i = begin;
   for (; i + 16 <= end; i += 16) {

@@ -20,7 +20,8 @@ void update_scalar(T* __restrict p, const T* __restrict grad, T* __restrict buf,
   const T wd = static_cast<T>(h.weight_decay);
   const T mom = static_cast<T>(h.momentum);
   const T damp = static_cast<T>(1.0 - h.dampening);
-  const T sign = h.maximize ? T(-1) : T(1);
+  // maximize and GradScaler's unscale in one factor (grad_scale is a host address here)
+  const T sign = static_cast<T>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f));
   for (std::int64_t i = begin; i < end; ++i) {
     const bool keep = bits == nullptr || kept(bits, i);
     // Select, never multiply: a NaN/Inf gradient at a pruned position must not reach p or buf.

@@ -24,7 +24,29 @@ struct SgdHyper {
   bool nesterov;
   bool maximize;
   bool first_step;  // the momentum buffers are new: buf = g (no dampening), as torch.optim.SGD
+  // torch.amp.GradScaler's fused path (0 = absent): addresses of one float32 each, in the
+  // memory the kernel runs on. found_inf != 0 skips the step; the gradient is multiplied by
+  // float(1 / double(grad_scale)), as GradScaler.unscale_ does, folded into `grad_sign`.
+  std::uintptr_t grad_scale;
+  std::uintptr_t found_inf;
 };
+
+#ifdef __CUDACC__
+#define ONG_HOST_DEVICE __host__ __device__
+#else
+#define ONG_HOST_DEVICE
+#endif
+
+// (maximize ? -1 : 1) times the unscale factor: the one factor a kept gradient is multiplied by.
+ONG_HOST_DEVICE inline double grad_sign(const SgdHyper& h, float unscale) {
+  return (h.maximize ? -1.0 : 1.0) * static_cast<double>(unscale);
+}
+
+// The unscale factor of a host-side grad_scale, computed as GradScaler does (float32 result).
+inline float host_unscale(const SgdHyper& h) {
+  if (h.grad_scale == 0) return 1.0f;
+  return static_cast<float>(1.0 / static_cast<double>(*reinterpret_cast<const float*>(h.grad_scale)));
+}
 
 // One tensor of the step: one row of the int64 table that ong_kernels/backends/_multi_tensor.py
 // builds (the same layout on the CPU and, in device memory, on CUDA). Pointers are raw
