@@ -68,6 +68,28 @@ void bind_masked_sgd(py::module_& m) {
         scale and inf flag (0: none); a nonzero flag skips the step. Runs with the GIL released.
       )pbdoc");
 
+  m.def("masked_sgd_chunk_size_cpu", &ong::masked_sgd_chunk_size_cpu,
+        "Elements per chunk of the CPU kernels (the unit of the compact offsets table).");
+  m.def(
+      "masked_sgd_step_compact_cpu",
+      [](std::uintptr_t table, std::int64_t n_tensors, ong::DType dtype, double lr,
+         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+         bool first_step, int num_threads, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
+        const auto h = make_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                  first_step, grad_scale, found_inf);
+        py::gil_scoped_release release;
+        ong::masked_sgd_step_compact_cpu(reinterpret_cast<const ong::SgdCompactTensor*>(table),
+                                         n_tensors, dtype, h, num_threads);
+      },
+      py::arg("table"), py::arg("n_tensors"), py::arg("dtype"), py::arg("lr"),
+      py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+      py::arg("maximize"), py::arg("first_step"), py::arg("num_threads"),
+      py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
+      R"pbdoc(
+        compact_state step: table rows (param, grad, compact buf, mask, numel, offsets), see
+        csrc/include/ong_sgd.h SgdCompactTensor. Only kept elements are read or written.
+      )pbdoc");
+
 #ifdef ONG_WITH_CUDA
   m.def("masked_sgd_chunk_size_cuda", &ong::masked_sgd_chunk_size_cuda,
         "Elements per thread block of the CUDA masked SGD kernel (the table's chunk unit).");

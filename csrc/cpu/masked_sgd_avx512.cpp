@@ -45,6 +45,13 @@ void update_avx512(float* __restrict p, const float* __restrict grad, float* __r
 
 }  // namespace
 
+void masked_sgd_compact_f32_avx512(float* p, const float* grad, float* cbuf,
+                                   const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
+                                   std::int64_t buf_begin, std::int64_t buf_numel,
+                                   const SgdHyper& h) {
+  update_compact_dispatch<float>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+}
+
 void masked_sgd_span_f32_avx512(float* p, const float* grad, float* buf,
                                 const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
                                 const SgdHyper& h) {

@@ -62,9 +62,32 @@ struct SgdTensor {
 static_assert(sizeof(SgdTensor) == 5 * sizeof(std::int64_t), "SgdTensor is one table row");
 constexpr int kSgdTableColumns = 5;
 
+// compact_state: one row per masked tensor. `buf` holds the momentum of the kept elements
+// only, in memory order; offsets[c] = kept elements before CPU chunk c (chunk =
+// masked_sgd_chunk_size_cpu() elements), so each chunk knows where its momentum starts.
+struct SgdCompactTensor {
+  std::int64_t param;
+  std::int64_t grad;
+  std::int64_t buf;
+  std::int64_t mask;
+  std::int64_t numel;
+  std::int64_t offsets;
+  std::int64_t buf_numel;  // elements of buf: a kept element past it is skipped, never written
+};
+static_assert(sizeof(SgdCompactTensor) == 7 * sizeof(std::int64_t), "one table row");
+
 // CPU: every tensor of one dtype in one OpenMP region. `table` is a host address.
 void masked_sgd_step_cpu(const SgdTensor* table, std::int64_t n_tensors, DType dtype,
                          const SgdHyper& h, int num_threads);
+
+// compact_state CPU step: every tensor of one dtype, only kept elements touched.
+void masked_sgd_step_compact_cpu(const SgdCompactTensor* table, std::int64_t n_tensors,
+                                 DType dtype, const SgdHyper& h, int num_threads);
+std::int64_t masked_sgd_chunk_size_cpu();
+void masked_sgd_compact_f32_avx512(float* p, const float* grad, float* cbuf,
+                                   const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
+                                   std::int64_t buf_begin, std::int64_t buf_numel,
+                                   const SgdHyper& h);
 
 // float32 span [begin, end) of one tensor with AVX-512 (csrc/cpu/masked_sgd_avx512.cpp);
 // call only when active_isa() is kAvx512.

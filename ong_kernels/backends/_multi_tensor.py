@@ -197,3 +197,64 @@ def reference_scaled(kernel: Callable) -> Callable:
         kernel(params, grads, bufs, bits, *hyper)
 
     return run
+
+
+# ----------------------------------------------------------------------------- compact_state
+
+
+def kept_view(t: torch.Tensor) -> torch.Tensor:
+    """The flat view in memory order that compact momentum is indexed by (dense layouts only:
+    compact_state refuses others)."""
+    if not dense_layout(t):
+        raise ValueError(
+            "compact_state needs contiguous or channels_last parameters, got strides "
+            f"{t.stride()} for shape {tuple(t.shape)}"
+        )
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def compact(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The kept entries of `dense` in memory order (`mask` in the same layout)."""
+    return kept_view(dense)[kept_view(mask)].clone()
+
+
+def expand(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A dense tensor in `mask`'s layout: `values` at the kept entries, 0 elsewhere."""
+    out = torch.zeros_like(mask, dtype=values.dtype)
+    kept_view(out)[kept_view(mask)] = values
+    return out
+
+
+def chunk_offsets(mask: torch.Tensor, chunk: int) -> torch.Tensor:
+    """int64 [ceil(numel / chunk)]: kept elements before each chunk, in memory order."""
+    flat = kept_view(mask)
+    pad = (-flat.numel()) % chunk
+    counts = torch.cat([flat, flat.new_zeros(pad)]).view(-1, chunk).sum(1)
+    return (counts.cumsum(0) - counts).to(torch.int64).cpu().contiguous()
+
+
+class CompactTorchPlan:
+    """compact_state in PyTorch ops (any device and dtype): gathers the kept entries, applies
+    the reference step to them, scatters them back. The CPU kernel's fallback and the path
+    on GPUs (no compact CUDA/Triton kernel yet)."""
+
+    def __init__(self, params, grads, cbufs, masks, reference_fn) -> None:
+        check_native_args(params, grads, [], [None] * len(params))
+        self.params = [p.detach() for p in params]
+        self.cbufs, self.masks = list(cbufs), list(masks)
+        self.reference = reference_scaled(reference_fn)
+        for i, (p, m) in enumerate(zip(self.params, self.masks, strict=True)):
+            kept_view(p)
+            if self.cbufs and self.cbufs[i].numel() != int(m.sum()):
+                raise ValueError(f"compact momentum {i}: {self.cbufs[i].numel()} entries")
+
+    def run(self, grads, hyper, grad_scale=None, found_inf=None) -> None:
+        ps, gs = [], []
+        for p, g, m in zip(self.params, grads, self.masks, strict=True):
+            km = kept_view(m)
+            ps.append(kept_view(p)[km])
+            g = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+            gs.append(kept_view(g)[km])
+        self.reference(ps, gs, self.cbufs, [None] * len(ps), hyper, grad_scale, found_inf)
+        for p, m, new in zip(self.params, self.masks, ps, strict=True):
+            kept_view(p)[kept_view(m)] = new
