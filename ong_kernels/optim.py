@@ -269,7 +269,7 @@ class FusedMaskedSGD(Optimizer):
             state.pop("mask", None)
             state.pop("momentum_buffer", None)
             state["mask_bits"] = bits
-            self._offsets[p] = mt.chunk_offsets(own, _CPU_CHUNK())
+            self._offsets[p] = mt.chunk_offsets(own, _cpu_chunk())
             if dense_buf is not None:
                 state["momentum_compact"] = mt.compact(dense_buf, own)
         else:
@@ -545,7 +545,7 @@ class FusedMaskedSGD(Optimizer):
             _ops.masked_sgd_step_(ps, gs, bs, ms, *hyper, first, self.backend)
 
 
-def _CPU_CHUNK() -> int:
+def _cpu_chunk() -> int:
     """Elements per chunk of the CPU kernels (the compact offsets' unit); 16384 when the
     extension is absent (the offsets are then unused: PyTorch runs compact_state)."""
     from ong_kernels.backends import _native
