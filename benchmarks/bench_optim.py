@@ -26,9 +26,10 @@ torch_foreach_masked. Issue 10: host time of a step <= 30 us with cached tables
 state + masks <= 15% of dense momentum + bool masks (``state_bytes`` in the row's extra info).
 On a GPU (gpu_check.sh): ours >= 85% of the copy bandwidth on the bytes a dense masked step
 moves, no slower than torch_fused_nomask, 2x faster than torch_foreach_masked; the 100M
-parameter and 1,000-tensor workloads (``test_masked_sgd_step_sizes``). ``test_masked_sgd_step_paired`` times ours and the fused peer
-alternately, for a ratio that slow drift of the machine hardly moves; ``test_bandwidth`` measures
-the bandwidth behind the floors.
+parameter and 1,000-tensor workloads (``test_masked_sgd_step_sizes``).
+``test_masked_sgd_step_paired`` times ours and the fused peer alternately, for a ratio that
+slow drift of the machine hardly moves; ``test_bandwidth`` measures the bandwidth behind the
+floors.
 """
 
 from __future__ import annotations

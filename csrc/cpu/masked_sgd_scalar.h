@@ -54,7 +54,7 @@ void update_scalar(T* __restrict p, const T* __restrict grad, T* __restrict buf,
   }
 }
 
-// compact_state: the kept elements of [begin, end) only (begin a multiple of 64); the
+// compact_state: the kept elements of [begin, end) only (begin a multiple of 8); the
 // momentum of the k-th kept element of the span is cbuf[buf_begin + k]. Pruned weights are
 // neither read nor written (they were zeroed when the mask was set). Same arithmetic as
 // update_scalar, element by element.
