@@ -291,3 +291,11 @@ def test_cuda_graph_capture_is_refused():
     with torch.cuda.stream(stream), pytest.raises(RuntimeError, match="CUDA graph"):
         with torch.cuda.graph(graph, stream=stream):
             opt.step()
+
+
+def test_op_is_tagged_cudagraph_unsafe():
+    """torch.compile's CUDA-graph trees skip an op with this tag instead of capturing it."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if tag is None:
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    assert tag in _ops.masked_sgd_step_.default.tags
