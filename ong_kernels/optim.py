@@ -156,17 +156,23 @@ class FusedMaskedSGD(Optimizer):
             for key, value in _HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
         self.__dict__.setdefault("compact_state", False)
+        self.__dict__.setdefault("backend", "auto")
         self._reset_caches()
-        for p in self._params():
-            if "mask" in self.state.get(p, {}):
-                self._install_mask(p, self.state[p]["mask"])
-            elif "mask_bits" in self.state.get(p, {}):
-                self._install_mask(p, unpack_mask(self.state[p]["mask_bits"], p))
+        with torch.no_grad():
+            for p in self._params():
+                state = self.state.get(p, {})
+                if "mask" in state:
+                    self._install_mask(p, state["mask"])
+                elif "mask_bits" in state:  # compact_state: packed in p's layout when pickled
+                    self._packed_for[p] = _layout(p)
+                    self._install_mask(p, unpack_mask(state["mask_bits"], p))
 
     def __getstate__(self):
+        # torch.optim.Optimizer pickles defaults, state and param_groups only; the backend
+        # and the state format travel too (the caches are rebuilt on load)
         state = super().__getstate__()
-        for key in ("_mask_bits", "_packed_for", "_plans", "_hyper_ok", "_offsets"):
-            state.pop(key, None)
+        state["backend"] = self.backend
+        state["compact_state"] = self.compact_state
         return state
 
     def add_param_group(self, param_group: dict) -> None:

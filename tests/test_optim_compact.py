@@ -139,3 +139,27 @@ def test_compact_follows_a_layout_change():
         comp.step()
         for p, q in zip(a, b, strict=True):
             assert_close(q.detach(), p.detach(), atol=1e-6, rtol=1e-5, what=f"step {step}")
+
+
+@pytest.mark.parametrize("compact_state", [False, True])
+def test_deepcopy_and_pickle_keep_the_mode_masks_and_momentum(compact_state):
+    a, ma = make("cpu")
+    opt = ong_kernels.FusedMaskedSGD(
+        a, masks=ma, compact_state=compact_state, backend="cpu", **HYPER
+    )
+    gen = torch.Generator().manual_seed(4)
+    feed(a, [torch.nn.Parameter(p.detach().clone()) for p in a], gen, ma)
+    opt.step()
+    twin = copy.deepcopy(opt)
+    assert twin.compact_state is compact_state and twin.backend == "cpu"
+    twin_params = twin._params()
+    for p, q in zip(a, twin_params, strict=True):
+        if p in ma:
+            assert torch.equal(twin.masks[q], ma[p])
+            assert torch.equal(twin._dense_momentum(q), opt._dense_momentum(p))
+    for p, q in zip(a, twin_params, strict=True):
+        q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(a, twin_params, strict=True):
+        assert torch.equal(p.detach(), q.detach())

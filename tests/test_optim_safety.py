@@ -149,6 +149,10 @@ LAYOUTS = {
     "float64": lambda t: t.double(),
     "float32": lambda t: t.float(),
     "transposed": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+    # a view 7 elements into a larger storage (storage offset, same strides)
+    "offset_view": lambda t: (
+        torch.empty(t.numel() + 7, dtype=t.dtype, device=t.device)[7:].view(t.shape).copy_(t)
+    ),
 }
 
 
