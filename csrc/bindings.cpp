@@ -20,8 +20,10 @@ namespace py = pybind11;
 namespace {
 
 ong::SgdHyper make_hyper(double lr, double momentum, double dampening, double weight_decay,
-                         bool nesterov, bool maximize, bool first_step) {
-  return {lr, momentum, dampening, weight_decay, nesterov, maximize, first_step};
+                         bool nesterov, bool maximize, bool first_step,
+                         std::uintptr_t grad_scale, std::uintptr_t found_inf) {
+  return {lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, grad_scale,
+          found_inf};
 }
 
 void bind_common(py::module_& m) {
@@ -46,9 +48,9 @@ void bind_masked_sgd(py::module_& m) {
       "masked_sgd_step_cpu",
       [](std::uintptr_t table, std::int64_t n_tensors, ong::DType dtype, double lr,
          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-         bool first_step, int num_threads) {
+         bool first_step, int num_threads, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
         const auto h = make_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize,
-                                  first_step);
+                                  first_step, grad_scale, found_inf);
         py::gil_scoped_release release;
         ong::masked_sgd_step_cpu(reinterpret_cast<const ong::SgdTensor*>(table), n_tensors,
                                  dtype, h, num_threads);
@@ -56,12 +58,36 @@ void bind_masked_sgd(py::module_& m) {
       py::arg("table"), py::arg("n_tensors"), py::arg("dtype"), py::arg("lr"),
       py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
       py::arg("maximize"), py::arg("first_step"), py::arg("num_threads"),
+      py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
       R"pbdoc(
         One fused masked SGD step over dense CPU tensors of one dtype (float32 or float64).
 
         table: host address of an int64 table [n_tensors x (param, grad, buf, mask, numel)]
         (buf: 0 when momentum == 0; mask: 0 for a dense tensor, else its bit-packed mask, see
-        ong_kernels/_bitmask.py). Runs with the GIL released.
+        ong_kernels/_bitmask.py). grad_scale / found_inf: host addresses of GradScaler's float32
+        scale and inf flag (0: none); a nonzero flag skips the step. Runs with the GIL released.
+      )pbdoc");
+
+  m.def("masked_sgd_chunk_size_cpu", &ong::masked_sgd_chunk_size_cpu,
+        "Elements per chunk of the CPU kernels (the unit of the compact offsets table).");
+  m.def(
+      "masked_sgd_step_compact_cpu",
+      [](std::uintptr_t table, std::int64_t n_tensors, ong::DType dtype, double lr,
+         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+         bool first_step, int num_threads, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
+        const auto h = make_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                  first_step, grad_scale, found_inf);
+        py::gil_scoped_release release;
+        ong::masked_sgd_step_compact_cpu(reinterpret_cast<const ong::SgdCompactTensor*>(table),
+                                         n_tensors, dtype, h, num_threads);
+      },
+      py::arg("table"), py::arg("n_tensors"), py::arg("dtype"), py::arg("lr"),
+      py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+      py::arg("maximize"), py::arg("first_step"), py::arg("num_threads"),
+      py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
+      R"pbdoc(
+        compact_state step: table rows (param, grad, compact buf, mask, numel, offsets), see
+        csrc/include/ong_sgd.h SgdCompactTensor. Only kept elements are read or written.
       )pbdoc");
 
 #ifdef ONG_WITH_CUDA
@@ -71,20 +97,24 @@ void bind_masked_sgd(py::module_& m) {
       "masked_sgd_step_cuda",
       [](std::uintptr_t table, int n_tensors, std::int64_t n_chunks, ong::DType dtype, double lr,
          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-         bool first_step, int device, std::uintptr_t stream) {
+         bool first_step, int device, std::uintptr_t stream, std::uintptr_t grad_scale,
+         std::uintptr_t found_inf) {
         const auto h = make_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize,
-                                  first_step);
+                                  first_step, grad_scale, found_inf);
         py::gil_scoped_release release;
         ong::masked_sgd_step_cuda(table, n_tensors, n_chunks, dtype, h, device, stream);
       },
       py::arg("table"), py::arg("n_tensors"), py::arg("n_chunks"), py::arg("dtype"), py::arg("lr"),
       py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
       py::arg("maximize"), py::arg("first_step"), py::arg("device"), py::arg("stream"),
+      py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
       R"pbdoc(
         One fused masked SGD step for every tensor of a group in ONE kernel launch on `stream`.
 
         table: device address of the same int64 rows as the CPU kernel's, followed by the
         n_tensors + 1 prefix sums of chunk counts (chunk: masked_sgd_chunk_size_cuda()).
+        grad_scale / found_inf: device addresses of GradScaler's float32 scale and inf flag
+        (0: none), read by the kernel: a skipped step costs no host sync.
       )pbdoc");
 #endif
 }

@@ -35,6 +35,17 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
 
 
+def pack_mask_like(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`pack_mask` of the bool `mask` taken in `like`'s memory order, on `like`'s device.
+
+    The bits a kernel reads must follow the parameter's layout *now*: a mask packed for a
+    contiguous weight selects other weights once the weight is channels_last.
+    """
+    if mask.device == like.device and mask.stride() == like.stride() and dense_layout(like):
+        return pack_mask(mask)
+    return pack_mask(torch.empty_like(like, dtype=torch.bool).copy_(mask))
+
+
 def unpack_mask(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The bool mask of `like`'s shape and layout that `pack_mask` packed into `bits`."""
     flat = (bits.unsqueeze(1) & _BIT_WEIGHTS.to(bits.device)).ne(0).reshape(-1)[: like.numel()]

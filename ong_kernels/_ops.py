@@ -24,10 +24,14 @@ from ong_kernels.backends import load_all, registry
 NAMESPACE = "ong_kernels"
 _lib = torch.library.Library(NAMESPACE, "DEF")
 
+# cudagraph_unsafe: torch.compile's CUDA-graph trees must not capture the step (its pointer
+# table and hyper-parameters are host values; the kernels refuse capture, issue 10).
+_CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
 _lib.define(
     "masked_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
     "Tensor?[] mask_bits, float lr, float momentum, float dampening, float weight_decay, "
-    "bool nesterov, bool maximize, bool first_step, str backend='auto') -> ()"
+    "bool nesterov, bool maximize, bool first_step, str backend='auto') -> ()",
+    tags=_CUDAGRAPH_UNSAFE,
 )
 # The ragged batch is three lists (V_i any float dtype, W_i (m_i, r_i) and H_i (r_i, n_i)
 # float32, contiguous); kernels read them through a pointer table (ong_kernels/nmf_plan.py
@@ -64,6 +68,8 @@ def check_masked_sgd_args(params, grads, momentum_buffers, mask_bits) -> None:
     torch._check(len(mask_bits) == n, lambda: f"mask_bits has {len(mask_bits)} entries, params {n}")
     for i, p in enumerate(params):
         torch._check(p.dtype in SGD_DTYPES, lambda: f"params[{i}] has dtype {p.dtype}")
+        # one device for all: the kernel is chosen by params[0]'s device (issue 10, defect 4)
+        _same(p, params[0], f"params[{i}]", shape=False, dtype=False)
         _same(grads[i], p, f"grads[{i}]")
         if momentum_buffers:
             _same(momentum_buffers[i], p, f"momentum_buffers[{i}]")

@@ -2,12 +2,28 @@
 // namespace, so every unit keeps its own copy compiled for its own ISA).
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "ong_sgd.h"
 
 namespace ong {
 namespace {
+
+// a * b + c: one fused multiply-add in a unit compiled with FMA (the AVX-512 unit, whose
+// vector loop uses the same association), two roundings elsewhere. Written out so that
+// dense and compact steps round identically in each unit (compact_state is bit-for-bit
+// dense mode).
+template <typename T>
+inline T madd(T a, T b, T c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 inline bool kept(const std::uint8_t* bits, std::int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
 
@@ -20,21 +36,78 @@ void update_scalar(T* __restrict p, const T* __restrict grad, T* __restrict buf,
   const T wd = static_cast<T>(h.weight_decay);
   const T mom = static_cast<T>(h.momentum);
   const T damp = static_cast<T>(1.0 - h.dampening);
-  const T sign = h.maximize ? T(-1) : T(1);
+  // maximize and GradScaler's unscale in one factor (grad_scale is a host address here)
+  const T sign = static_cast<T>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f));
   for (std::int64_t i = begin; i < end; ++i) {
     const bool keep = bits == nullptr || kept(bits, i);
     // Select, never multiply: a NaN/Inf gradient at a pruned position must not reach p or buf.
     T g = keep ? sign * grad[i] : T(0);
     const T w = p[i];
-    if (wd != T(0)) g = g + wd * w;
+    if (wd != T(0)) g = madd(wd, w, g);
     if constexpr (kMomentum) {
-      T b = kFirst ? g : mom * buf[i] + damp * g;
+      T b = kFirst ? g : madd(mom, buf[i], damp * g);
       b = keep ? b : T(0);
       buf[i] = b;
-      g = kNesterov ? g + mom * b : b;
+      g = kNesterov ? madd(mom, b, g) : b;
     }
-    p[i] = keep ? w - lr * g : T(0);
+    p[i] = keep ? madd(-lr, g, w) : T(0);
   }
+}
+
+// compact_state: the kept elements of [begin, end) only (begin a multiple of 8); the
+// momentum of the k-th kept element of the span is cbuf[buf_begin + k]. Pruned weights are
+// neither read nor written (they were zeroed when the mask was set). Same arithmetic as
+// update_scalar, element by element.
+template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
+void update_compact(T* __restrict p, const T* __restrict grad, T* __restrict cbuf,
+                    const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
+                    std::int64_t buf_begin, std::int64_t buf_numel, const SgdHyper& h) {
+  const T lr = static_cast<T>(h.lr);
+  const T wd = static_cast<T>(h.weight_decay);
+  const T mom = static_cast<T>(h.momentum);
+  const T damp = static_cast<T>(1.0 - h.dampening);
+  const T sign = static_cast<T>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f));
+  std::int64_t k = buf_begin;
+  for (std::int64_t base = begin; base < end; base += 64) {
+    // up to 8 mask bytes; never a byte past the span's last one (the mask's end)
+    const std::int64_t n_bytes = std::min<std::int64_t>(8, (end - base + 7) >> 3);
+    std::uint64_t word = 0;
+    std::memcpy(&word, bits + (base >> 3), static_cast<std::size_t>(n_bytes));
+    if (end - base < 64) word &= (std::uint64_t(1) << (end - base)) - 1;
+    while (word != 0) {
+      const std::int64_t i = base + __builtin_ctzll(word);
+      word &= word - 1;
+      // bits and offsets that disagree with the buffer cannot make us write outside it
+      if constexpr (kMomentum) {
+        if (static_cast<std::uint64_t>(k) >= static_cast<std::uint64_t>(buf_numel)) return;
+      }
+      T g = sign * grad[i];
+      const T w = p[i];
+      if (wd != T(0)) g = madd(wd, w, g);
+      if constexpr (kMomentum) {
+        const T b = kFirst ? g : madd(mom, cbuf[k], damp * g);
+        cbuf[k] = b;
+        g = kNesterov ? madd(mom, b, g) : b;
+      }
+      ++k;
+      p[i] = madd(-lr, g, w);
+    }
+  }
+}
+
+template <typename T>
+void update_compact_dispatch(T* p, const T* grad, T* cbuf, const std::uint8_t* bits,
+                             std::int64_t begin, std::int64_t end, std::int64_t buf_begin,
+                             std::int64_t buf_numel, const SgdHyper& h) {
+  if (h.momentum == 0.0) {
+    return update_compact<T, false, false, false>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  }
+  if (h.nesterov) {
+    if (h.first_step) return update_compact<T, true, true, true>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+    return update_compact<T, true, true, false>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  }
+  if (h.first_step) return update_compact<T, true, false, true>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  return update_compact<T, true, false, false>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
 }
 
 // update_scalar with the flags of `h` as template arguments.

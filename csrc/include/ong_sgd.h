@@ -24,7 +24,29 @@ struct SgdHyper {
   bool nesterov;
   bool maximize;
   bool first_step;  // the momentum buffers are new: buf = g (no dampening), as torch.optim.SGD
+  // torch.amp.GradScaler's fused path (0 = absent): addresses of one float32 each, in the
+  // memory the kernel runs on. found_inf != 0 skips the step; the gradient is multiplied by
+  // float(1 / double(grad_scale)), as GradScaler.unscale_ does, folded into `grad_sign`.
+  std::uintptr_t grad_scale;
+  std::uintptr_t found_inf;
 };
+
+#ifdef __CUDACC__
+#define ONG_HOST_DEVICE __host__ __device__
+#else
+#define ONG_HOST_DEVICE
+#endif
+
+// (maximize ? -1 : 1) times the unscale factor: the one factor a kept gradient is multiplied by.
+ONG_HOST_DEVICE inline double grad_sign(const SgdHyper& h, float unscale) {
+  return (h.maximize ? -1.0 : 1.0) * static_cast<double>(unscale);
+}
+
+// The unscale factor of a host-side grad_scale, computed as GradScaler does (float32 result).
+inline float host_unscale(const SgdHyper& h) {
+  if (h.grad_scale == 0) return 1.0f;
+  return static_cast<float>(1.0 / static_cast<double>(*reinterpret_cast<const float*>(h.grad_scale)));
+}
 
 // One tensor of the step: one row of the int64 table that ong_kernels/backends/_multi_tensor.py
 // builds (the same layout on the CPU and, in device memory, on CUDA). Pointers are raw
@@ -40,9 +62,32 @@ struct SgdTensor {
 static_assert(sizeof(SgdTensor) == 5 * sizeof(std::int64_t), "SgdTensor is one table row");
 constexpr int kSgdTableColumns = 5;
 
+// compact_state: one row per masked tensor. `buf` holds the momentum of the kept elements
+// only, in memory order; offsets[c] = kept elements before CPU chunk c (chunk =
+// masked_sgd_chunk_size_cpu() elements), so each chunk knows where its momentum starts.
+struct SgdCompactTensor {
+  std::int64_t param;
+  std::int64_t grad;
+  std::int64_t buf;
+  std::int64_t mask;
+  std::int64_t numel;
+  std::int64_t offsets;
+  std::int64_t buf_numel;  // elements of buf: a kept element past it is skipped, never written
+};
+static_assert(sizeof(SgdCompactTensor) == 7 * sizeof(std::int64_t), "one table row");
+
 // CPU: every tensor of one dtype in one OpenMP region. `table` is a host address.
 void masked_sgd_step_cpu(const SgdTensor* table, std::int64_t n_tensors, DType dtype,
                          const SgdHyper& h, int num_threads);
+
+// compact_state CPU step: every tensor of one dtype, only kept elements touched.
+void masked_sgd_step_compact_cpu(const SgdCompactTensor* table, std::int64_t n_tensors,
+                                 DType dtype, const SgdHyper& h, int num_threads);
+std::int64_t masked_sgd_chunk_size_cpu();
+void masked_sgd_compact_f32_avx512(float* p, const float* grad, float* cbuf,
+                                   const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
+                                   std::int64_t buf_begin, std::int64_t buf_numel,
+                                   const SgdHyper& h);
 
 // float32 span [begin, end) of one tensor with AVX-512 (csrc/cpu/masked_sgd_avx512.cpp);
 // call only when active_isa() is kAvx512.

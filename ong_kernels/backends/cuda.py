@@ -7,26 +7,84 @@ from collections.abc import Sequence
 import torch
 
 from ong_kernels.backends import _native, reference
-from ong_kernels.backends._multi_tensor import partition, run_fallback, sgd_rows
+from ong_kernels.backends._multi_tensor import TablePlan, reference_scaled
 from ong_kernels.backends.registry import register
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _table(rows: list[list[int]], chunk: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """int64 table [n x (param, grad, buf, mask, numel)] + prefix sums of chunks, on `device`.
+def refuse_capture(device: torch.device) -> None:
+    """CUDA graphs are refused, not supported: the table and the hyper-parameters are host
+    values (a captured step would replay with the lr, first-step flag and addresses of the
+    capture forever, and building the table copies host memory during capture)."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "FusedMaskedSGD / masked_sgd_step_ cannot be captured in a CUDA graph: its "
+            "hyper-parameters and pointer table live on the host. Step outside the graph "
+            "(torch.compile: mode='max-autotune-no-cudagraphs')."
+        )
 
-    Built on the host and sent with one non-blocking copy from pinned memory (the caching host
-    allocator keeps that memory alive until the copy is done); the kernel reads the table from
-    global memory, so the number of tensors per launch is unbounded (no kernel-argument limit).
-    """
-    flat: list[int] = []
-    prefix = [0]
-    for row in rows:
-        flat += row
-        prefix.append(prefix[-1] + (row[4] + chunk - 1) // chunk)
-    host = torch.tensor(flat + prefix, dtype=torch.int64).pin_memory()
-    return host.to(device, non_blocking=True), prefix[-1]
+
+def device_table(chunk: int):
+    """finish_table for TablePlan: rows + prefix sums of chunk counts, on the tensors' device
+    (one copy per plan, not per step: the plan is cached while the layouts hold)."""
+
+    def finish(table: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+        prefix = [0]
+        for row in rows:
+            prefix.append(prefix[-1] + (row[4] + chunk - 1) // chunk)
+        host = torch.cat([table.reshape(-1), torch.tensor(prefix, dtype=torch.int64)])
+        return host
+
+    return finish
+
+
+def prepare(params, grads, momentum_buffers, mask_bits) -> TablePlan:
+    lib = _native.cuda_lib()
+    device = params[0].device
+    refuse_capture(device)
+    chunk = lib.masked_sgd_chunk_size_cuda()
+    finish = device_table(chunk)
+
+    def finish_on_device(table, rows):
+        host = finish(table, rows)
+        n_chunks = int(host[-1])
+        return host.to(device), n_chunks
+
+    def launch(dtype, table_and_chunks, n, hyper, grad_scale, found_inf) -> None:
+        refuse_capture(device)
+        table, n_chunks = table_and_chunks
+        lib.masked_sgd_step_cuda(
+            table.data_ptr(),
+            n,
+            n_chunks,
+            _native.NATIVE_DTYPES[dtype],
+            *hyper,
+            device.index,
+            torch.cuda.current_stream(device).cuda_stream,
+            _scalar_ptr(grad_scale, device, "grad_scale"),
+            _scalar_ptr(found_inf, device, "found_inf"),
+        )
+
+    return TablePlan(
+        params,
+        grads,
+        momentum_buffers,
+        mask_bits,
+        supported_dtypes=SUPPORTED_DTYPES,
+        launch=launch,
+        fallback=reference_scaled(reference.masked_sgd_step_),
+        finish_table=finish_on_device,
+    )
+
+
+def _scalar_ptr(t: torch.Tensor | None, device: torch.device, name: str) -> int:
+    """Device address of a one-element float32 tensor on the step's device, 0 for None."""
+    if t is None:
+        return 0
+    if t.device != device or t.dtype != torch.float32 or t.numel() != 1:
+        raise ValueError(f"{name} must be one float32 value on {device}, got {t.dtype} {t.device}")
+    return t.data_ptr()
 
 
 @register(
@@ -50,23 +108,8 @@ def masked_sgd_step_(
     first_step: bool,
 ) -> None:
     """One kernel launch per dtype for all dense tensors; the rest go to the reference kernel."""
-    lib = _native.cuda_lib()
     hyper = (lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
-    parts = partition(params, grads, momentum_buffers, mask_bits, SUPPORTED_DTYPES)
-    chunk = lib.masked_sgd_chunk_size_cuda()
-    for dtype, idx in parts.by_dtype.items():
-        device = params[idx[0]].device
-        rows = sgd_rows(idx, params, parts, momentum_buffers, mask_bits)
-        table, n_chunks = _table(rows, chunk, device)
-        lib.masked_sgd_step_cuda(
-            table.data_ptr(),
-            len(idx),
-            n_chunks,
-            _native.NATIVE_DTYPES[dtype],
-            *hyper,
-            device.index,
-            torch.cuda.current_stream(device).cuda_stream,
-        )
-    run_fallback(
-        reference.masked_sgd_step_, parts, params, grads, momentum_buffers, mask_bits, hyper
-    )
+    prepare(params, grads, momentum_buffers, mask_bits).run(grads, hyper)
+
+
+masked_sgd_step_.prepare = prepare

@@ -34,6 +34,20 @@ def poisoned_inputs(sizes, device, dtype, momentum, density, gen):
     return params, grads, bufs, masks
 
 
+def assert_half_step(got, ref, exact, atol, rtol, what):
+    """A float16/bfloat16 step within the tolerance of the float64 step plus twice the
+    reference's own error there (flash-attention's idiom): the reference rounds after every
+    PyTorch op, the kernels once in float32, so under cancellation (momentum * buf ~ -g)
+    they differ by an ulp of the operands, far above any tolerance on the result."""
+    assert not bool(torch.isnan(got).any()), f"{what}: NaN"
+    err = (got.double() - exact).abs()
+    bound = atol + rtol * exact.abs() + 2 * (ref.double() - exact).abs()
+    bad = err > bound
+    assert not bool(bad.any()), (
+        f"{what}: {int(bad.sum())} entries beyond the bound, worst {float((err - bound).max()):.3g}"
+    )
+
+
 @pytest.mark.parametrize(("backend", "device"), CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @settings(max_examples=20, deadline=None)
@@ -62,12 +76,23 @@ def test_matches_reference(
     hyper = (0.05, momentum, dampening, weight_decay, nesterov, maximize, first_step)
     bits = [None if m is None else pack_mask(m) for m in masks]
     _ops.masked_sgd_step_(expected[0], grads, expected[1], bits, *hyper, "reference")
+    exact = None
+    if dtype in (torch.float16, torch.bfloat16):
+        # the float64 step of the same inputs: half types are judged against it (below)
+        exact = [t.double() for t in params], [t.double() for t in bufs]
+        grads64 = [g.double() for g in grads]
+        _ops.masked_sgd_step_(exact[0], grads64, exact[1], bits, *hyper, "reference")
     _ops.masked_sgd_step_(params, grads, bufs, bits, *hyper, backend)
     atol, rtol = STEP_TOLERANCES[dtype]
     for i in range(len(sizes)):
-        assert_close(params[i], expected[0][i], atol=atol, rtol=rtol, what=f"{backend} param {i}")
+        pairs = [("param", params[i], expected[0][i], exact and exact[0][i])]
         if bufs:
-            assert_close(bufs[i], expected[1][i], atol=atol, rtol=rtol, what=f"{backend} buf {i}")
+            pairs.append(("buf", bufs[i], expected[1][i], exact and exact[1][i]))
+        for what, got, ref, ref64 in pairs:
+            if ref64 is None:
+                assert_close(got, ref, atol=atol, rtol=rtol, what=f"{backend} {what} {i}")
+            else:
+                assert_half_step(got, ref, ref64, atol, rtol, f"{backend} {what} {i}")
         if masks[i] is not None:
             assert bool((params[i][~masks[i]] == 0).all())
             if bufs:
@@ -84,3 +109,83 @@ def test_op_passes_opcheck(backend, device):
         _ops.masked_sgd_step_,
         (params, grads, bufs, masks, 0.1, 0.9, 0.0, 1e-4, True, False, False, backend),
     )
+
+
+def run_both(backend, params, grads, bufs, masks, hyper, scale=None):
+    """The op with `backend` and with the reference on clones; compare and check pruned 0."""
+    expected = [t.clone() for t in params], [t.clone() for t in bufs]
+    bits = [None if m is None else pack_mask(m) for m in masks]
+    _ops.masked_sgd_step_(expected[0], grads, expected[1], bits, *hyper, "reference")
+    _ops.masked_sgd_step_(params, grads, bufs, bits, *hyper, backend)
+    for i, p in enumerate(params):
+        atol, rtol = STEP_TOLERANCES[p.dtype]
+        assert_close(p, expected[0][i], atol=atol, rtol=rtol, what=f"{backend} param {i}")
+        if bufs:
+            assert_close(bufs[i], expected[1][i], atol=atol, rtol=rtol, what=f"{backend} buf {i}")
+        if masks[i] is not None:
+            assert not bool(p[~masks[i]].any())
+            if bufs:
+                assert not bool(bufs[i][~masks[i]].any())
+
+
+HYPER = (0.05, 0.9, 0.0, 5e-4, True, False, False)
+
+# (name, sizes, density): the cases every kernel must pass (issue 10).
+SIZE_CASES = [
+    ("one-element", [1], 1.0),
+    ("278011", [278_011], 0.1),
+    ("1000-tiny", [(7 * k) % 13 + 1 for k in range(1000)], 0.5),
+    # more tensors than any one pointer table of a kernel-argument design holds (apex: 110):
+    # ours live in device memory, so one launch takes them all
+    ("2100-tensors", [(k % 5) + 3 for k in range(2100)], 0.4),
+    ("all-kept", [4099, 17], 1.0),
+    ("all-pruned", [4099, 17], 0.0),
+]
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+@pytest.mark.parametrize(("name", "sizes", "density"), SIZE_CASES, ids=[c[0] for c in SIZE_CASES])
+def test_sizes_and_densities(backend, device, name, sizes, density):
+    gen = torch.Generator().manual_seed(len(sizes))
+    params, grads, bufs, masks = poisoned_inputs(sizes, device, torch.float32, 0.9, density, gen)
+    if name == "all-kept":
+        masks = [None if m is None else torch.ones_like(m) for m in masks]
+    run_both(backend, params, grads, bufs, masks, HYPER)
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+def test_mixed_dtypes_in_one_call(backend, device):
+    gen = torch.Generator().manual_seed(3)
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16] * 2
+    params, grads, bufs, masks = [], [], [], []
+    for k, dtype in enumerate(dtypes):
+        p, g, b, m = poisoned_inputs([300 + 37 * k], device, dtype, 0.9, 0.3, gen)
+        params += p
+        grads += g
+        bufs += b
+        masks += [m[0]]
+    run_both(backend, params, grads, bufs, masks, HYPER)
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+@pytest.mark.parametrize("inf", [False, True])
+def test_grad_scaler_values_through_the_prepared_step(backend, device, inf):
+    """GradScaler's fused path: scaled gradients and the scale give the unscaled step; a
+    nonzero found_inf changes nothing (read by the kernel)."""
+    from ong_kernels.backends import registry
+
+    gen = torch.Generator().manual_seed(5)
+    sizes = [1000, 33, 4096]
+    params, grads, bufs, masks = poisoned_inputs(sizes, device, torch.float32, 0.9, 0.5, gen)
+    bits = [None if m is None else pack_mask(m) for m in masks]
+    expected = [t.clone() for t in params], [t.clone() for t in bufs]
+    if not inf:
+        _ops.masked_sgd_step_(expected[0], grads, expected[1], bits, *HYPER, "reference")
+    scale = torch.full((1,), 1024.0, device=device)
+    found = torch.full((1,), 1.0 if inf else 0.0, device=device)
+    scaled = [g * 1024.0 for g in grads]
+    prepare = registry.get("masked_sgd_step", backend).fn.prepare
+    prepare(params, scaled, bufs, bits).run(scaled, HYPER, scale, found)
+    for i in range(len(sizes)):
+        assert_close(params[i], expected[0][i], atol=1e-6, rtol=1e-5, what=f"param {i}")
+        assert_close(bufs[i], expected[1][i], atol=1e-6, rtol=1e-5, what=f"buf {i}")

@@ -1,0 +1,165 @@
+"""FusedMaskedSGD(compact_state=True): bit for bit dense mode, torch.optim.SGD's state_dict
+format both ways, and the memory it keeps."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import DEVICES, assert_close
+
+import ong_kernels
+
+SHAPES = [(16, 3, 3, 3), (33, 70), (1000,), (5,), (1,)]
+HYPER = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
+def make(device, dtype=torch.float32, channels_last=False, density=0.1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params, masks = [], {}
+    for i, shape in enumerate(SHAPES):
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(device, dtype))
+        if channels_last and p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+        params.append(p)
+        if i < len(SHAPES) - 1:  # the last one stays dense
+            masks[p] = (torch.rand(shape, generator=gen) < density).to(device)
+    return params, masks
+
+
+def twins(device, dtype=torch.float32, **kw):
+    a, ma = make(device, dtype, **kw)
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    mb = {q: ma[p] for p, q in zip(a, b, strict=True) if p in ma}
+    return a, ma, b, mb
+
+
+def feed(params_a, params_b, gen, masks_a):
+    for p, q in zip(params_a, params_b, strict=True):
+        g = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+        if p in masks_a:
+            g = torch.where(masks_a[p], g, float("nan"))  # NaN at pruned positions
+        p.grad, q.grad = g, g.clone()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("hyper", [HYPER, dict(lr=0.05), dict(lr=0.1, momentum=0.5, dampening=0.1)])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compact_trajectory_is_dense_mode_bit_for_bit(device, dtype, channels_last, hyper, backend):
+    """auto: the compiled CPU kernel (CompactPlan); reference: PyTorch gather/scatter."""
+    a, ma, b, mb = twins(device, dtype, channels_last=channels_last)
+    dense = ong_kernels.FusedMaskedSGD(a, masks=ma, backend=backend, **hyper)
+    comp = ong_kernels.FusedMaskedSGD(b, masks=mb, compact_state=True, backend=backend, **hyper)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        feed(a, b, gen, ma)
+        dense.step()
+        comp.step()
+        for i, (p, q) in enumerate(zip(a, b, strict=True)):
+            assert torch.equal(p.detach(), q.detach()), f"step {step} param {i}"
+    plans = [type(bucket.plan).__name__ for bucket in comp._plans[0].buckets]
+    compiled = backend == "auto" and device == "cpu" and ong_kernels.backends_available()["cpu"]
+    assert ("CompactPlan" in plans) == compiled, plans
+    for p, q in zip(a, b, strict=True):
+        assert not bool(torch.isnan(q).any())
+        if p in ma:
+            assert "momentum_buffer" not in comp.state[q] and "mask" not in comp.state[q]
+
+
+def test_state_dict_round_trips_with_torch_sgd():
+    a, ma, b, mb = twins("cpu")
+    comp = ong_kernels.FusedMaskedSGD(b, masks=mb, compact_state=True, **HYPER)
+    dense = ong_kernels.FusedMaskedSGD(a, masks=ma, **HYPER)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        feed(a, b, gen, ma)
+        dense.step()
+        comp.step()
+    ours = comp.state_dict()
+    ref = dense.state_dict()
+    for i in ref["state"]:
+        for key in ("momentum_buffer", "mask"):
+            if key in ref["state"][i]:
+                assert torch.equal(ours["state"][i][key], ref["state"][i][key]), (i, key)
+    # ours -> torch.optim.SGD (through bytes, weights_only)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    sgd = torch.optim.SGD([torch.nn.Parameter(p.detach().clone()) for p in b], **HYPER)
+    sgd.load_state_dict(torch.load(buffer, weights_only=True))
+    # torch.optim.SGD -> a fresh compact optimizer: dense momentum compacted, masks kept
+    fresh = ong_kernels.FusedMaskedSGD(b, masks=mb, compact_state=True, **HYPER)
+    plain = copy.deepcopy(sgd.state_dict())
+    for entry in plain["state"].values():
+        entry.pop("mask", None)
+    fresh.load_state_dict(plain)
+    for p in b:
+        if p in mb:
+            assert torch.equal(fresh.masks[p], mb[p])
+            assert torch.equal(fresh._dense_momentum(p), comp._dense_momentum(p))
+    feed(b, a, gen, mb)
+    fresh.step()
+    comp_again = [p.detach().clone() for p in b]
+    assert all(bool(torch.isfinite(p).all()) for p in comp_again)
+
+
+def test_compact_state_memory_at_90_percent():
+    params, masks = make("cpu", density=0.1)
+    opt = ong_kernels.FusedMaskedSGD(params, masks=masks, compact_state=True, **HYPER)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    masked = [p for p in params if p in masks]
+    kept = sum(
+        t.numel() * t.element_size()
+        for p in masked
+        for t in opt.state[p].values()
+        if isinstance(t, torch.Tensor)
+    )
+    kept += sum(t.numel() * t.element_size() for p in masked for t in (opt._offsets[p],))
+    dense = sum(p.numel() * (4 + 1) for p in masked)  # float32 momentum + bool mask
+    assert kept <= 0.15 * dense, (kept, dense)
+
+
+def test_compact_follows_a_layout_change():
+    a, ma, b, mb = twins("cpu")
+    dense = ong_kernels.FusedMaskedSGD(a, masks=ma, **HYPER)
+    comp = ong_kernels.FusedMaskedSGD(b, masks=mb, compact_state=True, **HYPER)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(4):
+        if step == 2:
+            for p in (a[0], b[0]):
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        feed(a, b, gen, ma)
+        dense.step()
+        comp.step()
+        for p, q in zip(a, b, strict=True):
+            assert_close(q.detach(), p.detach(), atol=1e-6, rtol=1e-5, what=f"step {step}")
+
+
+@pytest.mark.parametrize("compact_state", [False, True])
+def test_deepcopy_and_pickle_keep_the_mode_masks_and_momentum(compact_state):
+    a, ma = make("cpu")
+    opt = ong_kernels.FusedMaskedSGD(
+        a, masks=ma, compact_state=compact_state, backend="cpu", **HYPER
+    )
+    gen = torch.Generator().manual_seed(4)
+    feed(a, [torch.nn.Parameter(p.detach().clone()) for p in a], gen, ma)
+    opt.step()
+    twin = copy.deepcopy(opt)
+    assert twin.compact_state is compact_state and twin.backend == "cpu"
+    twin_params = twin._params()
+    for p, q in zip(a, twin_params, strict=True):
+        if p in ma:
+            assert torch.equal(twin.masks[q], ma[p])
+            assert torch.equal(twin._dense_momentum(q), opt._dense_momentum(p))
+    for p, q in zip(a, twin_params, strict=True):
+        q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(a, twin_params, strict=True):
+        assert torch.equal(p.detach(), q.detach())
