@@ -161,6 +161,11 @@ def _tl_dtype(dtype: torch.dtype):
     ]
 
 
+def _empty(size: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Uninitialised memory the kernels fully write before reading (the tests poison it)."""
+    return torch.empty(size, dtype=dtype, device=device)
+
+
 def _device_table(v, w, h, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """(int64 table [len(v), 8] on the device, float32 scratch) for one group."""
     base = nmf_plan.matrix_table(v, w, h)
@@ -174,7 +179,7 @@ def _device_table(v, w, h, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
             total += max(m, n) * r
         offsets.append([g_off, d_off])
     table = torch.cat([base, torch.tensor(offsets, dtype=torch.int64)], dim=1)
-    scratch = torch.empty(max(total, 1), dtype=torch.float32, device=v[0].device)
+    scratch = _empty(max(total, 1), torch.float32, v[0].device)
     return table.to(v[0].device), scratch
 
 
@@ -309,7 +314,7 @@ def _solve(v, w, h, config: Config, max_iter: int, tol: float, precision: str) -
     k = _kernels()
     device = v[0].device
     table, scratch = _device_table(v, w, h, config)
-    n_iter = torch.empty(len(v), dtype=torch.int64, device=device)
+    n_iter = _empty(len(v), torch.int64, device)
     params = torch.tensor([tol], dtype=torch.float64, device=device)
     checks = bool(nmf_plan.check_iterations(max_iter, tol))
     launches = launch_constexprs(config, _tl_dtype(v[0].dtype), precision)
@@ -342,7 +347,7 @@ def nmf_mu_(
     check_precision(precision)
     device = v_list[0].device
     shapes = [(v.shape[0], v.shape[1], w.shape[1]) for v, w in zip(v_list, w_list, strict=True)]
-    n_iter = torch.empty(len(v_list), dtype=torch.int64, device=device)
+    n_iter = _empty(len(v_list), torch.int64, device)
     for group in plan(shapes, [v.dtype for v in v_list]):
         idx = list(group.indices)
         v, w, h = ([lst[i] for i in idx] for lst in (v_list, w_list, h_list))
