@@ -177,7 +177,7 @@ def test_resnet56_set_is_one_persistent_launch():
     assert [name for name, *_ in tnmf.launch_constexprs(config, None, "ieee")] == [
         "_solve_kernel", "_solve_kernel",  # without / with checks: one of them is launched
     ]  # fmt: skip
-    assert config.launch("_solve_kernel") == tnmf.Launch(br=32, num_warps=4, num_stages=2)
+    assert config.launch("solve") == tnmf.Launch(br=32, num_warps=4, num_stages=2, maxnreg=255)
 
 
 def test_resnet18_set_splits_small_and_large_matrices():
@@ -190,7 +190,7 @@ def test_resnet18_set_splits_small_and_large_matrices():
     assert min(m * n for m, n in large) == 128 * 576 and (512, 4608) in large
     grouped = groups["grouped"].config
     assert (grouped.rb, grouped.one_chunk) == (16, True)
-    assert grouped.launch("_update_kernel") == tnmf.Launch(64, 4, 2)
+    assert grouped.launch("update_w") == grouped.launch("update_h") == tnmf.Launch(64, 4, 2)
     assert groups["grouped"].v_dtype == torch.float16
 
 
@@ -200,12 +200,13 @@ def test_llm_block_at_rank_64_and_at_a_quarter_rank():
     (group,) = tnmf.plan(_shapes(mats, 64), [torch.bfloat16] * 7)
     c = group.config
     assert (c.kernel, c.rb, c.one_chunk) == ("grouped", 64, True)
-    assert c.launch("_update_kernel") == tnmf.Launch(64, 8, 2)
-    assert c.launch("_error_kernel") == tnmf.Launch(32, 4, 1)
+    assert c.launch("update_w") == tnmf.Launch(64, 8, 2)
+    assert c.launch("error") == tnmf.Launch(32, 4, 1)
     # ong_masks' default rank (a quarter of min(m, n) = 1024): rank blocks of 64, 16-row tiles.
     (group,) = tnmf.plan(_shapes(mats, 1024), [torch.bfloat16] * 7)
     c = group.config
-    assert (c.rb, c.one_chunk, c.launch("_update_kernel").br) == (64, False, 16)
+    assert (c.rb, c.one_chunk) == (64, False)
+    assert (c.launch("update_w").br, c.launch("update_h").br) == (16, 32)
     # 4 launches per iteration + 1 per check, over all 7 matrices.
     assert len(tnmf.launch_constexprs(c, None, "ieee")) == 5
 
@@ -223,7 +224,13 @@ def test_rank_classes_and_the_persistent_limits():
 def test_every_dispatched_config_is_in_the_aot_list():
     tl = pytest.importorskip("triton.language")
     listed = {
-        (c["fn"].__name__, repr(sorted(c["constexprs"].items())), c["num_warps"], c["num_stages"])
+        (
+            c["fn"].__name__,
+            repr(sorted(c["constexprs"].items())),
+            c["num_warps"],
+            c["num_stages"],
+            c.get("maxnreg"),
+        )
         for c in tnmf.aot_configs()
     }
     mats = [*weight_matrix_shapes(WORKLOADS["resnet18"]), (4096, 4096), (11008, 4096)]
@@ -233,7 +240,7 @@ def test_every_dispatched_config_is_in_the_aot_list():
                 group.config, tl.float16, "tf32"
             ):
                 key = (name, repr(sorted(constexprs.items())), launch.num_warps,
-                       launch.num_stages)  # fmt: skip
+                       launch.num_stages, launch.maxnreg)  # fmt: skip
                 assert key in listed, key
 
 

@@ -15,7 +15,9 @@ configuration fails to compile, spills, or needs more shared memory than SHARED_
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import importlib.util
 import pkgutil
 import re
 import subprocess
@@ -55,21 +57,52 @@ def _tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
+@functools.cache
+def _compiled_module(name: str):
+    """A fresh copy of kernel module `name` whose @triton.jit functions are real JITFunctions,
+    imported with the interpreter off (under TRITON_INTERPRET=1 the module's kernels are
+    InterpretedFunctions, which triton.compile cannot lower)."""
+    import triton
+
+    spec = importlib.util.find_spec(name)
+    module = importlib.util.module_from_spec(spec)
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = False
+        spec.loader.exec_module(module)
+    return module
+
+
+def compilable(fn):
+    """`fn` itself, or its compiled-mode twin when the interpreter wrapped it."""
+    if hasattr(fn, "cache_key"):  # a JITFunction
+        return fn
+    return getattr(_compiled_module(fn.fn.__module__), fn.__name__)
+
+
 def compile_report(
-    fn, signature: dict, constexprs: dict, *, arch: int, num_warps: int, num_stages: int = 2
+    fn,
+    signature: dict,
+    constexprs: dict,
+    *,
+    arch: int,
+    num_warps: int,
+    num_stages: int = 2,
+    maxnreg: int | None = None,
 ) -> Report:
     """Compile `fn` (a @triton.jit function, not interpreted) for sm_`arch` and report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    fn = compilable(fn)
     source = ASTSource(fn, signature, constexprs=constexprs)
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", arch, 32),
         # FP fusion (a*b+c -> FMA) is Triton's default; said explicitly, as the kernels'
         # launches do, so that triton 3.9 does not warn that TRITON_DEFAULT_FP_FUSION is unset.
-        options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True},
+        options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
+        | ({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
@@ -83,6 +116,8 @@ def compile_report(
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     config = ", ".join(f"{k}={v}" for k, v in constexprs.items())
     config += f", warps={num_warps}, stages={num_stages}"
+    if maxnreg is not None:
+        config += f", maxnreg={maxnreg}"
     return Report(
         kernel=fn.__name__,
         arch=arch,

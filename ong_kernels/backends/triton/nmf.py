@@ -62,28 +62,38 @@ BK = 16
 @dataclass(frozen=True)
 class Launch:
     """How one kernel is launched: BR rows per tile (the row block of the factor being updated,
-    of V for the error; unused by the Gram kernel), warps, pipeline stages."""
+    of V for the error; unused by the Gram kernel), warps, pipeline stages, and a register cap
+    for ptxas (None: ptxas chooses)."""
 
     br: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
 
 
-# Per rank block, the spill-free choices of the AOT compile reports on sm_80 and sm_90 for all
-# three precisions (`python -m ong_kernels.backends.triton._aot`; the test
-# tests/kernels/test_triton_aot.py holds every one of them to no spills). Where a bigger tile
-# spilled, the note says how much (sm_80, precision "ieee", stack bytes).
+# Per rank block, spill-free choices from the AOT compile reports on sm_80 and sm_90 for all
+# three precisions and V dtypes (`python -m ong_kernels.backends.triton._aot`;
+# tests/kernels/test_triton_aot.py holds every one of them to no spills). Notes give what a
+# bigger tile spilled (bytes of stack, triton 3.9's ptxas).
 _GRAM = Launch(0, 4, 2)
-_UPDATE = {16: Launch(64, 4, 2), 32: Launch(64, 4, 2), 64: Launch(64, 8, 2)}  # RB 64, 4 warps: 72
-_UPDATE_MULTI = Launch(16, 8, 2)  # BR 32: 24 (stages 2) / 16 (stages 1)
-_ERROR = {16: Launch(64, 4, 2), 32: Launch(64, 4, 1), 64: Launch(32, 4, 1)}  # RB 64, BR 64: 56-488
-_SOLVE = {16: Launch(32, 4, 2), 32: Launch(32, 8, 2)}  # RB 32 with 4 warps: 16
+# RB 64 at 4 warps: 32-72 B.
+_UPDATE = {16: Launch(64, 4, 2), 32: Launch(64, 4, 2), 64: Launch(64, 8, 2)}
+# Several rank blocks, per side (W step, H step): BR 32 spilled 16-24 B in the W step, BR 16
+# with 2 stages 16 B in the H step.
+_UPDATE_MULTI = (Launch(16, 8, 2), Launch(32, 8, 1))
+# RB 64 with BR 64: 56-488 B; RB 32 with 2 stages: 72 B.
+_ERROR = {16: Launch(64, 4, 2), 32: Launch(64, 4, 1), 64: Launch(32, 4, 1)}
+# The persistent kernel runs one program per matrix (56 for ResNet-56, fewer than the SMs), so
+# occupancy does not matter and registers are uncapped (255): left to itself, ptxas held it
+# to 80-168 registers and spilled 8-48 B in 1 of 3 precisions at every tile shape tried.
+_SOLVE = {16: Launch(32, 4, 2, maxnreg=255), 32: Launch(32, 8, 2, maxnreg=255)}
 
 
 @dataclass(frozen=True)
 class Config:
     """One launch group's plan: the path ("solve": persistent, "grouped": stepwise), the rank
-    block RB (one_chunk: every rank of the group fits in one), and each kernel's launch."""
+    block RB (one_chunk: every rank of the group fits in one), and each kernel's launch
+    ("solve", or "gram", "update_w", "update_h", "error")."""
 
     kernel: str
     rb: int
@@ -114,9 +124,11 @@ def config_for(kernel: str, max_rank: int) -> Config:
     if kernel == "solve":
         if max_rank > PERSISTENT_MAX_RANK:
             raise ValueError(f"the persistent kernel takes ranks <= {PERSISTENT_MAX_RANK}")
-        return Config(kernel, rb, one_chunk, (("_solve_kernel", _SOLVE[rb]),))
-    update = _UPDATE[rb] if one_chunk else _UPDATE_MULTI
-    launches = (("_gram_kernel", _GRAM), ("_update_kernel", update), ("_error_kernel", _ERROR[rb]))
+        return Config(kernel, rb, one_chunk, (("solve", _SOLVE[rb]),))
+    update_w, update_h = (_UPDATE[rb],) * 2 if one_chunk else _UPDATE_MULTI
+    launches = (
+        ("gram", _GRAM), ("update_w", update_w), ("update_h", update_h), ("error", _ERROR[rb]),
+    )  # fmt: skip
     return Config(kernel, rb, one_chunk, launches)
 
 
@@ -189,7 +201,14 @@ def _tiles(blocks: Sequence[int], device) -> tuple[torch.Tensor, int]:
     return torch.tensor(pairs, dtype=torch.int32, device=device).reshape(-1), len(pairs)
 
 
-_LAUNCH = {"enable_fp_fusion": True}  # Triton's default, said explicitly (3.9 warns if unset)
+def _options(launch: Launch) -> dict:
+    """Launch options; FP fusion (Triton's default) said explicitly: triton 3.9 warns when
+    TRITON_DEFAULT_FP_FUSION is unset and nobody asked."""
+    out = dict(num_warps=launch.num_warps, num_stages=launch.num_stages, enable_fp_fusion=True)
+    if launch.maxnreg is not None:
+        out["maxnreg"] = launch.maxnreg
+    return out
+
 
 # Runtime-argument types of each kernel (for ahead-of-time compilation, `aot_configs`).
 _GROUPED_ARGS = {"table": "*i64", "scratch": "*fp32", "tiles": "*i32", "active": "*i32"}
@@ -208,7 +227,7 @@ def launch_constexprs(config: Config, v_dtype, precision: str) -> list[tuple[str
     in the order the host code uses them; `aot_configs` compiles exactly these."""
     c = config
     if c.kernel == "solve":
-        launch = c.launch("_solve_kernel")
+        launch = c.launch("solve")
         common = dict(BR=launch.br, BK=BK, RB=c.rb, ONE_CHUNK=c.one_chunk)
         return [
             (
@@ -218,9 +237,9 @@ def launch_constexprs(config: Config, v_dtype, precision: str) -> list[tuple[str
             )
             for checks in (False, True)
         ]
-    gram, update, error = (c.launch(k) for k in ("_gram_kernel", "_update_kernel", "_error_kernel"))
+    gram, error = c.launch("gram"), c.launch("error")
     out = []
-    for side in (0, 1):
+    for side, update in enumerate((c.launch("update_w"), c.launch("update_h"))):
         out.append(("_gram_kernel", dict(SIDE=side, RB=c.rb, BK=BK, PRECISION=precision), gram))
         constexprs = dict(SIDE=side, BR=update.br, BK=BK, RB=c.rb, ONE_CHUNK=c.one_chunk,
                           PRECISION=precision, V_DTYPE=v_dtype)  # fmt: skip
@@ -257,6 +276,8 @@ def aot_configs() -> list[dict]:
                         out.append(dict(fn=getattr(k, name), signature=signature,
                                         constexprs=constexprs, num_warps=launch.num_warps,
                                         num_stages=launch.num_stages))  # fmt: skip
+                        if launch.maxnreg is not None:
+                            out[-1]["maxnreg"] = launch.maxnreg
     return out
 
 
@@ -274,13 +295,13 @@ class _GroupedStepper:
         self.launches = launch_constexprs(config, _tl_dtype(v[0].dtype), precision)
         shapes = [(vi.shape[0], vi.shape[1], wi.shape[1]) for vi, wi in zip(v, w, strict=True)]
         rb = config.rb
-        br = config.launch("_update_kernel").br
+        br_w, br_h = config.launch("update_w").br, config.launch("update_h").br
         gram = _tiles([math.ceil(r / rb) ** 2 for _, _, r in shapes], self.device)
-        rows_w = _tiles([math.ceil(m / br) for m, _, _ in shapes], self.device)
-        rows_h = _tiles([math.ceil(n / br) for _, n, _ in shapes], self.device)
+        rows_w = _tiles([math.ceil(m / br_w) for m, _, _ in shapes], self.device)
+        rows_h = _tiles([math.ceil(n / br_h) for _, n, _ in shapes], self.device)
         # One iteration: G = H H^T, the W step, G = W^T W, the H step (launch_constexprs order).
         self.iteration = list(zip(self.launches[:4], (gram, rows_w, gram, rows_h), strict=True))
-        br = config.launch("_error_kernel").br
+        br = config.launch("error").br
         self.error = (self.launches[4], _tiles([math.ceil(m / br) for m, _, _ in shapes],
                                                self.device))  # fmt: skip
         self.flags = torch.ones(self.n, dtype=torch.int32, device=self.device)
@@ -290,7 +311,7 @@ class _GroupedStepper:
         tiles_tensor, count = tiles
         getattr(self.k, name)[(count,)](
             self.table, self.scratch, tiles_tensor, self.flags, *args,
-            num_warps=launch.num_warps, num_stages=launch.num_stages, **constexprs, **_LAUNCH,
+            **constexprs, **_options(launch),
         )  # fmt: skip
 
     def iterate(self, n: int, active: torch.Tensor | None) -> None:
@@ -320,8 +341,7 @@ def _solve(v, w, h, config: Config, max_iter: int, tol: float, precision: str) -
     launches = launch_constexprs(config, _tl_dtype(v[0].dtype), precision)
     name, constexprs, launch = launches[int(checks)]
     getattr(k, name)[(len(v),)](
-        table, scratch, n_iter, params, max_iter, num_warps=launch.num_warps,
-        num_stages=launch.num_stages, **constexprs, **_LAUNCH,
+        table, scratch, n_iter, params, max_iter, **constexprs, **_options(launch),
     )  # fmt: skip
     return n_iter
 
