@@ -112,6 +112,8 @@ grep -E "ptxas info|bytes stack frame|spill" "$OUT_DIR/build.log" >"$OUT_DIR/ptx
 # its own budget (the phase cap minus 15 s for its summary), skips a case that no longer fits,
 # and goes on after a failing one.
 NMF_CAP=${NMF_S:-180}
+NMF_LEFT=$((BUDGET_S - RESERVE_S - (SECONDS - START_S))) # what run_phase will allow
+NMF_CAP=$((NMF_CAP < NMF_LEFT ? NMF_CAP : NMF_LEFT))
 # shellcheck disable=SC2086 # NMF_CASES is a list of case names
 run_phase nmf "$NMF_CAP" "$OUT_DIR/nmf_gpu.log" \
   "$PY" -m benchmarks.bench_nmf_gpu --out "$OUT_DIR" --budget $((NMF_CAP - 15)) \
