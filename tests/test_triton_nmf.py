@@ -8,6 +8,8 @@ TRITON_INTERPRET=1 when there is no GPU), or compiled on a CUDA device; sizes ar
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import assert_close
@@ -55,11 +57,14 @@ def compare(got, expected, atol=1e-6, rtol=2e-4):
         assert_close(got[1][i], expected[1][i], atol=atol, rtol=rtol, what=f"H[{i}]")
 
 
-@pytest.fixture(params=["solve", "grouped"])
+@pytest.fixture(params=["solve", "grouped", "grouped-wide"])
 def path(request, monkeypatch):
-    """Force every matrix onto one path (the dispatcher would split these small batches)."""
+    """Force every matrix onto one path (the dispatcher would split these small batches);
+    "grouped-wide" also takes the 64-row update tiles that large batches get."""
     small = request.param == "solve"
     monkeypatch.setattr(tnmf, "is_small", lambda m, n, r: small)
+    if request.param == "grouped-wide":
+        monkeypatch.setattr(tnmf, "MIN_TILES", 0)
     return request.param
 
 
@@ -190,7 +195,9 @@ def test_resnet18_set_splits_small_and_large_matrices():
     assert min(m * n for m, n in large) == 128 * 576 and (512, 4608) in large
     grouped = groups["grouped"].config
     assert (grouped.rb, grouped.one_chunk) == (16, True)
-    assert grouped.launch("update_w") == grouped.launch("update_h") == tnmf.Launch(64, 4, 2)
+    # The W step has 64 row tiles of 64 (too few for 132 SMs): 32-row tiles; the H step 445.
+    assert grouped.launch("update_w") == tnmf.Launch(32, 4, 2)
+    assert grouped.launch("update_h") == tnmf.Launch(64, 4, 2)
     assert groups["grouped"].v_dtype == torch.float16
 
 
@@ -200,7 +207,7 @@ def test_llm_block_at_rank_64_and_at_a_quarter_rank():
     (group,) = tnmf.plan(_shapes(mats, 64), [torch.bfloat16] * 7)
     c = group.config
     assert (c.kernel, c.rb, c.one_chunk) == ("grouped", 64, True)
-    assert c.launch("update_w") == tnmf.Launch(64, 8, 2)
+    assert c.launch("update_w") == c.launch("update_h") == tnmf.Launch(64, 8, 2)
     assert c.launch("error") == tnmf.Launch(32, 4, 1)
     # ong_masks' default rank (a quarter of min(m, n) = 1024): rank blocks of 64, 16-row tiles.
     (group,) = tnmf.plan(_shapes(mats, 1024), [torch.bfloat16] * 7)
@@ -233,8 +240,9 @@ def test_every_dispatched_config_is_in_the_aot_list():
         )
         for c in tnmf.aot_configs()
     }
-    mats = [*weight_matrix_shapes(WORKLOADS["resnet18"]), (4096, 4096), (11008, 4096)]
-    for rank in (1, 16, 24, 32, 48, 64, 100, 1024):
+    resnet18 = weight_matrix_shapes(WORKLOADS["resnet18"])
+    sets = [resnet18, [*resnet18, (4096, 4096), (11008, 4096)]]  # 32- and 64-row W tiles
+    for rank, mats in itertools.product((1, 16, 24, 32, 48, 64, 100, 1024), sets):
         for group in tnmf.plan(_shapes(mats, rank), [torch.float16] * len(mats)):
             for name, constexprs, launch in tnmf.launch_constexprs(
                 group.config, tl.float16, "tf32"

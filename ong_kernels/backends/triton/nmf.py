@@ -78,6 +78,12 @@ class Launch:
 _GRAM = Launch(0, 4, 2)
 # RB 64 at 4 warps: 32-72 B.
 _UPDATE = {16: Launch(64, 4, 2), 32: Launch(64, 4, 2), 64: Launch(64, 8, 2)}
+# 32-row tiles where a group has few 64-row tiles (below MIN_TILES: ResNet-18's W step has 64
+# at rank 16, on 132 SMs): twice the programs, each half the reduction work. No spills at any
+# rank block with 4 warps.
+_UPDATE_NARROW = Launch(32, 4, 2)
+SM_COUNT = 132  # H100 / H200 SXM: the dispatcher is a function of shapes only (tested CPU-side)
+MIN_TILES = 2 * SM_COUNT
 # Several rank blocks, per side (W step, H step): BR 32 spilled 16-24 B in the W step, BR 16
 # with 2 stages 16 B in the H step.
 _UPDATE_MULTI = (Launch(16, 8, 2), Launch(32, 8, 1))
@@ -117,15 +123,21 @@ def _rank_block(max_rank: int) -> int:
     return min(max(MIN_BLOCK, 1 << (max_rank - 1).bit_length()), MAX_RANK_BLOCK)
 
 
-def config_for(kernel: str, max_rank: int) -> Config:
-    """The plan of a group whose largest rank is max_rank."""
+def config_for(kernel: str, max_rank: int, row_tiles: tuple[int, int] | None = None) -> Config:
+    """The plan of a group whose largest rank is max_rank. row_tiles: the group's number of
+    64-row tiles in the W step (sum of ceil(m / 64)) and in the H step (sum of ceil(n / 64));
+    a side with fewer than MIN_TILES gets 32-row tiles. None: enough of both."""
     rb = _rank_block(max_rank)
     one_chunk = max_rank <= rb
     if kernel == "solve":
         if max_rank > PERSISTENT_MAX_RANK:
             raise ValueError(f"the persistent kernel takes ranks <= {PERSISTENT_MAX_RANK}")
         return Config(kernel, rb, one_chunk, (("solve", _SOLVE[rb]),))
-    update_w, update_h = (_UPDATE[rb],) * 2 if one_chunk else _UPDATE_MULTI
+    if one_chunk:
+        tiles = row_tiles or (MIN_TILES, MIN_TILES)
+        update_w, update_h = (_UPDATE[rb] if t >= MIN_TILES else _UPDATE_NARROW for t in tiles)
+    else:
+        update_w, update_h = _UPDATE_MULTI
     launches = (
         ("gram", _GRAM), ("update_w", update_w), ("update_h", update_h), ("error", _ERROR[rb]),
     )  # fmt: skip
@@ -149,7 +161,8 @@ def plan(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[torch.dtype]) 
             )
             if idx:
                 max_rank = max(shapes[i][2] for i in idx)
-                groups.append(Group(idx, dtype, config_for(kernel, max_rank)))
+                tiles = tuple(sum(math.ceil(shapes[i][side] / 64) for i in idx) for side in (0, 1))
+                groups.append(Group(idx, dtype, config_for(kernel, max_rank, tiles)))
     return groups
 
 
@@ -255,30 +268,34 @@ _RANK_CLASSES = (16, 32, 64, 65)
 
 def aot_configs() -> list[dict]:
     """Every kernel configuration the dispatcher can pick, as keyword arguments of
-    _aot.compile_report (minus arch): both paths x rank classes x V dtypes x precisions."""
+    _aot.compile_report (minus arch): both paths x rank classes x 64- or 32-row update tiles x
+    V dtypes x precisions."""
     k = _kernels()
     seen, out = set(), []
     for kernel in ("solve", "grouped"):
         for rank in _RANK_CLASSES:
             if kernel == "solve" and rank > PERSISTENT_MAX_RANK:
                 continue
-            config = config_for(kernel, rank)
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                for precision in PRECISIONS:
-                    for name, constexprs, launch in launch_constexprs(
-                        config, _tl_dtype(dtype), precision
-                    ):
-                        key = (name, repr(sorted(constexprs.items())), launch)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        signature = {**SIGNATURES[name], **dict.fromkeys(constexprs, "constexpr")}
-                        out.append(dict(fn=getattr(k, name), signature=signature,
-                                        constexprs=constexprs, num_warps=launch.num_warps,
-                                        num_stages=launch.num_stages))  # fmt: skip
-                        if launch.maxnreg is not None:
-                            out[-1]["maxnreg"] = launch.maxnreg
+            for tiles in (None, (0, 0)):  # 64-row and 32-row update tiles
+                _add_configs(out, seen, k, config_for(kernel, rank, tiles))
     return out
+
+
+def _add_configs(out: list, seen: set, k, config: Config) -> None:
+    """Append the not yet listed launches of `config` for every V dtype and precision."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for precision in PRECISIONS:
+            for name, constexprs, launch in launch_constexprs(config, _tl_dtype(dtype), precision):
+                key = (name, repr(sorted(constexprs.items())), launch)
+                if key in seen:
+                    continue
+                seen.add(key)
+                signature = {**SIGNATURES[name], **dict.fromkeys(constexprs, "constexpr")}
+                entry = dict(fn=getattr(k, name), signature=signature, constexprs=constexprs,
+                             num_warps=launch.num_warps, num_stages=launch.num_stages)  # fmt: skip
+                if launch.maxnreg is not None:
+                    entry["maxnreg"] = launch.maxnreg
+                out.append(entry)
 
 
 class _GroupedStepper:
