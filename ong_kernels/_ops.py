@@ -38,7 +38,7 @@ _lib.define(
 # says why that layout and not one packed buffer). Returns n_iter per matrix (int64).
 _lib.define(
     "nmf_mu_(Tensor[] v, Tensor(a!)[] w, Tensor(b!)[] h, int max_iter, float tol, "
-    "str backend='auto') -> Tensor"
+    "str backend='auto', str precision='ieee') -> Tensor"
 )
 
 SGD_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -126,10 +126,18 @@ def _masked_sgd_step_impl(
     )  # fmt: skip
 
 
-def _nmf_mu_impl(v, w, h, max_iter, tol, backend="auto") -> torch.Tensor:
+def _nmf_mu_impl(v, w, h, max_iter, tol, backend="auto", precision="ieee") -> torch.Tensor:
     check_nmf_args(v, w, h)
     kernel = registry.select("nmf_mu", v[0].device.type, backend)
-    return kernel.fn(v, w, h, max_iter, tol)
+    if precision == "ieee":
+        return kernel.fn(v, w, h, max_iter, tol)
+    # An opt-in lower-precision product (TF32 tensor cores): only the Triton kernel has one.
+    if kernel.backend != "triton":
+        raise ValueError(
+            f"precision={precision!r}: only the triton backend supports it; the "
+            f"{kernel.backend} kernel computes in float32 (precision='ieee')"
+        )
+    return kernel.fn(v, w, h, max_iter, tol, precision=precision)
 
 
 load_all()
@@ -143,7 +151,9 @@ def _masked_sgd_step_fake(params, grads, momentum_buffers, mask_bits, *_hyper) -
 
 
 @torch.library.register_fake(f"{NAMESPACE}::nmf_mu_")
-def _nmf_mu_fake(v: Sequence[torch.Tensor], w, h, max_iter, tol, backend="auto") -> torch.Tensor:
+def _nmf_mu_fake(
+    v: Sequence[torch.Tensor], w, h, max_iter, tol, backend="auto", precision="ieee"
+) -> torch.Tensor:
     check_nmf_args(v, w, h)
     return v[0].new_empty((len(v),), dtype=torch.int64)
 

@@ -15,6 +15,7 @@ from ong_kernels import _ops
 from ong_kernels._batching import group_indices
 from ong_kernels._validate import (
     FLOAT_DTYPES,
+    check_choice,
     check_int,
     check_nonnegative_finite,
     check_real,
@@ -22,6 +23,7 @@ from ong_kernels._validate import (
     check_tensor,
 )
 from ong_kernels.backends import registry
+from ong_kernels.backends.triton.nmf import PRECISIONS as NMF_PRECISIONS
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -229,18 +231,21 @@ def as_kernel_input(t: torch.Tensor) -> torch.Tensor:
 
 
 def _run(
-    weights, rank, *, max_iter, tol, init, seed, backend
+    weights, rank, *, max_iter, tol, init, seed, backend, precision="ieee"
 ) -> tuple[list[Factors], torch.Tensor]:
     tol = check_solver_args(max_iter, tol, init, seed, backend)
+    check_choice(precision, "precision", NMF_PRECISIONS)
     tensors = _check_weights(weights)
     mats = [as_kernel_input(t) for t in tensors]
     ranks = _ranks(rank, [tuple(m.shape) for m in mats])
     # The kernel choice is made (and an unavailable explicit backend refused) before any work.
-    registry.select("nmf_mu", mats[0].device.type, backend)
+    kernel = registry.select("nmf_mu", mats[0].device.type, backend)
+    if precision != "ieee" and kernel.backend != "triton":
+        raise ValueError(f"precision={precision!r} needs backend='triton', not {kernel.backend!r}")
     factors = initial_factors(mats, ranks, init, seed)
     w_list = [w for w, _ in factors]
     h_list = [h for _, h in factors]
-    n_iter = _ops.nmf_mu_(mats, w_list, h_list, max_iter, tol, backend)
+    n_iter = _ops.nmf_mu_(mats, w_list, h_list, max_iter, tol, backend, precision)
     return list(zip(w_list, h_list, strict=True)), n_iter
 
 
@@ -253,6 +258,7 @@ def nmf_batched(
     init: str | Sequence[Factors] = "random",
     seed: int = 0,
     backend: str = "auto",
+    precision: str = "ieee",
 ) -> list[Factors]:
     """Factorise every matrix V_i ~= W_i H_i with Lee-Seung multiplicative updates, together.
 
@@ -271,6 +277,9 @@ def nmf_batched(
             (batched PyTorch matmuls), "cpu" (the C++ solve), "cuda", "triton";
             ong_kernels.backends_available() says which can run here. An explicit backend
             that cannot run raises; ONG_KERNELS_BACKEND sets one when this is "auto".
+        precision: "ieee" (float32 products, every backend), or with the triton backend on a
+            GPU the opt-in "tf32x3" / "tf32" (TF32 tensor-core products; benchmarks/RESULTS.md
+            has their effect on ONG masks).
 
     Returns:
         [(W_i, H_i)]: float32 factors on the inputs' device, W_i (m_i, r_i), H_i (r_i, n_i).
@@ -280,8 +289,9 @@ def nmf_batched(
     exactly 0 becomes float32 eps. All matrices advance together in one op call.
     """
     factors, _ = _run(
-        weights, rank, max_iter=max_iter, tol=tol, init=init, seed=seed, backend=backend
-    )
+        weights, rank, max_iter=max_iter, tol=tol, init=init, seed=seed, backend=backend,
+        precision=precision,
+    )  # fmt: skip
     return factors
 
 

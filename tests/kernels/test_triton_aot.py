@@ -1,0 +1,86 @@
+"""Every Triton kernel configuration a dispatcher can pick, compiled ahead of time for sm_90
+(H100/H200) and sm_80 (A100) on this GPU-less machine: no compile error, no register spills
+(stack or local memory), shared memory within the target's limit.
+
+The configurations come from each kernel module's `aot_configs()` (every module of
+ong_kernels.backends.triton that has one: a new kernel module is checked without an edit
+here). Each compile takes ~0.3-3 s, so `make test` compiles the default ones (precision
+"ieee", float32 inputs: what the op runs unless asked otherwise) and the `slow` marker holds
+the rest (half-precision inputs, the TF32 opt-ins): run them with
+`pytest -m slow tests/kernels/test_triton_aot.py`, or print the whole table with
+`python -m ong_kernels.backends.triton._aot`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+import ong_kernels.backends.triton as package  # noqa: E402
+from ong_kernels.backends.triton import _aot  # noqa: E402
+
+ARCHS = (90, 80)
+
+
+def _is_default(config: dict) -> bool:
+    """Default precision and float32 data: no string constexpr other than "ieee" and no dtype
+    constexpr other than float32."""
+    for value in config["constexprs"].values():
+        if isinstance(value, str) and value != "ieee":
+            return False
+        if isinstance(value, triton.language.dtype) and value != triton.language.float32:
+            return False
+    return True
+
+
+def _cases() -> list:
+    cases = []
+    for module in _aot.kernel_modules():
+        for index, config in enumerate(_aot.configs(module)):
+            label = ",".join(str(v) for v in config["constexprs"].values())
+            for arch in ARCHS:
+                marks = [] if _is_default(config) else [pytest.mark.slow]
+                name = f"{module}-{config['fn'].__name__}-{label}-w{config['num_warps']}-sm{arch}"
+                cases.append(pytest.param(module, index, arch, marks=marks, id=name))
+    return cases
+
+
+@functools.cache
+def _report(module: str, index: int, arch: int) -> _aot.Report:
+    return _aot.compile_report(arch=arch, **_aot.configs(module)[index])
+
+
+def test_every_kernel_module_lists_its_configurations():
+    modules = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")]
+    assert modules, "no Triton kernel module found"
+    for name in modules:
+        module = importlib.import_module(f"{package.__name__}.{name}")
+        assert hasattr(module, "aot_configs"), f"{name} has no aot_configs()"
+        configs = module.aot_configs()
+        assert configs, f"{name}.aot_configs() is empty"
+        assert set(_aot.kernel_modules()) >= {name}
+        for config in configs:
+            required = {"fn", "signature", "constexprs", "num_warps", "num_stages"}
+            assert required <= set(config) <= required | {"maxnreg"}, set(config)
+    assert any(_is_default(c) for m in modules for c in _aot.configs(m))
+
+
+@pytest.mark.parametrize(("module", "index", "arch"), _cases())
+def test_compiles_without_spills(module, index, arch):
+    report = _report(module, index, arch)
+    assert report.registers > 0, report.row()
+    problems = _aot.problems(report)
+    assert not problems, f"{report.row()}: {'; '.join(problems)}"
+
+
+def test_problems_are_found():
+    # The check itself can fail: a spilling or oversized report is flagged.
+    spilled = _aot.Report("k", 80, "", 255, stack=8, local=0, shared=0)
+    too_big = _aot.Report("k", 90, "", 64, stack=0, local=0, shared=_aot.SHARED_LIMIT[90] + 1)
+    assert _aot.problems(spilled) and _aot.problems(too_big)
+    assert not _aot.problems(_aot.Report("k", 90, "", 64, stack=0, local=0, shared=1024))
