@@ -183,6 +183,20 @@ class TablePlan:
             )
 
 
+def planned_kernel(prepare: Callable, doc: str) -> Callable:
+    """The op-signature kernel (params, grads, momentum_buffers, mask_bits, lr, momentum,
+    dampening, weight_decay, nesterov, maximize, first_step) of a backend whose step is
+    `prepare(params, grads, momentum_buffers, mask_bits).run(grads, hyper)`. `prepare` stays
+    reachable as `.prepare`, so FusedMaskedSGD can cache the plan while layouts hold."""
+
+    def masked_sgd_step_(params, grads, momentum_buffers, mask_bits, *hyper) -> None:
+        prepare(params, grads, momentum_buffers, mask_bits).run(grads, tuple(hyper))
+
+    masked_sgd_step_.__doc__ = doc
+    masked_sgd_step_.prepare = prepare
+    return masked_sgd_step_
+
+
 def reference_scaled(kernel: Callable) -> Callable:
     """`kernel` (the list-taking reference) with GradScaler's unscale and inf-skip in front:
     the path for tensors no fused kernel takes (reads found_inf on the host: one sync)."""

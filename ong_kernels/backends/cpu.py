@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from ong_kernels.backends import _native, reference
-from ong_kernels.backends._multi_tensor import TablePlan, reference_scaled
+from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel, reference_scaled
 from ong_kernels.backends.registry import register
 
 # float16/bfloat16 parameters on the CPU are rare; they take the reference path.
@@ -50,31 +48,15 @@ def prepare(params, grads, momentum_buffers, mask_bits) -> TablePlan:
     )
 
 
-@register(
+masked_sgd_step_ = register(
     "masked_sgd_step", "cpu", devices=("cpu",), available=_native.has_cpu, hint=_native.BUILD_HINT
+)(
+    planned_kernel(
+        prepare,
+        "The step for every float32/float64 tensor in ONE native call (GIL released); "
+        "tensors the kernel cannot take go to the reference kernel.",
+    )
 )
-def masked_sgd_step_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    momentum_buffers: Sequence[torch.Tensor],
-    mask_bits: Sequence[torch.Tensor | None],
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
-) -> None:
-    """The whole step for every float32/float64 tensor in ONE native call (GIL released).
-
-    Semantics are reference.masked_sgd_step_'s; tensors the kernel cannot take go there.
-    """
-    hyper = (lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
-    prepare(params, grads, momentum_buffers, mask_bits).run(grads, hyper)
-
-
-masked_sgd_step_.prepare = prepare
 
 
 COMPACT_COLUMNS = 7  # csrc/include/ong_sgd.h SgdCompactTensor

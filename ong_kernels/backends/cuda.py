@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from ong_kernels.backends import _native, reference
-from ong_kernels.backends._multi_tensor import TablePlan, reference_scaled
+from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel, reference_scaled
 from ong_kernels.backends.registry import register
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -87,29 +85,15 @@ def _scalar_ptr(t: torch.Tensor | None, device: torch.device, name: str) -> int:
     return t.data_ptr()
 
 
-@register(
+masked_sgd_step_ = register(
     "masked_sgd_step",
     "cuda",
     devices=("cuda",),
     available=_native.has_cuda,
     hint=_native.CUDA_HINT,
+)(
+    planned_kernel(
+        prepare,
+        "One launch per dtype for all dense tensors; the rest go to the reference kernel.",
+    )
 )
-def masked_sgd_step_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    momentum_buffers: Sequence[torch.Tensor],
-    mask_bits: Sequence[torch.Tensor | None],
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
-) -> None:
-    """One kernel launch per dtype for all dense tensors; the rest go to the reference kernel."""
-    hyper = (lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
-    prepare(params, grads, momentum_buffers, mask_bits).run(grads, hyper)
-
-
-masked_sgd_step_.prepare = prepare

@@ -12,13 +12,12 @@ compiled kernel per dtype serves every configuration: `aot_configs()` lists all 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import cache
 
 import torch
 
 from ong_kernels.backends import reference
-from ong_kernels.backends._multi_tensor import TablePlan, reference_scaled
+from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel, reference_scaled
 from ong_kernels.backends.registry import register
 from ong_kernels.backends.triton import _common
 
@@ -127,29 +126,15 @@ def prepare(params, grads, momentum_buffers, mask_bits) -> TablePlan:
     )
 
 
-@register(
+masked_sgd_step_ = register(
     "masked_sgd_step",
     "triton",
     devices=_common.devices(),
     available=_common.available,
     hint=_common.HINT,
+)(
+    planned_kernel(
+        prepare,
+        """One Triton launch per dtype; tensors it cannot take go to the reference kernel.""",
+    )
 )
-def masked_sgd_step_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    momentum_buffers: Sequence[torch.Tensor],
-    mask_bits: Sequence[torch.Tensor | None],
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
-) -> None:
-    """One Triton launch per dtype; tensors it cannot take go to the reference kernel."""
-    hyper = (lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
-    prepare(params, grads, momentum_buffers, mask_bits).run(grads, hyper)
-
-
-masked_sgd_step_.prepare = prepare
