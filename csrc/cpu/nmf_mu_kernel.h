@@ -58,6 +58,15 @@ constexpr i64 kBlock = 96;
 // Rows of V ahead that cols_tile prefetches: its column strips jump one row (n floats) per
 // step, a stride the hardware prefetchers do not follow beyond 2 KiB.
 constexpr i64 kPrefetchRows = 8;
+// W^T V on a tall and wide V (m >= kPackMinRows, n >= kPackMinCols) packs panels of
+// kPanelRows x block of V first: going down a column strip of thousands of rows with a row
+// stride of several KiB maps the rows onto few cache sets, and the strip falls out of L2
+// (4096 x 4096 at rank 64: 72 GFLOP/s on one core unpacked, 130 packed). Shorter strips stay
+// in L2 and packing only costs (512 x 4608 at rank 16: 133 GFLOP/s unpacked, 101 packed).
+// The packed panel (64 x 96 floats, 24 KiB) and its rows of W stay in L1.
+constexpr i64 kPackMinRows = 1024;
+constexpr i64 kPackMinCols = 512;
+constexpr i64 kPanelRows = 64;
 
 template <typename T>
 struct VecOf;
@@ -84,29 +93,36 @@ inline void vstore(T* p, typename VecOf<T>::type v) {
 }
 
 // ----------------------------------------------------------------------------- tiles
+// Every loop over a tile's registers is unrolled (GCC left the 24-column loop rolled, with
+// the accumulators on the stack: 74 GFLOP/s on one core at rank 16, see RESULTS.md).
+#define UNROLL _Pragma("GCC unroll 32")
 
-// out[jj * ldo + c] = sum_{k < K} A[k * lda + jj] * B[k * ldb + c], jj < NR, c < NV vectors.
+// out[jj * ldo + c] (+)= sum_{k < K} A[k * lda + jj] * B[k * ldb + c], jj < NR, c < NV
+// vectors; `add` accumulates onto out (a reduction split into panels).
 template <typename T, int NV, int NR>
-inline void cols_tile(const float* A, i64 lda, i64 K, const T* B, i64 ldb, T* out, i64 ldo) {
+inline void cols_tile(const float* A, i64 lda, i64 K, const T* B, i64 ldb, T* out, i64 ldo,
+                      bool add) {
   using V = typename VecOf<T>::type;
   constexpr int L = VecOf<T>::lanes;
   V acc[NR][NV];
-  for (int jj = 0; jj < NR; ++jj)
-    for (int c = 0; c < NV; ++c) acc[jj][c] = V{};
+  UNROLL for (int jj = 0; jj < NR; ++jj)
+    UNROLL for (int c = 0; c < NV; ++c) acc[jj][c] = add ? vload<T>(out + jj * ldo + c * L) : V{};
   for (i64 k = 0; k < K; ++k) {
     const float* a = A + k * lda;
     __builtin_prefetch(a + kPrefetchRows * lda);
     if (NR > 16) __builtin_prefetch(a + kPrefetchRows * lda + 16);
     const T* b = B + k * ldb;
     V bv[NV];
-    for (int c = 0; c < NV; ++c) bv[c] = vload<T>(b + c * L);
-    for (int jj = 0; jj < NR; ++jj) {
+    UNROLL for (int c = 0; c < NV; ++c) bv[c] = vload<T>(b + c * L);
+    UNROLL for (int jj = 0; jj < NR; ++jj) {
       const T s = static_cast<T>(a[jj]);
-      for (int c = 0; c < NV; ++c) acc[jj][c] += s * bv[c];
+      UNROLL for (int c = 0; c < NV; ++c) acc[jj][c] += s * bv[c];
     }
   }
-  for (int jj = 0; jj < NR; ++jj)
-    for (int c = 0; c < NV; ++c) vstore<T>(out + jj * ldo + c * L, acc[jj][c]);
+  UNROLL for (int jj = 0; jj < NR; ++jj)
+    UNROLL for (int c = 0; c < NV; ++c) {
+      vstore<T>(out + jj * ldo + c * L, acc[jj][c]);
+    }
 }
 
 // out[ii * ldo + c] = sum_{k < K} A[ii * lda + k] * B[k * ldb + c], ii < MR, c < NV vectors.
@@ -117,21 +133,23 @@ inline void rows_tile(const float* A, i64 lda, i64 K, const float* B, i64 ldb, f
   constexpr int L = kFloatLanes;
   V acc[MR][NV];
   const float* a[MR];
-  for (int ii = 0; ii < MR; ++ii) {
+  UNROLL for (int ii = 0; ii < MR; ++ii) {
     a[ii] = A + ii * lda;
-    for (int c = 0; c < NV; ++c) acc[ii][c] = V{};
+    UNROLL for (int c = 0; c < NV; ++c) acc[ii][c] = V{};
   }
   for (i64 k = 0; k < K; ++k) {
     const float* b = B + k * ldb;
     V bv[NV];
-    for (int c = 0; c < NV; ++c) bv[c] = vload<float>(b + c * L);
-    for (int ii = 0; ii < MR; ++ii) {
+    UNROLL for (int c = 0; c < NV; ++c) bv[c] = vload<float>(b + c * L);
+    UNROLL for (int ii = 0; ii < MR; ++ii) {
       const float s = a[ii][k];
-      for (int c = 0; c < NV; ++c) acc[ii][c] += s * bv[c];
+      UNROLL for (int c = 0; c < NV; ++c) acc[ii][c] += s * bv[c];
     }
   }
-  for (int ii = 0; ii < MR; ++ii)
-    for (int c = 0; c < NV; ++c) vstore<float>(out + ii * ldo + c * L, acc[ii][c]);
+  UNROLL for (int ii = 0; ii < MR; ++ii)
+    UNROLL for (int c = 0; c < NV; ++c) {
+      vstore<float>(out + ii * ldo + c * L, acc[ii][c]);
+    }
 }
 
 // Tile heights: kAcc accumulators at most; rows_tile keeps one pointer per row, so at most 8
@@ -148,14 +166,14 @@ constexpr int rows_height() {
 // The ncols output rows of one chunk of NV vectors: full tiles, then tails of 4, 2, 1.
 template <typename T, int NV>
 void cols_chunk(const float* A, i64 lda, i64 K, i64 ncols, const T* B, i64 ldb, T* out,
-                i64 ldo) {
+                i64 ldo, bool add) {
   constexpr int H = cols_height<NV>();
   i64 j = 0;
-  for (; j + H <= ncols; j += H) cols_tile<T, NV, H>(A + j, lda, K, B, ldb, out + j * ldo, ldo);
+  for (; j + H <= ncols; j += H) cols_tile<T, NV, H>(A + j, lda, K, B, ldb, out + j * ldo, ldo, add);
   if (H > 4)
-    for (; j + 4 <= ncols; j += 4) cols_tile<T, NV, 4>(A + j, lda, K, B, ldb, out + j * ldo, ldo);
-  for (; j + 2 <= ncols; j += 2) cols_tile<T, NV, 2>(A + j, lda, K, B, ldb, out + j * ldo, ldo);
-  for (; j < ncols; ++j) cols_tile<T, NV, 1>(A + j, lda, K, B, ldb, out + j * ldo, ldo);
+    for (; j + 4 <= ncols; j += 4) cols_tile<T, NV, 4>(A + j, lda, K, B, ldb, out + j * ldo, ldo, add);
+  for (; j + 2 <= ncols; j += 2) cols_tile<T, NV, 2>(A + j, lda, K, B, ldb, out + j * ldo, ldo, add);
+  for (; j < ncols; ++j) cols_tile<T, NV, 1>(A + j, lda, K, B, ldb, out + j * ldo, ldo, add);
 }
 
 template <int NV>
@@ -176,17 +194,17 @@ void rows_chunk(const float* A, i64 lda, i64 K, i64 nrows, const float* B, i64 l
 // 4 vectors (more would not leave registers for the accumulators).
 template <typename T>
 void cols_product(const float* A, i64 lda, i64 K, i64 ncols, const T* B, i64 ldb, i64 width,
-                  T* out, i64 ldo) {
+                  T* out, i64 ldo, bool add = false) {
   constexpr int L = VecOf<T>::lanes;
   const i64 nvec = width / L;
   for (i64 c0 = 0; c0 < nvec; c0 += 4) {
     const T* b = B + c0 * L;
     T* o = out + c0 * L;
     switch (std::min<i64>(4, nvec - c0)) {
-      case 1: cols_chunk<T, 1>(A, lda, K, ncols, b, ldb, o, ldo); break;
-      case 2: cols_chunk<T, 2>(A, lda, K, ncols, b, ldb, o, ldo); break;
-      case 3: cols_chunk<T, 3>(A, lda, K, ncols, b, ldb, o, ldo); break;
-      default: cols_chunk<T, 4>(A, lda, K, ncols, b, ldb, o, ldo); break;
+      case 1: cols_chunk<T, 1>(A, lda, K, ncols, b, ldb, o, ldo, add); break;
+      case 2: cols_chunk<T, 2>(A, lda, K, ncols, b, ldb, o, ldo, add); break;
+      case 3: cols_chunk<T, 3>(A, lda, K, ncols, b, ldb, o, ldo, add); break;
+      default: cols_chunk<T, 4>(A, lda, K, ncols, b, ldb, o, ldo, add); break;
     }
   }
 }
@@ -266,17 +284,20 @@ struct Scratch {
   double* num_d = nullptr;
   float* num = nullptr;
   float* den = nullptr;
+  float* panel = nullptr;  // kPanelRows x block of V, packed (wide matrices)
   bool reserve(i64 rp) {
     const i64 rows = block_size(rp);
     Carver sizing{nullptr};
     sizing.take<double>(rows * rp);
     sizing.take<float>(rows * rp);
     sizing.take<float>(rows * rp);
+    sizing.take<float>(kPanelRows * rows);
     if (!buf.reserve(sizing.offset)) return false;
     Carver c{static_cast<char*>(buf.data)};
     num_d = c.take<double>(rows * rp);
     num = c.take<float>(rows * rp);
     den = c.take<float>(rows * rp);
+    panel = c.take<float>(kPanelRows * rows);
     return true;
   }
 };
@@ -456,6 +477,22 @@ void w_block(Matrix& s, Scratch& t, i64 b, bool check) {
   }
 }
 
+// out (cols x rp) = (W^T V)^T for columns [j0, j0 + cols): W^T V's rows as H^T's.
+template <typename T>
+void wtv(const Matrix& s, Scratch& t, i64 j0, i64 cols, const T* W, T* out) {
+  const i64 m = s.job.m, n = s.job.n, rp = s.rp;
+  if (m < kPackMinRows || n < kPackMinCols) {
+    cols_product<T>(s.V + j0, n, m, cols, W, rp, rp, out, rp);
+    return;
+  }
+  for (i64 i0 = 0; i0 < m; i0 += kPanelRows) {
+    const i64 rows = std::min(kPanelRows, m - i0);
+    for (i64 ii = 0; ii < rows; ++ii)
+      std::memcpy(t.panel + ii * cols, s.V + (i0 + ii) * n + j0, cols * sizeof(float));
+    cols_product<T>(t.panel, cols, rows, cols, W + i0 * rp, rp, rp, out, rp, i0 > 0);
+  }
+}
+
 // H sweep, block b: H <- H * (W^T V) / ((W^T W) H) on its columns (rows of Ht), then their
 // partial Gram. On check iterations W^T V is accumulated in double and the block's cross
 // term sum((W^T V) o H_new) recorded; update = false records the cross term of the current H
@@ -465,10 +502,10 @@ void h_block(Matrix& s, Scratch& t, i64 b, bool check, bool update) {
   const i64 j0 = b * s.block, cols = std::min(s.block, n - j0);
   float* Ht = s.Ht + j0 * rp;
   if (check) {
-    cols_product<double>(s.V + j0, n, m, cols, s.Wd, rp, rp, t.num_d, rp);
+    wtv(s, t, j0, cols, s.Wd, t.num_d);
     for (i64 k = 0; k < cols * rp; ++k) t.num[k] = static_cast<float>(t.num_d[k]);
   } else {
-    cols_product<float>(s.V + j0, n, m, cols, s.W, rp, rp, t.num, rp);
+    wtv(s, t, j0, cols, s.W, t.num);
   }
   if (update) {
     rows_product(Ht, rp, r, cols, s.WtW, rp, rp, t.den, rp);
@@ -619,6 +656,7 @@ i64 work_of(const Job& j) {
 
 }  // namespace
 }  // namespace ONG_NMF_NS
+#undef UNROLL
 
 // The batch: matrices that are a large share of the work are solved one after another by
 // the whole team (rows/columns blocks shared out); the rest one per thread, largest first.
