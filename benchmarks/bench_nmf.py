@@ -37,6 +37,7 @@ EPS = torch.finfo(torch.float32).eps  # scikit-learn's EPSILON for an exactly-ze
 ERROR_RTOL = 1e-3  # DESIGN.md: reconstruction error after max_iter agrees to 1e-3 relative
 WORKLOAD_NAMES = ["resnet56", "resnet18"]
 
+
 # The NMF backends are the registry's nmf_mu kernels, so a backend that gains NMF is
 # benchmarked without an edit here; each on the devices it serves ("*": cpu and cuda).
 # Triton runs on the CPU only under its interpreter, which proves correctness, not speed.
