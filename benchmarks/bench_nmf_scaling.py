@@ -16,8 +16,9 @@ clipped to min(m, n), MU with tol 0 from the same (W0, H0)) on the CPU, in one r
 Iterations: 200 where a call takes at most `--budget` seconds; slower cases run fewer
 (estimated from a 2-iteration probe after a 1-iteration warm-up; at least 2) and their
 time is scaled linearly to 200 iterations; the table marks them with the iterations
-actually run. Every time is the best of `--repeats` calls (1 for scaled cases). Writes nmf_scaling.csv and a
-log-log plot nmf_scaling.png (time vs weights, one line per provider and rank).
+actually run. Every time is the best of `--repeats` calls (1 for scaled cases). Writes
+nmf_scaling.csv and a log-log plot nmf_scaling.png (time vs weights, one line per provider
+and rank).
 """
 
 from __future__ import annotations
