@@ -158,6 +158,64 @@ def measure(provider, vs, inits, budget, repeats):
     return best * MAX_ITER / iters, iters, out
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_extra_memory(vs, inits, tol: float) -> int:
+    """Peak resident memory (bytes) the ours-cpu op adds beyond its inputs and factors over
+    30 iterations: Linux's VmHWM, reset through /proc/self/clear_refs just before the call.
+    Run by memory_report in a fresh process where every allocation >= 64 KiB is its own
+    mmap (MALLOC_MMAP_THRESHOLD_), so the kernel's buffers show up as new resident pages."""
+    from ong_kernels import _ops
+
+    _ops.nmf_mu_([torch.rand(8, 8)], [torch.rand(8, 2)], [torch.rand(2, 8)], 1, 0.0, "cpu")
+    ws = [w.clone() for w, _ in inits]
+    hs = [h.clone() for _, h in inits]
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+    _ops.nmf_mu_(vs, ws, hs, 30, tol, "cpu")
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+MEMORY_CASES = {
+    "resnet18 r=16 float32": ("resnet18", 16, torch.float32),
+    "resnet18 r=16 float16": ("resnet18", 16, torch.float16),
+    "4096x4096 r=64 float32": ("square4096", 64, torch.float32),
+}
+
+
+def memory_case(name: str) -> None:
+    workload, rank, dtype = MEMORY_CASES[name]
+    if workload == "square4096":
+        gen = torch.Generator().manual_seed(0)
+        vs = [torch.rand(4096, 4096, generator=gen)]
+        inits = [(torch.rand(4096, 64, generator=gen), torch.rand(64, 4096, generator=gen))]
+    else:
+        vs, inits = problem(workload, rank)
+        vs = [v.to(dtype) for v in vs]
+    size = sum(v.numel() * v.element_size() for v in vs)
+    for tol in (0.0, 1e-4):
+        extra = peak_extra_memory(vs, inits, tol)
+        print(f"{name} tol={tol}: peak extra {extra / 2**20:.2f} MiB "
+              f"(V {size / 2**20:.1f} MiB, {torch.get_num_threads()} threads)")  # fmt: skip
+
+
+def memory_report() -> None:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    for name in MEMORY_CASES:
+        code = f"from benchmarks.bench_nmf_scaling import memory_case; memory_case({name!r})"
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
 def plot(rows, path: Path) -> None:
     import matplotlib
 
@@ -193,7 +251,11 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=float, default=4.0, help="seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--memory", action="store_true", help="only the peak-memory report")
     args = parser.parse_args(argv)
+    if args.memory:
+        memory_report()
+        return
 
     start = _cpu_seconds()
     rate = matmul_rate()
