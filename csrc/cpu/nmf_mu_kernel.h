@@ -63,10 +63,14 @@ constexpr i64 kPrefetchRows = 8;
 // stride of several KiB maps the rows onto few cache sets, and the strip falls out of L2
 // (4096 x 4096 at rank 64: 72 GFLOP/s on one core unpacked, 130 packed). Shorter strips stay
 // in L2 and packing only costs (512 x 4608 at rank 16: 133 GFLOP/s unpacked, 101 packed).
-// The packed panel (64 x 96 floats, 24 KiB) and its rows of W stay in L1.
+// The packed panel is one block of rows by one block of columns (96 x 96 floats, 36 KiB).
 constexpr i64 kPackMinRows = 1024;
+// w_block fuses W^T V into the W sweep (V read once per iteration) up to this padded rank.
+// One core, CPU time, two alternating runs each: 512 x 4608 at rank 16: 122, 118 GFLOP/s
+// fused against 97, 114 unfused; at rank 64: 108, 99 fused against 106, 108 unfused (the
+// n x rp partial sums it reloads per row block outweigh the saved V traffic there).
+constexpr i64 kFuseMaxRank = 32;
 constexpr i64 kPackMinCols = 512;
-constexpr i64 kPanelRows = 64;
 
 template <typename T>
 struct VecOf;
@@ -285,20 +289,20 @@ struct Scratch {
   double* num_d = nullptr;
   float* num = nullptr;
   float* den = nullptr;
-  float* panel = nullptr;  // kPanelRows x block of V, packed (wide matrices)
+  float* panel = nullptr;  // block x block of V, packed (tall wide matrices)
   bool reserve(i64 rp) {
     const i64 rows = block_size(rp);
     Carver sizing{nullptr};
     sizing.take<double>(rows * rp);
     sizing.take<float>(rows * rp);
     sizing.take<float>(rows * rp);
-    sizing.take<float>(kPanelRows * rows);
+    sizing.take<float>(rows * rows);
     if (!buf.reserve(sizing.offset)) return false;
     Carver c{static_cast<char*>(buf.data)};
     num_d = c.take<double>(rows * rp);
     num = c.take<float>(rows * rp);
     den = c.take<float>(rows * rp);
-    panel = c.take<float>(kPanelRows * rows);
+    panel = c.take<float>(rows * rows);
     return true;
   }
 };
@@ -387,11 +391,14 @@ struct Matrix {
   Job job;
   i64 rp = 0, block = 0, nbw = 0, nbh = 0;
   bool checks = false;
+  bool fused = false;  // solved by one thread: numH buffers exist
   Buffer buf;
   Buffer vbuf;           // V in float32 when V is a half type or float64
   const float* V = nullptr;
   float *W = nullptr, *Ht = nullptr;       // m x rp, n x rp
   double *Wd = nullptr, *Htd = nullptr;    // their float64 copies (check iterations)
+  float* numH = nullptr;                   // n x rp: fused W^T V (one-thread solves)
+  double* numHd = nullptr;                 // the same in float64 (check iterations)
   float *WtW = nullptr, *HHt = nullptr;    // rp x rp
   double *WtWd = nullptr, *HHtd = nullptr;
   double* partial = nullptr;               // max(nbw, nbh) x rp x rp (float or double)
@@ -410,6 +417,8 @@ struct Matrix {
     HHt = c.take<float>(rp * rp);
     partial = c.take<double>(nb * rp * rp);
     terms = c.take<double>(nb);
+    numH = fused ? c.take<float>(n * rp) : nullptr;
+    numHd = fused && checks ? c.take<double>(n * rp) : nullptr;
     if (checks) {
       Wd = c.take<double>(m * rp);
       Htd = c.take<double>(n * rp);
@@ -419,9 +428,10 @@ struct Matrix {
     return c.offset;
   }
 
-  bool allocate(const Job& j, bool with_checks) {
+  bool allocate(const Job& j, bool with_checks, bool solo) {
     job = j;
     checks = with_checks;
+    fused = solo;
     rp = padded_rank(j.r);
     block = block_size(rp);
     nbw = (j.m + block - 1) / block;
@@ -462,7 +472,12 @@ inline double dot_d(const T* a, const float* b, i64 count) {
 }
 
 // W sweep, block b: W <- W * (V H^T) / (W (H H^T)) on its rows, then their partial Gram.
-void w_block(Matrix& s, Scratch& t, i64 b, bool check) {
+// fused (a matrix solved by one thread, blocks in order): also adds the block's share of the
+// H numerator, W_new^T V over its rows, to s.numH (s.numHd on check iterations) while V's rows
+// are still in cache: V is then read once per iteration instead of twice (rank 16 is bound
+// by streaming V: 2 flops per float per sweep and rank). The sum runs over row blocks in
+// order, exactly as wtv's does, so fused and team solves agree bitwise.
+void w_block(Matrix& s, Scratch& t, i64 b, bool check, bool fused) {
   const i64 n = s.job.n, r = s.job.r, rp = s.rp;
   const i64 i0 = b * s.block, rows = std::min(s.block, s.job.m - i0);
   float* W = s.W + i0 * rp;
@@ -476,18 +491,28 @@ void w_block(Matrix& s, Scratch& t, i64 b, bool check) {
   } else {
     gram_block<float>(W, W, rows, r, rp, reinterpret_cast<float*>(s.partial) + b * rp * rp);
   }
+  if (!fused) return;
+  const float* V = s.V + i0 * n;
+  if (check) {
+    cols_product<double>(V, n, rows, n, s.Wd + i0 * rp, rp, rp, s.numHd, rp, b > 0);
+  } else {
+    cols_product<float>(V, n, rows, n, W, rp, rp, s.numH, rp, b > 0);
+  }
 }
 
 // out (cols x rp) = (W^T V)^T for columns [j0, j0 + cols): W^T V's rows as H^T's.
 template <typename T>
 void wtv(const Matrix& s, Scratch& t, i64 j0, i64 cols, const T* W, T* out) {
   const i64 m = s.job.m, n = s.job.n, rp = s.rp;
-  if (m < kPackMinRows || n < kPackMinCols) {
-    cols_product<T>(s.V + j0, n, m, cols, W, rp, rp, out, rp);
-    return;
-  }
-  for (i64 i0 = 0; i0 < m; i0 += kPanelRows) {
-    const i64 rows = std::min(kPanelRows, m - i0);
+  // Summed over row blocks in order (w_block's fused order): stores and reloads of the
+  // partial sums are exact, so the result is bitwise the fused one.
+  const bool pack = m >= kPackMinRows && n >= kPackMinCols;
+  for (i64 i0 = 0; i0 < m; i0 += s.block) {
+    const i64 rows = std::min(s.block, m - i0);
+    if (!pack) {
+      cols_product<T>(s.V + i0 * n + j0, n, rows, cols, W + i0 * rp, rp, rp, out, rp, i0 > 0);
+      continue;
+    }
     for (i64 ii = 0; ii < rows; ++ii)
       std::memcpy(t.panel + ii * cols, s.V + (i0 + ii) * n + j0, cols * sizeof(float));
     cols_product<T>(t.panel, cols, rows, cols, W + i0 * rp, rp, rp, out, rp, i0 > 0);
@@ -498,24 +523,32 @@ void wtv(const Matrix& s, Scratch& t, i64 j0, i64 cols, const T* W, T* out) {
 // partial Gram. On check iterations W^T V is accumulated in double and the block's cross
 // term sum((W^T V) o H_new) recorded; update = false records the cross term of the current H
 // without updating (the initial error).
-void h_block(Matrix& s, Scratch& t, i64 b, bool check, bool update) {
-  const i64 n = s.job.n, m = s.job.m, r = s.job.r, rp = s.rp;
+void h_block(Matrix& s, Scratch& t, i64 b, bool check, bool update, bool fused) {
+  const i64 n = s.job.n, r = s.job.r, rp = s.rp;
   const i64 j0 = b * s.block, cols = std::min(s.block, n - j0);
   float* Ht = s.Ht + j0 * rp;
+  const float* num = t.num;
+  const double* num_d = t.num_d;
   if (check) {
-    wtv(s, t, j0, cols, s.Wd, t.num_d);
-    for (i64 k = 0; k < cols * rp; ++k) t.num[k] = static_cast<float>(t.num_d[k]);
+    if (fused) {
+      num_d = s.numHd + j0 * rp;
+    } else {
+      wtv(s, t, j0, cols, s.Wd, t.num_d);
+    }
+    for (i64 k = 0; k < cols * rp; ++k) t.num[k] = static_cast<float>(num_d[k]);
+  } else if (fused) {
+    num = s.numH + j0 * rp;
   } else {
     wtv(s, t, j0, cols, s.W, t.num);
   }
   if (update) {
     rows_product(Ht, rp, r, cols, s.WtW, rp, rp, t.den, rp);
     for (i64 jj = 0; jj < cols; ++jj)
-      mu_update_row(Ht + jj * rp, t.num + jj * rp, t.den + jj * rp, rp);
+      mu_update_row(Ht + jj * rp, num + jj * rp, t.den + jj * rp, rp);
   }
   if (check) {
     double cross = 0;
-    for (i64 jj = 0; jj < cols; ++jj) cross += dot_d(t.num_d + jj * rp, Ht + jj * rp, r);
+    for (i64 jj = 0; jj < cols; ++jj) cross += dot_d(num_d + jj * rp, Ht + jj * rp, r);
     s.terms[b] = cross;
   }
   if (!update) return;
@@ -591,7 +624,7 @@ void prepare(Matrix& s, Scratch& t, const Team& team) {
     }
   });
   if (s.checks) {
-    team.for_blocks(s.nbh, [&](i64 b) { h_block(s, t, b, true, false); });
+    team.for_blocks(s.nbh, [&](i64 b) { h_block(s, t, b, true, false, false); });
     team.single([&] {
       s.initial = s.previous = trace_error(s);
       s.stopped = false;
@@ -619,7 +652,9 @@ void solve(Matrix& s, Scratch& t, const Team& team, i64 max_iter, double tol) {
   i64 done = max_iter;
   for (i64 it = 1; it <= max_iter; ++it) {
     const bool check = s.checks && it % kCheckEvery == 0 && it < max_iter;
-    team.for_blocks(s.nbw, [&](i64 b) { w_block(s, t, b, check); });
+    // One thread walks the W blocks in order, so it can fuse the H numerator (w_block).
+    const bool fused = !team.coop && rp <= kFuseMaxRank;
+    team.for_blocks(s.nbw, [&](i64 b) { w_block(s, t, b, check, fused); });
     team.single([&] {
       if (check) {
         sum_partials(s.partial, s.nbw, r, rp, s.WtWd);
@@ -628,7 +663,7 @@ void solve(Matrix& s, Scratch& t, const Team& team, i64 max_iter, double tol) {
         sum_partials(reinterpret_cast<const float*>(s.partial), s.nbw, r, rp, s.WtW);
       }
     });
-    team.for_blocks(s.nbh, [&](i64 b) { h_block(s, t, b, check, true); });
+    team.for_blocks(s.nbh, [&](i64 b) { h_block(s, t, b, check, true, fused); });
     team.single([&] {
       if (check) {
         sum_partials(s.partial, s.nbh, r, rp, s.HHtd);
@@ -698,7 +733,7 @@ bool ONG_NMF_SOLVE_BATCH(const Job* jobs, std::int64_t n_jobs, std::int64_t max_
       // Allocated by one thread; every thread reads the outcome after the single's barrier,
       // so all of them take the same branch (the solve's worksharing needs the whole team).
       team.single([&] {
-        if (!failed && !shared.allocate(jobs[i], checks)) failed = 1;
+        if (!failed && !shared.allocate(jobs[i], checks, false)) failed = 1;
       });
       if (!failed) solve(shared, scratch, team, max_iter, tol);
 #pragma omp barrier
@@ -715,7 +750,7 @@ bool ONG_NMF_SOLVE_BATCH(const Job* jobs, std::int64_t n_jobs, std::int64_t max_
 #pragma omp atomic read
       stop = failed;
       if (stop) continue;
-      if (!own.allocate(jobs[own_jobs[k]], checks)) {
+      if (!own.allocate(jobs[own_jobs[k]], checks, true)) {
 #pragma omp atomic write
         failed = 1;
         continue;
