@@ -37,17 +37,19 @@ import torch
 import ong_kernels
 from benchmarks.bench_nmf import torch_mu_loop
 from benchmarks.conftest import _cpu_seconds
-from benchmarks.shapes import SCALING_WORKLOADS, prunable
+from benchmarks.shapes import SCALING_WORKLOADS, ParamSpec, prunable
 from ong_kernels import nmf_plan
 
 MAX_ITER = 200
+# Extra sets for the targets (--workloads square4096): one 4096 x 4096 matrix.
+EXTRA_WORKLOADS = {"square4096": [ParamSpec("weight", (4096, 4096), "linear")]}
 PROVIDERS = ("ours-cpu", "reference", "sklearn", "torch_loop", "torchnmf")
 
 
 def problem(workload: str, rank: int):
     gen = torch.Generator().manual_seed(0)
     vs, inits = [], []
-    for spec in prunable(SCALING_WORKLOADS[workload]):
+    for spec in prunable({**SCALING_WORKLOADS, **EXTRA_WORKLOADS}[workload]):
         m, n = spec.matrix_shape
         fan = spec.shape[0] * math.prod(spec.shape[2:])
         v = (torch.randn(m, n, generator=gen) * (2.0 / fan) ** 0.5).abs_()
@@ -227,20 +229,22 @@ def memory_report() -> None:
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
-def plot(rows, path: Path) -> None:
+def plot(rows, path: Path, clock: str = "wall time, 2 threads") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = dict(zip(("floor", *PROVIDERS), plt.get_cmap("tab10").colors, strict=False))
     for (provider, rank), pts in sorted(_series(rows).items()):
         xs, ys = zip(*sorted(pts), strict=True)
-        style = "--" if provider == "floor" else "-"
-        ax.loglog(xs, ys, style, marker="o", ms=3, label=f"{provider} r={rank}")
+        style = ":" if provider == "floor" else ("-" if rank == 16 else "--")
+        ax.loglog(xs, ys, style, color=colors.get(provider), marker="o", ms=3,
+                  label=f"{provider} r={rank}")  # fmt: skip
     ax.set_xlabel("weights in the set (m*n summed)")
     ax.set_ylabel("seconds for 200 MU iterations (scaled where marked in RESULTS.md)")
-    ax.set_title("nmf: time vs weights, 2-core CPU (ResNet-20 ... Llama block)")
+    ax.set_title(f"nmf: time vs weights, ResNet-20 ... Llama block ({clock})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -316,7 +320,7 @@ def main(argv=None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.out / "nmf_scaling.png")
+    plot(rows, args.out / "nmf_scaling.png", clock)
     print(f"wrote {args.out / 'nmf_scaling.csv'} and {args.out / 'nmf_scaling.png'}")
 
 
