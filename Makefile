@@ -55,6 +55,7 @@ run: install data
 
 bench: install
 	mkdir -p build
+	$(PIP) install -q --no-deps torchnmf==0.3.5
 	$(PY) -m pytest benchmarks -m benchmark --benchmark-json=build/bench.json
 	$(PY) -m benchmarks.report build/bench.json
 

@@ -29,7 +29,7 @@ import torch
 
 import ong_kernels
 from benchmarks.shapes import WORKLOADS, prunable
-from ong_kernels.nmf import BACKENDS as NMF_BACKENDS
+from ong_kernels.backends.registry import kernels
 
 RANK = 16
 MAX_ITER = 200
@@ -37,16 +37,14 @@ EPS = torch.finfo(torch.float32).eps  # scikit-learn's EPSILON for an exactly-ze
 ERROR_RTOL = 1e-3  # DESIGN.md: reconstruction error after max_iter agrees to 1e-3 relative
 WORKLOAD_NAMES = ["resnet56", "resnet18"]
 
-# Where each NMF backend computes. Which backends implement NMF at all is nmf.BACKENDS (today
-# "reference" only: "cpu" and "cuda" hold the compiled optimizer step); a backend that gains
-# NMF is benchmarked without an edit here.
+
+# The NMF backends are the registry's nmf_mu kernels, so a backend that gains NMF is
+# benchmarked without an edit here; each on the devices it serves ("*": cpu and cuda).
 # Triton runs on the CPU only under its interpreter, which proves correctness, not speed.
-BACKEND_DEVICES = {
-    "reference": ("cpu", "cuda"),
-    "cpu": ("cpu",),
-    "cuda": ("cuda",),
-    "triton": ("cuda",),
-}
+def _backend_devices(kernel) -> tuple[str, ...]:
+    if kernel.backend == "triton":
+        return ("cuda",)
+    return ("cpu", "cuda") if "*" in kernel.devices else kernel.devices
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -179,8 +177,9 @@ def _ours_params() -> list:
     """(backend, device) pairs for every backend with an NMF kernel; unrunnable ones skip."""
     available = ong_kernels.backends_available()
     params = []
-    for backend in (b for b in NMF_BACKENDS if b != "auto"):
-        for dev in BACKEND_DEVICES.get(backend, ("cpu", "cuda")):
+    for kernel in kernels("nmf_mu"):
+        backend = kernel.backend
+        for dev in _backend_devices(kernel):
             reason = None
             if not available.get(backend, False):
                 reason = f"backend {backend!r} is not available in this build"

@@ -22,12 +22,18 @@ import math
 from dataclasses import dataclass
 
 __all__ = [
+    "SCALING_WORKLOADS",
     "WORKLOADS",
     "ParamSpec",
+    "bert_base_encoder",
     "cifar_resnet",
+    "llama_block",
     "prunable",
     "resnet18",
+    "resnet20",
+    "resnet34",
     "resnet56",
+    "resnet110",
     "weight_matrix_shapes",
 ]
 
@@ -116,13 +122,62 @@ def weight_matrix_shapes(params: list[ParamSpec]) -> list[tuple[int, int]]:
     return [p.matrix_shape for p in prunable(params)]
 
 
+def resnet20(num_classes: int = 10) -> list[ParamSpec]:
+    """CIFAR ResNet-20: n = 3, option-A shortcuts (0.27M parameters)."""
+    return cifar_resnet(16, ((16, 3), (32, 3), (64, 3)), "A", num_classes)
+
+
+def resnet110(num_classes: int = 10) -> list[ParamSpec]:
+    """CIFAR ResNet-110: n = 18, option-A shortcuts (1.7M parameters)."""
+    return cifar_resnet(16, ((16, 18), (32, 18), (64, 18)), "A", num_classes)
+
+
+def resnet34(num_classes: int = 10) -> list[ParamSpec]:
+    """ResNet-34 for CIFAR (kuangliu/pytorch-cifar): 3/4/6/3 basic blocks, projections."""
+    return cifar_resnet(64, ((64, 3), (128, 4), (256, 6), (512, 3)), "B", num_classes)
+
+
+def bert_base_encoder(layers: int = 12, hidden: int = 768, ffn: int = 3072) -> list[ParamSpec]:
+    """The weight matrices of a BERT-base encoder (nn.Linear: out x in): per layer the four
+    attention projections (Q, K, V, output) and the two feed-forward layers. Biases and
+    LayerNorms are listed for completeness; embeddings are not pruned here."""
+    params = []
+    for i in range(layers):
+        p = f"encoder.layer.{i}"
+        for name in ("query", "key", "value", "output"):
+            params.append(ParamSpec(f"{p}.attention.{name}.weight", (hidden, hidden), "linear"))
+            params.append(ParamSpec(f"{p}.attention.{name}.bias", (hidden,), "bias"))
+        params.append(ParamSpec(f"{p}.intermediate.weight", (ffn, hidden), "linear"))
+        params.append(ParamSpec(f"{p}.output.weight", (hidden, ffn), "linear"))
+    return params
+
+
+def llama_block(hidden: int = 4096, ffn: int = 11008) -> list[ParamSpec]:
+    """One Llama-7B decoder block: q, k, v, o (4096 x 4096), gate and up (11008 x 4096),
+    down (4096 x 11008)."""
+    params = [ParamSpec(f"self_attn.{n}_proj.weight", (hidden, hidden), "linear") for n in "qkvo"]
+    params += [ParamSpec(f"mlp.{n}_proj.weight", (ffn, hidden), "linear") for n in ("gate", "up")]
+    params.append(ParamSpec("mlp.down_proj.weight", (hidden, ffn), "linear"))
+    return params
+
+
 # name -> parameter list; the workloads every benchmark file shares.
 WORKLOADS = {"resnet56": resnet56(), "resnet18": resnet18()}
+# The scaling benchmark's sets, from 0.27M to 202M weights (bench_nmf_scaling.py).
+SCALING_WORKLOADS = {
+    "resnet20": resnet20(),
+    "resnet56": resnet56(),
+    "resnet110": resnet110(),
+    "resnet18": resnet18(),
+    "resnet34": resnet34(),
+    "bert_base": bert_base_encoder(),
+    "llama_block": llama_block(),
+}
 
 
 def _summary() -> str:
     lines = []
-    for name, params in WORKLOADS.items():
+    for name, params in SCALING_WORKLOADS.items():
         mats = weight_matrix_shapes(params)
         n_prunable = sum(m * n for m, n in mats)
         lines.append(

@@ -13,6 +13,7 @@
 
 #include "ong_dtype.h"
 #include "ong_isa.h"
+#include "ong_nmf.h"
 #include "ong_sgd.h"
 
 namespace py = pybind11;
@@ -119,6 +120,29 @@ void bind_masked_sgd(py::module_& m) {
 #endif
 }
 
+void bind_nmf_mu(py::module_& m) {
+  m.def(
+      "nmf_mu_cpu",
+      [](std::uintptr_t table, std::uintptr_t dtypes, std::int64_t n_matrices,
+         std::int64_t max_iter, double tol, std::uintptr_t n_iter, int num_threads) {
+        py::gil_scoped_release release;
+        ong::nmf_mu_cpu(reinterpret_cast<const ong::NmfMatrix*>(table),
+                        reinterpret_cast<const std::int64_t*>(dtypes), n_matrices, max_iter, tol,
+                        reinterpret_cast<std::int64_t*>(n_iter), num_threads);
+      },
+      py::arg("table"), py::arg("dtypes"), py::arg("n_matrices"), py::arg("max_iter"),
+      py::arg("tol"), py::arg("n_iter"), py::arg("num_threads"),
+      R"pbdoc(
+        Multiplicative-update NMF of a whole ragged batch in ONE call (GIL released).
+
+        table: host address of the int64 table of ong_kernels.nmf_plan.matrix_table
+        [n_matrices x (V, W, H addresses, m, n, r)]; dtypes: int64 DType code of each V;
+        n_iter: int64 output, iterations run per matrix. W (m x r) and H (r x n) float32 are
+        updated in place; stopping as nmf_plan.stop_rule, checked every 10 iterations (none
+        when tol == 0). Raises ValueError on a malformed table before touching anything.
+      )pbdoc");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -130,4 +154,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
   bind_common(m);
   bind_masked_sgd(m);
+  bind_nmf_mu(m);
 }

@@ -1,0 +1,7 @@
+// The NMF solver (csrc/cpu/nmf_mu_kernel.h) compiled for avx512: 64-byte vectors, 24 vector
+// accumulators per tile.
+#define ONG_NMF_NS avx512
+#define ONG_NMF_VBYTES 64
+#define ONG_NMF_ACC 24
+#define ONG_NMF_SOLVE_BATCH solve_batch_avx512
+#include "nmf_mu_kernel.h"
