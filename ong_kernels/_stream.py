@@ -114,6 +114,16 @@ def _too_big(index: int, need: int, budget: int, shape) -> ValueError:
     )
 
 
+def check_fits(index: int, shape, rank, itemsize: int, budget: int) -> tuple[int, int]:
+    """(clipped rank, bytes) of weights[index], or the ValueError saying how much it needs."""
+    m, n = _matrix_shape(torch.Size(shape))
+    r = _rank_of(rank, index, m, n)
+    need = solve_bytes(m, n, r, itemsize)
+    if need > budget:
+        raise _too_big(index, need, budget, shape)
+    return r, need
+
+
 def check_budget(memory_budget, device: torch.device) -> int:
     if memory_budget is None:
         return default_budget(device)
@@ -132,11 +142,13 @@ def stream_factors(
     device=None,
     memory_budget=None,
     progress: bool = False,
+    total: int | None = None,
 ) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]]:
     """Yield ([(W_i, H_i)], [n_iter_i]) per group, in input order (nmf_batched's streaming).
 
     Scalar arguments must already be checked (nmf.check_solver_args). A sequence of weights is
-    checked whole (values included) and sized before the first group is solved.
+    checked whole (values included) and sized before the first group is solved. `total`
+    (weights in all matrices) gives an iterator's progress bar its length.
     """
     from ong_kernels import nmf  # nmf imports this module
 
@@ -160,7 +172,6 @@ def stream_factors(
             raise ValueError("weights is empty: pass at least one tensor")
         first = _check_one(first, 0, None)
         source = _chain(first, source)
-        total = None
     if not isinstance(init, str) and is_sequence and len(init) != len(tensors):
         raise ValueError(f"init has {len(init)} (W, H) pairs but there are {len(tensors)} matrices")
     home = first.device
@@ -173,11 +184,7 @@ def stream_factors(
         for i, t in enumerate(items):
             if not is_sequence:
                 t = _check_one(t, i, home)
-            m, n = _matrix_shape(t.shape)
-            r = _rank_of(rank, i, m, n)
-            need = solve_bytes(m, n, r, t.element_size())
-            if need > budget:
-                raise _too_big(i, need, budget, t.shape)
+            r, need = check_fits(i, t.shape, rank, t.element_size(), budget)
             yield i, t, r, need
 
     if is_sequence:  # every size known: a matrix that can never fit fails before any work
