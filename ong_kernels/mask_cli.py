@@ -242,7 +242,10 @@ def _summary(rows, scored: float, elapsed: float, args) -> None:
     n = sum(r[2] for r in rows)
     kept = sum(r[3] for r in rows)
     print(f"{'total':50s} {n:>20,} {1 - kept / n:9.4f} {elapsed:8.2f} {_peak_mib():9.0f}")
-    print(f"scoring ({args.method}) {scored:.2f} s; masks in {args.output}")
+    print(
+        f"scoring ({args.method}) {scored:.2f} s; per-layer time is its mask pass (the first "
+        f"row includes the global threshold passes); masks in {args.output}"
+    )
     if torch.cuda.is_available() and str(args.device).startswith("cuda"):
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
