@@ -7,11 +7,11 @@ run in one op (ong_kernels::nmf_mu_) over the whole ragged batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from ong_kernels import _ops
+from ong_kernels import _ops, _stream
 from ong_kernels._batching import group_indices
 from ong_kernels._validate import (
     FLOAT_DTYPES,
@@ -231,10 +231,48 @@ def as_kernel_input(t: torch.Tensor) -> torch.Tensor:
 
 
 def _run(
-    weights, rank, *, max_iter, tol, init, seed, backend, precision="ieee"
-) -> tuple[list[Factors], torch.Tensor]:
+    weights,
+    rank,
+    *,
+    max_iter,
+    tol,
+    init,
+    seed,
+    backend,
+    device=None,
+    memory_budget=None,
+    progress=False,
+    precision="ieee",
+) -> tuple[list[Factors], list[int]]:
     tol = check_solver_args(max_iter, tol, init, seed, backend)
     check_choice(precision, "precision", NMF_PRECISIONS)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    streamed = (
+        device is not None
+        or memory_budget is not None
+        or progress
+        or (isinstance(weights, Iterable) and not isinstance(weights, (Sequence, torch.Tensor)))
+    )
+    if streamed:
+        factors: list[Factors] = []
+        n_iter: list[int] = []
+        for group_factors, group_iter in _stream.stream_factors(
+            weights,
+            rank,
+            max_iter=max_iter,
+            tol=tol,
+            init=init,
+            seed=seed,
+            backend=backend,
+            device=device,
+            memory_budget=memory_budget,
+            progress=progress,
+            precision=precision,
+        ):
+            factors.extend(group_factors)
+            n_iter.extend(group_iter)
+        return factors, n_iter
     tensors = _check_weights(weights)
     mats = [as_kernel_input(t) for t in tensors]
     ranks = _ranks(rank, [tuple(m.shape) for m in mats])
@@ -246,11 +284,11 @@ def _run(
     w_list = [w for w, _ in factors]
     h_list = [h for _, h in factors]
     n_iter = _ops.nmf_mu_(mats, w_list, h_list, max_iter, tol, backend, precision)
-    return list(zip(w_list, h_list, strict=True)), n_iter
+    return list(zip(w_list, h_list, strict=True)), n_iter.tolist()
 
 
 def nmf_batched(
-    weights: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor] | Iterable[torch.Tensor],
     rank: int | Sequence[int],
     *,
     max_iter: int = 200,
@@ -258,12 +296,16 @@ def nmf_batched(
     init: str | Sequence[Factors] = "random",
     seed: int = 0,
     backend: str = "auto",
+    device: str | torch.device | None = None,
+    memory_budget: int | None = None,
+    progress: bool = False,
     precision: str = "ieee",
 ) -> list[Factors]:
     """Factorise every matrix V_i ~= W_i H_i with Lee-Seung multiplicative updates, together.
 
     Args:
-        weights: non-negative tensors of any shapes, all on one device; each is viewed as
+        weights: non-negative tensors of any shapes, all on one device (a sequence, or any
+            iterable such as a generator reading a checkpoint); each is viewed as
             (shape[0], prod(shape[1:])) (a conv weight is out x in*kh*kw, a 1-D tensor 1 x n).
         rank: one int for all, or one per matrix; clipped to min(m, n) per matrix.
         max_iter: iterations per matrix (>= 1).
@@ -277,6 +319,16 @@ def nmf_batched(
             (batched PyTorch matmuls), "cpu" (the C++ solve), "cuda", "triton";
             ong_kernels.backends_available() says which can run here. An explicit backend
             that cannot run raises; ONG_KERNELS_BACKEND sets one when this is "auto".
+        device: where to compute (default: the inputs' device). With `device`,
+            `memory_budget`, `progress` or an iterator as `weights`, the matrices stream:
+            consecutive matrices are moved to `device` in groups whose cost (_stream.solve_bytes)
+            fits `memory_budget`, each group solved by one op call, its factors moved back to
+            the inputs' device before the next group is read. The factors are identical to
+            one unbudgeted call on `device`.
+        memory_budget: bytes a group may use on `device` (default: 80% of its free memory).
+            A matrix that alone needs more is a ValueError saying how much it needs: before
+            any work for a sequence, when the iterator reaches it otherwise.
+        progress: show a tqdm bar (weights done, matrices, ETA) while streaming.
         precision: "ieee" (float32 products, every backend), or with the triton backend on a
             GPU the opt-in "tf32x3" / "tf32" (TF32 tensor-core products; benchmarks/RESULTS.md
             has their effect on ONG masks).
@@ -289,9 +341,18 @@ def nmf_batched(
     exactly 0 becomes float32 eps. All matrices advance together in one op call.
     """
     factors, _ = _run(
-        weights, rank, max_iter=max_iter, tol=tol, init=init, seed=seed, backend=backend,
+        weights,
+        rank,
+        max_iter=max_iter,
+        tol=tol,
+        init=init,
+        seed=seed,
+        backend=backend,
+        device=device,
+        memory_budget=memory_budget,
+        progress=progress,
         precision=precision,
-    )  # fmt: skip
+    )
     return factors
 
 
@@ -299,5 +360,4 @@ def nmf_batched_with_info(weights, rank, **kwargs) -> tuple[list[Factors], list[
     """nmf_batched that also returns the number of iterations each matrix ran."""
     defaults = dict(max_iter=200, tol=1e-4, init="random", seed=0, backend="auto")
     defaults.update(kwargs)
-    factors, n_iter = _run(weights, rank, **defaults)
-    return factors, n_iter.tolist()
+    return _run(weights, rank, **defaults)

@@ -1,0 +1,259 @@
+"""ong-mask: ONG or magnitude masks for a safetensors checkpoint, without loading the model.
+
+    ong-mask model.safetensors --method ong --sparsity 0.5 --rank 64 -o masks.safetensors
+
+Tensors are read lazily, one at a time (a fresh ``safe_open`` per tensor: its memory map is
+released after each read, so resident memory stays O(largest tensor + one NMF group), not
+O(checkpoint)). ONG factorises |W| of every pruned tensor with nmf_batched's streaming
+(groups that fit ``--memory-budget`` on ``--device``), keeps only the factors, and allocates
+with pruning.stream.stream_masks: exactly the masks prune() would give for the same weights
+(round(sparsity * N) pruned, ties by position). Masks are written bit-packed in the format of
+pruning.io.save_masks (numpy.packbits order, shapes in the metadata): load_masks reads them.
+
+What is pruned by default: every tensor of 2 or more dimensions with a floating dtype whose
+name does not match DEFAULT_EXCLUDE (embeddings and norms). 1-D tensors (biases, norm scales)
+are never pruned; a 2-D+ tensor of another dtype is skipped with a note. ``--include`` keeps
+only names matching it; ``--exclude`` replaces DEFAULT_EXCLUDE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DEFAULT_EXCLUDE = r"(?i)(embed|wte|wpe|lm_head|norm|ln_)"
+_FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GB' (10^9), '256MiB' (2^20), '1.5GB', '1000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"memory budget must be a size like 8GB, 256MiB or 1000000, got {text!r}"
+        )
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"memory budget must be positive, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ong-mask",
+        description="ONG or magnitude masks of a safetensors checkpoint at an exact sparsity.",
+        epilog=f"Default: every 2-D+ floating tensor whose name does not match {DEFAULT_EXCLUDE!r} "
+        "(embeddings, norms); 1-D tensors are never pruned.",
+    )
+    p.add_argument("checkpoint", help="a .safetensors file")
+    p.add_argument("--method", choices=("ong", "magnitude"), default="ong")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned, in [0, 1)")
+    p.add_argument("--rank", type=int, default=64, help="NMF rank (clipped to min(m, n))")
+    p.add_argument("--scope", choices=("global", "layer"), default="global")
+    p.add_argument("--include", default=None, help="prune only names matching this regex")
+    p.add_argument("--exclude", default=DEFAULT_EXCLUDE, help="never prune names matching it")
+    p.add_argument("--device", default="cpu", help="where the NMF runs (cpu, cuda, cuda:1)")
+    p.add_argument(
+        "--memory-budget",
+        type=parse_bytes,
+        default=None,
+        help="bytes per NMF group on --device, e.g. 8GB (default: 80%% of free)",
+    )
+    p.add_argument("--max-iter", type=int, default=200)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--init", choices=("nndsvda", "nndsvd", "random"), default="nndsvda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("-o", "--output", help="masks file to write (required unless --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be pruned; no work")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _header(path: str):
+    """[(name, shape, dtype string)] in file order, without reading any tensor."""
+    with safe_open(path, framework="pt") as f:
+        entries = []
+        for name in f.keys():
+            sl = f.get_slice(name)
+            entries.append((name, tuple(sl.get_shape()), sl.get_dtype()))
+    return entries
+
+
+def select(entries, include: str | None, exclude: str | None):
+    """(pruned [(name, shape, dtype)], skipped [(name, reason)])."""
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+    pruned, skipped = [], []
+    for name, shape, dtype in entries:
+        if len(shape) < 2:
+            skipped.append((name, f"{len(shape)}-D: never pruned"))
+        elif inc is not None and not inc.search(name):
+            skipped.append((name, "not matched by --include"))
+        elif exc is not None and exc.search(name):
+            skipped.append((name, "matched by --exclude"))
+        elif dtype not in _FLOAT:
+            skipped.append((name, f"dtype {dtype} is not floating: skipped"))
+        elif math.prod(shape) == 0:
+            skipped.append((name, "empty"))
+        else:
+            pruned.append((name, shape, dtype))
+    return pruned, skipped
+
+
+def _read(path: str, name: str) -> torch.Tensor:
+    # A fresh safe_open per tensor: its memory map (resident pages count in RSS) goes with it.
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run(args) -> int:
+    path = args.checkpoint
+    if not os.path.isfile(path):
+        print(f"ong-mask: error: {path!r} does not exist or is not a file", file=sys.stderr)
+        return 2
+    try:
+        entries = _header(path)
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        print(
+            f"ong-mask: error: {path!r} is not a readable safetensors file ({exc})", file=sys.stderr
+        )
+        return 2
+    try:
+        pruned, skipped = select(entries, args.include, args.exclude)
+    except re.error as exc:
+        print(f"ong-mask: error: bad --include/--exclude regex: {exc}", file=sys.stderr)
+        return 2
+    for name, reason in skipped:
+        if "not floating" in reason:
+            print(f"note: {name}: {reason}", file=sys.stderr)
+    if not pruned:
+        print("ong-mask: error: no tensor to prune (see --include/--exclude)", file=sys.stderr)
+        return 2
+    names = [n for n, _, _ in pruned]
+    shapes = [s for _, s, _ in pruned]
+    total = sum(math.prod(s) for s in shapes)
+    print(
+        f"{len(pruned)} tensors, {total:,} weights to prune at sparsity {args.sparsity} "
+        f"({args.scope}); {len(skipped)} skipped"
+    )
+    if args.dry_run:
+        for name, shape, dtype in pruned:
+            print(f"  prune {name:50s} {dtype:5s} {list(shape)!s:20s} {math.prod(shape):>14,}")
+        for name, reason in skipped:
+            print(f"  skip  {name:50s} {reason}")
+        return 0
+    if not args.output:
+        print("ong-mask: error: -o/--output is required (or --dry-run)", file=sys.stderr)
+        return 2
+    from ong_kernels.pruning import stream
+    from ong_kernels.pruning.io import FORMAT, VERSION
+
+    progress = not args.no_progress
+    start = time.perf_counter()
+
+    def weights() -> Iterator[torch.Tensor]:
+        for name in names:
+            yield _read(path, name)
+
+    try:
+        if args.method == "ong":
+            factors = stream.ong_factors(
+                weights(),
+                rank=args.rank,
+                max_iter=args.max_iter,
+                tol=args.tol,
+                init=args.init,
+                seed=args.seed,
+                backend=args.backend,
+                device=args.device,
+                memory_budget=args.memory_budget,
+                progress=progress,
+                total=total,
+            )
+            passes = stream.ong_score_passes(factors, shapes)
+            dtype = torch.float32
+        else:
+
+            def passes():
+                return (w.abs() for w in weights())
+
+            wide = any(d == "F64" for _, _, d in pruned)
+            dtype = torch.float64 if wide else torch.float32
+        scored = time.perf_counter() - start
+        masks = stream.stream_masks(
+            passes, shapes, args.sparsity, args.scope, names=names, dtype=dtype
+        )
+        packed, rows = {}, []
+        t0 = time.perf_counter()
+        for name, shape, mask in zip(names, shapes, masks, strict=True):
+            flat = mask.reshape(-1).cpu().numpy()
+            packed[name] = torch.from_numpy(np.packbits(flat))  # pruning.io's bit order
+            kept = int(np.count_nonzero(flat))
+            t1 = time.perf_counter()
+            rows.append((name, shape, flat.size, kept, t1 - t0, _peak_mib()))
+            t0 = t1
+    except (ValueError, TypeError, RuntimeError) as exc:
+        print(f"ong-mask: error: {exc}", file=sys.stderr)
+        return 2
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "shapes": json.dumps({n: list(s) for n, s in zip(names, shapes, strict=True)}),
+    }
+    save_file(packed, args.output, metadata=metadata)
+    _summary(rows, scored, time.perf_counter() - start, args)
+    return 0
+
+
+def _summary(rows, scored: float, elapsed: float, args) -> None:
+    print(f"\n{'layer':50s} {'shape':>20s} {'sparsity':>9s} {'time s':>8s} {'peak MiB':>9s}")
+    for name, shape, n, kept, secs, peak in rows:
+        print(f"{name:50s} {list(shape)!s:>20s} {1 - kept / n:9.4f} {secs:8.2f} {peak:9.0f}")
+    n = sum(r[2] for r in rows)
+    kept = sum(r[3] for r in rows)
+    print(f"{'total':50s} {n:>20,} {1 - kept / n:9.4f} {elapsed:8.2f} {_peak_mib():9.0f}")
+    print(
+        f"scoring ({args.method}) {scored:.2f} s; per-layer time is its mask pass (the first "
+        f"row includes the global threshold passes); masks in {args.output}"
+    )
+    if torch.cuda.is_available() and str(args.device).startswith("cuda"):
+        print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Masks for models larger than memory: streamed scores and an exact allocation over them.
+
+`stream_masks` gives exactly the masks :func:`allocation.allocate` would give for the same
+scores (the same counts, the same ties kept: by position in the concatenation of all layers),
+while holding only one layer's score at a time. It takes `passes`, a function returning a
+fresh iterable over the scores (the same values every call), and reads it several times:
+
+* ``layer`` / ``erk``: one pass; each layer keeps its exact count (allocation.kept_counts) with
+  ``select_top`` as it streams by.
+* ``global``: the k-th largest score of all N is found by a radix select on the scores' bits
+  (an order-preserving integer key per float, 16 bits per pass: two histogram passes for
+  float32 scores, four for float64), then a pass counts per layer the scores above and equal
+  to the threshold (the per-layer floors of ``min_density`` are checked from those counts,
+  exactly as allocation._select_global resolves them), then a last pass writes the masks.
+  Memory: 65536 int64 bins plus one layer's score, whatever N is.
+
+Scores are ranked as allocate ranks them: promoted to at least float32 (every widening is
+exact, so promotion never reorders), -0.0 equal to 0.0, -inf a valid score, NaN an error.
+
+ONG scores for this come from :func:`ong_factors` (nmf_batched's streaming: the weights pass
+through the compute device in groups that fit a memory budget) and :func:`ong_score_passes`
+(W H per layer, recomputed on each pass from the factors: r (m + n) floats per layer kept
+instead of m n; one (m, r) x (r, n) product per layer and pass, ~1/(2 max_iter) of the NMF's
+own work). :func:`stream_ong_scores` yields the scores of a weight iterable once, without
+keeping factors.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from ong_kernels.pruning.allocation import (
+    check_floors,
+    check_min_density,
+    check_scope,
+    check_sparsity,
+    floor_counts,
+    kept_counts,
+    select_top,
+)
+from ong_kernels.pruning.ong import DEFAULT_RANK, resolve_ranks
+
+__all__ = [
+    "ong_factors",
+    "ong_score_passes",
+    "stream_masks",
+    "stream_ong_scores",
+]
+
+Passes = Callable[[], Iterable[torch.Tensor]]
+
+_DIGIT = 16
+_BINS = 1 << _DIGIT
+# Entries per chunk when keys are built: an int64 key and a few temporaries per entry, so
+# ~100 MB of transient memory per chunk whatever the layer's size.
+_CHUNK = 1 << 22
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def _key_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    if dtype == torch.float32:
+        return torch.int32, 32
+    if dtype == torch.float64:
+        return torch.int64, 64
+    raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+
+
+def _keys(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int64 keys ordered as the float values of `x` (no NaN): non-negative floats keep their
+    bits, a negative float with magnitude bits m becomes -1 - m; -0.0 is made +0.0 first."""
+    int_dtype, bits = _key_dtypes(dtype)
+    x = x.to(dtype) + 0.0  # IEEE: -0.0 + 0.0 == +0.0
+    raw = x.view(int_dtype).to(torch.int64)
+    magnitude = raw & ((1 << (bits - 1)) - 1)
+    return torch.where(raw >= 0, raw, -1 - magnitude)
+
+
+def _key_to_float(key: int, dtype: torch.dtype) -> float:
+    _, bits = _key_dtypes(dtype)
+    raw = key if key >= 0 else (-1 - key) | (1 << (bits - 1))
+    if bits == 32:
+        return struct.unpack("<f", struct.pack("<I", raw))[0]
+    return struct.unpack("<d", struct.pack("<Q", raw))[0]
+
+
+def _chunks(flat: torch.Tensor) -> Iterator[torch.Tensor]:
+    for start in range(0, flat.numel(), _CHUNK):
+        yield flat[start : start + _CHUNK]
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _rank_dtype(score: torch.Tensor, dtype: torch.dtype, index: int, label: str) -> torch.dtype:
+    if not isinstance(score, torch.Tensor) or not score.is_floating_point():
+        raise TypeError(f"score of layer {label} must be a floating-point tensor")
+    if torch.promote_types(score.dtype, dtype) != dtype:
+        raise ValueError(
+            f"score of layer {label} has dtype {score.dtype}, wider than dtype={dtype}: pass "
+            f"dtype={score.dtype} to rank every score in it"
+        )
+    return dtype
+
+
+def _scores(passes: Passes, shapes, names, dtype, check_nan: bool):
+    """One pass: (index, flat score in `dtype`) per layer, shapes and count checked."""
+    count = 0
+    for i, score in enumerate(passes()):
+        label = names[i] if names is not None and i < len(names) else f"#{i}"
+        if i >= len(shapes):
+            raise ValueError(f"passes() produced more than the {len(shapes)} scores of shapes")
+        _rank_dtype(score, dtype, i, label)
+        if tuple(score.shape) != tuple(shapes[i]):
+            raise ValueError(
+                f"score of layer {label} has shape {tuple(score.shape)}, expected "
+                f"{tuple(shapes[i])}"
+            )
+        flat = score.detach().reshape(-1).to(dtype)
+        if check_nan and bool(torch.isnan(flat).any()):
+            raise ValueError(f"scores of layer {label} contain NaN; cannot rank them")
+        yield i, flat
+        count += 1
+    if count != len(shapes):
+        raise ValueError(f"passes() produced {count} scores, expected {len(shapes)}")
+
+
+# ----------------------------------------------------------------------------- global selection
+
+
+def _threshold(passes, shapes, names, dtype, free: set[int], k: int, check_nan: bool):
+    """(T, ties): the k-th largest score over the `free` layers (1 <= k < their size), and how
+    many scores equal to T are kept (the first ones in position order), by radix select."""
+    _, bits = _key_dtypes(dtype)
+    prefix = 0
+    remaining = k
+    levels = bits // _DIGIT
+    for level in range(levels):
+        shift = bits - _DIGIT * (level + 1)
+        hist = torch.zeros(_BINS, dtype=torch.int64)
+        for i, flat in _scores(passes, shapes, names, dtype, check_nan and level == 0):
+            if i not in free:
+                continue
+            for chunk in _chunks(flat):
+                key = _keys(chunk, dtype)
+                if level > 0:
+                    key = key[(key >> (shift + _DIGIT)) == prefix]
+                digit = (key >> shift) & (_BINS - 1)
+                if level == 0:
+                    digit = digit ^ (_BINS >> 1)  # signed top digit -> offset binary
+                hist += torch.bincount(digit, minlength=_BINS).cpu()
+        above = torch.flip(hist, (0,)).cumsum(0)  # above[j]: count in bins >= BINS - 1 - j
+        j = int(torch.searchsorted(above, remaining))  # first j with above[j] >= remaining
+        d = _BINS - 1 - j
+        remaining -= int(above[j]) - int(hist[d])
+        prefix = (d - (_BINS >> 1)) if level == 0 else (prefix << _DIGIT) | d
+    return _key_to_float(prefix, dtype), remaining
+
+
+def _layer_counts(passes, shapes, names, dtype, free: set[int], threshold: float):
+    gt, eq = {}, {}
+    for i, flat in _scores(passes, shapes, names, dtype, False):
+        if i in free:
+            gt[i] = int(torch.count_nonzero(flat > threshold))
+            eq[i] = int(torch.count_nonzero(flat == threshold))
+    return gt, eq
+
+
+def _global_plan(passes, shapes, names, dtype, sparsity, floors):
+    """Per layer, how its mask is made: ("top", count) for a layer forced to its floor, or
+    ("cut", threshold, ties) for the others: keep > threshold, plus its first `ties` scores
+    equal to it. Resolves the floors as allocation._select_global does."""
+    numels = [math.prod(s) for s in shapes]
+    n = sum(numels)
+    k = n - round(sparsity * n)
+    forced: set[int] = set()
+    first = True
+    while True:
+        free = {i for i in range(len(shapes)) if i not in forced}
+        budget = k - sum(floors[i] for i in forced)
+        size = sum(numels[i] for i in free)
+        plan: dict[int, tuple] = {i: ("top", floors[i]) for i in forced}
+        if budget <= 0 or budget >= size:
+            keep_all = budget >= size
+            for i in free:
+                plan[i] = ("top", numels[i] if keep_all else 0)
+            kept = {i: plan[i][1] for i in free}
+        else:
+            threshold, ties = _threshold(passes, shapes, names, dtype, free, budget, first)
+            gt, eq = _layer_counts(passes, shapes, names, dtype, free, threshold)
+            kept = {}
+            for i in sorted(free):
+                t = min(eq[i], ties)
+                ties -= t
+                plan[i] = ("cut", threshold, t)
+                kept[i] = gt[i] + t
+        first = False
+        short = [i for i in sorted(free) if kept[i] < floors[i]]
+        if not short:
+            return plan
+        # A layer below its floor keeps exactly its top `floor` scores; the others share the
+        # rest of the exact total (allocation._select_global: at most once per layer).
+        forced.update(short)
+
+
+def _apply(plan_entry, flat: torch.Tensor) -> torch.Tensor:
+    if plan_entry[0] == "top":
+        return select_top(flat, plan_entry[1])
+    _, threshold, ties = plan_entry
+    keep = flat > threshold
+    if ties:
+        keep[(flat == threshold).nonzero().squeeze(1)[:ties]] = True
+    return keep
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def stream_masks(
+    passes: Passes,
+    shapes: Sequence[Sequence[int]],
+    sparsity: float,
+    scope: str = "global",
+    *,
+    min_density: float | None = None,
+    names: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[torch.Tensor]:
+    """Yield one bool mask (True = kept) per layer, in order: exactly allocate()'s masks.
+
+    Args:
+        passes: called once per pass; returns a fresh iterable of the scores, one tensor per
+            layer in `shapes` order, the same values on every call (higher = kept). One
+            pass for "layer"/"erk"; 4 (float32) or 6 (float64) for "global", more only when
+            a layer falls below its floor.
+        shapes: the layers' shapes (known before any score: sizes and floors are checked
+            before the first pass).
+        sparsity, scope, min_density: as allocation.allocate.
+        names: layer names for error messages.
+        dtype: what the scores are ranked in: float32 (scores of float32 or narrower), or
+            float64 when any score is float64 (allocate promotes the same way).
+
+    The masks are yielded during the last pass, each on its score's device, so a caller can
+    write one and drop it before the next is made.
+    """
+    sparsity = check_sparsity(sparsity)
+    scope = check_scope(scope)
+    min_density = check_min_density(min_density)
+    _key_dtypes(dtype)
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    if not shapes:
+        raise ValueError("shapes is empty: nothing to allocate")
+    numels = [math.prod(s) for s in shapes]
+    check_floors(numels, sparsity, scope, min_density)
+    return _stream(passes, shapes, names, dtype, sparsity, scope, min_density, numels)
+
+
+def _stream(passes, shapes, names, dtype, sparsity, scope, min_density, numels):
+    if scope == "global":
+        plan = _global_plan(
+            passes, shapes, names, dtype, sparsity, floor_counts(numels, min_density)
+        )
+        check_nan = False
+    else:
+        counts = kept_counts(shapes, sparsity, scope, min_density)
+        plan = {i: ("top", c) for i, c in enumerate(counts)}
+        check_nan = True
+    for i, flat in _scores(passes, shapes, names, dtype, check_nan):
+        yield _apply(plan[i], flat).view(shapes[i])
+
+
+def _abs(weights: Iterable[torch.Tensor], shapes: list) -> Iterator[torch.Tensor]:
+    for t in weights:
+        if isinstance(t, torch.Tensor):
+            shapes.append(t.shape)
+            yield t.detach().abs()
+        else:
+            yield t  # nmf_batched names the bad entry
+
+
+class _LazyRanks(Sequence):
+    """Per-matrix ranks of a weight iterator, resolved as each weight arrives (the streaming
+    sizes matrix i only after the iterator produced it)."""
+
+    def __init__(self, rank, shapes: list) -> None:
+        self.rank, self.shapes = rank, shapes
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i):
+        return resolve_ranks(self.rank, [self.shapes[i]])[0]
+
+
+def _factor_groups(
+    weights, rank, max_iter, tol, init, seed, backend, device, memory_budget, progress, total
+):
+    """nmf_batched's streamed groups of NMF(|W|) factors for raw weights (never all |W| at
+    once); a sequence's sizes are checked against the budget before any work."""
+    from ong_kernels import _stream, nmf
+
+    tol = nmf.check_solver_args(max_iter, tol, init, seed, backend)
+    shapes: list = []
+    if isinstance(weights, Sequence) and not isinstance(weights, torch.Tensor):
+        if len(weights) == 0:
+            raise ValueError("weights is empty: pass at least one tensor")
+        for i, t in enumerate(weights):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        ranks: Sequence[int] = resolve_ranks(rank, [t.shape for t in weights])
+        compute = weights[0].device if device is None else torch.device(device)
+        memory_budget = _stream.check_budget(memory_budget, compute)
+        for i, t in enumerate(weights):
+            _stream.check_fits(i, t.shape, ranks, t.element_size(), memory_budget)
+        total = sum(t.numel() for t in weights)
+    else:
+        resolve_ranks(rank, [])  # the rank's type and range, before any work
+        ranks = _LazyRanks(rank, shapes)
+    return _stream.stream_factors(
+        _abs(weights, shapes),
+        ranks,
+        max_iter=max_iter,
+        tol=tol,
+        init=init,
+        seed=seed,
+        backend=backend,
+        device=device,
+        memory_budget=memory_budget,
+        progress=progress,
+        total=total,
+    )
+
+
+def ong_factors(
+    weights: Sequence[torch.Tensor] | Iterable[torch.Tensor],
+    *,
+    rank=DEFAULT_RANK,
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    init="nndsvda",
+    seed: int = 0,
+    backend: str = "auto",
+    device=None,
+    memory_budget: int | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """NMF factors (W_i, H_i) of |weight_i|, streamed: the ONG part of prune("ong").
+
+    `weights` are raw weights (a sequence, or an iterator such as a checkpoint reader: only
+    one group's |W| exists at a time). `rank`, `max_iter`, `tol`, `init`, `seed`, `backend`
+    are ONG's (pruning/ong.py; rank an int or a fraction of min(m, n)); `device`,
+    `memory_budget`, `progress` nmf_batched's streaming (ong_kernels/_stream.py); `total` the
+    number of weights, for an iterator's progress bar. The factors equal prune()'s: the
+    same ONG matrices factorised by the same op, grouping aside.
+    """
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    groups = _factor_groups(
+        weights, rank, max_iter, tol, init, seed, backend, device, memory_budget, progress, total
+    )
+    for factors, _ in groups:
+        out.extend(factors)
+    return out
+
+
+def ong_score_passes(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], shapes: Sequence[Sequence[int]]
+) -> Passes:
+    """`passes` for stream_masks: each call yields W_i @ H_i in shape i, one layer at a time
+    (the product prune("ong") scores with)."""
+    if len(factors) != len(shapes):
+        raise ValueError(f"{len(factors)} factor pairs but {len(shapes)} shapes")
+
+    def passes() -> Iterator[torch.Tensor]:
+        for (w, h), shape in zip(factors, shapes, strict=True):
+            yield (w @ h).reshape(tuple(shape))
+
+    return passes
+
+
+def stream_ong_scores(
+    weights: Sequence[torch.Tensor] | Iterable[torch.Tensor],
+    *,
+    rank=DEFAULT_RANK,
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    init="nndsvda",
+    seed: int = 0,
+    backend: str = "auto",
+    device=None,
+    memory_budget: int | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each weight's ONG score W H (float32, in the weight's shape, on its device) as
+    its group is solved; neither the factors nor earlier scores are kept. Arguments as
+    :func:`ong_factors`. For masks, feed :func:`stream_masks` (which reads the scores several
+    times under global scope: ong_factors + ong_score_passes keep only the factors)."""
+    shapes: list = []
+
+    def run() -> Iterator[torch.Tensor]:
+        index = 0
+        groups = _factor_groups(
+            _record(weights, shapes),
+            rank,
+            max_iter,
+            tol,
+            init,
+            seed,
+            backend,
+            device,
+            memory_budget,
+            progress,
+            total,
+        )
+        for factors, _ in groups:
+            for w, h in factors:
+                yield (w @ h).reshape(shapes[index])
+                index += 1
+
+    return run()
+
+
+def _record(weights, shapes: list):
+    if isinstance(weights, Sequence) and not isinstance(weights, torch.Tensor):
+        shapes.extend(t.shape if isinstance(t, torch.Tensor) else None for t in weights)
+        return weights
+    return (shapes.append(t.shape if isinstance(t, torch.Tensor) else None) or t for t in weights)
