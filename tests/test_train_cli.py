@@ -260,3 +260,26 @@ def test_sweep_rejects_bad_plans(tmp_path, capsys):
         == 2
     )
     assert "sparsity:" in capsys.readouterr().err
+
+
+def test_sweep_refuses_to_reuse_runs_made_with_other_settings(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = [*TINY, "--methods", "random", "--sparsities", "0.5", "--out-dir", str(out)]
+    assert cli.sweep_main([*args, "--epochs", "1", "--lr", "0.1"]) == 0
+    capsys.readouterr()
+    # Same folder, other settings: the finished run must not be relabelled as the new one.
+    assert cli.sweep_main([*args, "--epochs", "2", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs: saved 1, now 2" in err and "lr: saved 0.1, now 0.01" in err
+    assert "--rerun-changed" in err
+    # Asked to, it trains the changed runs into a new folder and reports only those.
+    assert cli.sweep_main([*args, "--epochs", "2", "--lr", "0.01", "--rerun-changed"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["runs"]) == 1 and summary["runs"][0]["epochs"] == 2
+    assert summary["runs"][0]["lr"] == 0.01
+    # ...and a third invocation with the new settings reuses that folder.
+    assert cli.sweep_main([*args, "--epochs", "2", "--lr", "0.01"]) == 0
+    assert "finished earlier, reusing" in capsys.readouterr().out
+    # Settings that compute the same thing are not differences.
+    assert cli.sweep_main([*args, "--epochs", "1", "--lr", "0.1", "--amp", "off"]) == 0
+    assert "finished earlier, reusing" in capsys.readouterr().out

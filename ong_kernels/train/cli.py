@@ -272,6 +272,13 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         "cores (default: 1)",
     )
     parser.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="when a run folder holds a run made with other settings, train the new "
+        "settings into OUT_DIR/<run name>-<config digest> instead of stopping with the "
+        "differences (default: stop)",
+    )
+    parser.add_argument(
         "--out-dir",
         required=True,
         metavar="DIR",
@@ -393,19 +400,26 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     parser = build_sweep_parser()
     ns = parser.parse_args(argv)
     swept = {"methods": ns.methods, "sparsities": ns.sparsities, "seeds": ns.seeds}
-    out_dir, workers = ns.out_dir, ns.workers
-    given = {k: v for k, v in vars(ns).items() if k not in (*swept, "out_dir", "workers")}
+    out_dir, workers, rerun = ns.out_dir, ns.workers, ns.rerun_changed
+    own = (*swept, "out_dir", "workers", "rerun_changed")
+    given = {k: v for k, v in vars(ns).items() if k not in own}
     if swept["sparsities"] is None:
         swept["sparsities"] = list(PRESET_SPARSITIES) if "preset" in given else [0.9]
 
     def run() -> int:
-        from .sweep import check_workers, plan_runs, run_sweep
+        from .sweep import ChangedRunsError, check_workers, plan_runs, run_sweep
 
         base = _usage(lambda: TrainConfig.from_dict({**_base_config(given), "method": "dense"}))
         _usage(lambda: plan_runs(base, **swept))
         command = ["ong-sweep", *(sys.argv[1:] if argv is None else argv)]
         _usage(lambda: check_workers(workers, base.device))
-        summary = run_sweep(base, out_dir=out_dir, command=command, workers=workers, **swept)
+        try:
+            summary = run_sweep(
+                base, out_dir=out_dir, command=command, workers=workers, rerun_changed=rerun,
+                **swept,
+            )  # fmt: skip
+        except ChangedRunsError as err:
+            raise _UsageError(str(err)) from err
         print(summary.markdown)
         print(f"\nwritten: {summary.markdown_path}, {summary.plot_path}")
         return 0

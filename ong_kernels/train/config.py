@@ -21,6 +21,8 @@ __all__ = [
     "SCHEDULES",
     "SCOPES",
     "TrainConfig",
+    "config_differences",
+    "describe_differences",
     "preset",
 ]
 
@@ -32,6 +34,46 @@ _TRISTATE = ("auto", "on", "off")
 
 # Fields that may differ when a run is resumed: they do not change what is computed.
 RESUMABLE_OVERRIDES = frozenset({"data_dir", "run_dir", "progress", "compile"})
+
+
+def _effective(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the ``auto`` settings replaced by what they resolve to here, so that
+    e.g. ``device=auto`` and ``cpu`` on a machine without CUDA compare equal."""
+    import torch
+
+    out = dict(values)
+    device = out.get("device")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, str):
+        out["device"] = "cuda" if device.startswith("cuda") and ":" not in device else device
+    cuda = isinstance(out["device"], str) and out["device"].startswith("cuda")
+    if out.get("amp") == "auto":
+        out["amp"] = "bf16" if cuda else "off"
+    if out.get("channels_last") == "auto":
+        out["channels_last"] = "on" if cuda else "off"
+    return out
+
+
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = RESUMABLE_OVERRIDES
+) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved, current)} for the fields that change what a run computes.
+
+    Fields in ``ignore`` are skipped, and settings that resolve to the same thing here
+    (``device auto`` vs ``cpu`` without CUDA, ``amp auto`` vs ``off`` on a CPU) are equal.
+    """
+    a, b = _effective(saved), _effective(current)
+    return {
+        k: (saved.get(k), current.get(k))
+        for k in sorted(set(a) | set(b))
+        if k not in ignore and a.get(k) != b.get(k)
+    }
+
+
+def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
+    """``epochs: saved 1, now 2; lr: saved 0.1, now 0.01``."""
+    return "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differences.items())
 
 
 @dataclass

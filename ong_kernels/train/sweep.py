@@ -21,11 +21,24 @@ from typing import Any
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, atomic_write, write_json
-from .config import METHODS, TrainConfig
+from .config import METHODS, TrainConfig, config_differences, describe_differences
 from .data import ImageDataset, load_dataset
 from .report import format_table, mean_std
 
-__all__ = ["SweepSummary", "check_workers", "plan_runs", "run_sweep", "summarize"]
+__all__ = [
+    "ChangedRunsError",
+    "SweepSummary",
+    "check_workers",
+    "locate_run",
+    "plan_runs",
+    "run_sweep",
+    "summarize",
+]
+
+
+class ChangedRunsError(ValueError):
+    """Run folders of the sweep hold runs made with other settings."""
+
 
 SUMMARY_COLUMNS = [
     ("method", "method"),
@@ -117,6 +130,13 @@ def _display(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _run_entry(results: dict[str, Any]) -> dict[str, Any]:
+    """The summary's line for one run: where it is and what it was."""
+    cfg = results["config"]
+    keys = ("run_dir", "method", "sparsity", "seed", "epochs", "lr", "train_subset")
+    return {**{k: cfg[k] for k in keys}, "test_acc": results["test_acc"]}
+
+
 def _describe(base: TrainConfig) -> str:
     subset = []
     if base.train_subset:
@@ -160,6 +180,52 @@ def _train_in_worker(config: dict[str, Any], resume: bool, threads: int) -> dict
     return trainer.fit()
 
 
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _digest(cfg: TrainConfig) -> str:
+    """8 hex digits naming a config (what it computes), for the folder of a changed run."""
+    import hashlib
+
+    values = {k: v for k, v in cfg.to_dict().items() if k not in ("run_dir", "data_dir")}
+    values.pop("progress"), values.pop("compile")
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def locate_run(
+    out_dir: Path, cfg: TrainConfig, rerun_changed: bool
+) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+    """The run folder for ``cfg``: ``OUT_DIR/<run name>``, unless that folder holds a run made
+    with other settings; then ``OUT_DIR/<run name>-<config digest>`` when ``rerun_changed``.
+
+    Returns (cfg with its run_dir, differences of the occupied folder; empty when none).
+    A folder whose config matches is always the answer, so an earlier ``rerun_changed``
+    run is found again.
+    """
+    name = cfg.run_name()
+    first, alt = out_dir / name, out_dir / f"{name}-{_digest(cfg)}"
+    differences: dict[str, tuple[Any, Any]] = {}
+    for run_dir in (first, alt):
+        placed = cfg.replace(run_dir=str(run_dir))
+        saved = _saved_config(run_dir)
+        if saved is None:
+            if run_dir == first or rerun_changed:
+                return placed, {}
+            continue
+        diff = config_differences(saved, placed.to_dict())
+        if not diff:
+            return placed, {}
+        if run_dir == first:
+            differences = diff
+    if not rerun_changed:
+        return cfg.replace(run_dir=str(first)), differences
+    raise ChangedRunsError(
+        f"{alt}: holds yet another config ({describe_differences(diff)}); choose another --out-dir"
+    )
+
+
 def check_workers(workers: int, device: str) -> None:
     """ValueError unless ``workers`` parallel runs make sense here (CPU, no torchrun)."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -182,8 +248,15 @@ def run_sweep(
     dataset: ImageDataset | None = None,
     command: Sequence[str] | None = None,
     log: Callable[[str], None] | None = print,
+    rerun_changed: bool = False,
 ) -> SweepSummary:
     """Train every planned run (reusing finished ones), then write and return the summary.
+
+    A finished run is reused, and an unfinished one resumed, only when its saved config
+    computes the same thing as the planned one (:func:`config.config_differences`).
+    Otherwise :class:`ChangedRunsError` names the differing fields, before anything is
+    trained; with ``rerun_changed`` such runs train into ``<run name>-<config digest>``
+    folders instead (see :func:`locate_run`).
 
     ``workers > 1`` trains that many runs at once in separate processes (CPU only), each
     with ``threads_per_worker`` intra-op threads (default: this process's threads divided
@@ -195,15 +268,26 @@ def run_sweep(
     configs = plan_runs(base, methods, sparsities, seeds)
     check_workers(workers, base.device)
     out_dir = Path(out_dir)
+    placed = [locate_run(out_dir, cfg, rerun_changed) for cfg in configs]
+    changed = [(cfg, diff) for cfg, diff in placed if diff]
+    if changed:
+        lines = [f"  {cfg.run_dir}: {describe_differences(diff)}" for cfg, diff in changed[:5]]
+        more = f"\n  ... and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ChangedRunsError(
+            f"{len(changed)} run folder(s) in {out_dir} hold runs made with other settings:\n"
+            + "\n".join(lines)
+            + more
+            + "\nre-run with --rerun-changed to train these settings into new folders "
+            "(<run name>-<config digest>), or choose another --out-dir"
+        )
     start = time.perf_counter()
     ctx = D.setup(base.device)
     say = log if (log is not None and ctx.is_main) else (lambda msg: None)
     runs: list[dict[str, Any] | None] = [None] * len(configs)
     todo = []
     try:
-        for i, cfg in enumerate(configs):
-            run_dir = out_dir / cfg.run_name()
-            cfg = cfg.replace(run_dir=str(run_dir))
+        for i, (cfg, _) in enumerate(placed):
+            run_dir = Path(cfg.run_dir)
             done = run_dir / "results.json"
             if done.is_file() and json.loads(done.read_text()).get("complete"):
                 say(f"[{i + 1}/{len(configs)}] {cfg.run_name()}: finished earlier, reusing {done}")
@@ -259,7 +343,12 @@ def run_sweep(
         atomic_write(md_path, lambda f: f.write(markdown.encode()))
         write_json(
             out_dir / "summary.json",
-            {"setup": _describe(base), "command": list(command or []), "rows": rows},
+            {
+                "setup": _describe(base),
+                "command": list(command or []),
+                "rows": rows,
+                "runs": [_run_entry(r) for r in runs],
+            },
         )
         from .plots import plot_sweep
 

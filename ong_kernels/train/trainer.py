@@ -44,7 +44,7 @@ from .checkpoint import (
     write_csv,
     write_json,
 )
-from .config import RESUMABLE_OVERRIDES, TrainConfig
+from .config import TrainConfig, config_differences, describe_differences
 from .data import ImageDataset, load_dataset
 from .models import build_model
 from .schedule import make_scheduler
@@ -142,17 +142,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        current = self.config.to_dict()
-        differ = sorted(
-            k for k in set(saved) | set(current)
-            if k not in RESUMABLE_OVERRIDES and saved.get(k) != current.get(k)
-        )  # fmt: skip
+        differ = config_differences(saved, self.config.to_dict())
         if differ:
-            details = "; ".join(
-                f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differ
-            )
             raise CheckpointError(
-                f"{path}: the run was started with a different config ({details})"
+                f"{path}: the run was started with a different config "
+                f"({describe_differences(differ)})"
             )
 
     def _resolve_flags(self) -> None:
