@@ -55,6 +55,13 @@ def test_config_rejects_bad_values_by_name(changes, field):
         TrainConfig(**changes)
 
 
+def test_subset_zero_means_all_as_in_the_main_job():
+    config = TrainConfig(train_subset=0, test_subset=0)
+    assert config.train_subset is None and config.test_subset is None
+    with pytest.raises(ValueError, match="^train_subset:"):
+        TrainConfig(train_subset=-1)
+
+
 def test_config_round_trips_and_rejects_unknown_keys():
     config = TrainConfig(method="snip", sparsity=0.95, milestones=[3, 7], epochs=10)
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

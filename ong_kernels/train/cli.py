@@ -75,14 +75,14 @@ def _add_config_options(parser: argparse.ArgumentParser, *, sweep: bool) -> None
         type=int,
         default=S,
         metavar="N",
-        help="train on the first N training examples (default: all)",
+        help="train on the first N training examples, 0 for all (default: all)",
     )
     g.add_argument(
         "--test-subset",
         type=int,
         default=S,
         metavar="N",
-        help="evaluate on the first N test examples (default: all)",
+        help="evaluate on the first N test examples, 0 for all (default: all)",
     )
     g.add_argument(
         "--synthetic-shape",

@@ -138,8 +138,10 @@ class TrainConfig:
             self.data_dir is None or isinstance(self.data_dir, str), "data_dir", "expected a path"
         )
         for name in ("train_subset", "test_subset"):
+            if getattr(self, name) == 0:
+                setattr(self, name, None)  # 0 = all, as in the main job's options
             v = getattr(self, name)
-            check(v is None or (is_int(v) and v > 0), name, "expected a positive int or None")
+            check(v is None or (is_int(v) and v > 0), name, "expected an int >= 0 (0 or None: all)")
         s = self.synthetic_shape
         check(
             isinstance(s, (list, tuple)) and len(s) == 4 and all(is_int(v) and v > 0 for v in s),

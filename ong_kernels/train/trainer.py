@@ -548,6 +548,12 @@ class Trainer:
             "remaining_parameters": n_params - self.pruned_count,
             "prune_time_s": self.prune_time_s,
             "train_time_s": self.elapsed_s,
+            # Training images per second over the whole run (evaluation not counted).
+            "images_per_s": (
+                sum(h["images_per_s"] * h["epoch_time_s"] for h in self.history) / self.elapsed_s
+                if self.elapsed_s
+                else 0.0
+            ),
             "device": str(self.device),
             "world_size": self.ctx.world_size,
             "amp_bf16": self.amp,
