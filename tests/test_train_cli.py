@@ -58,7 +58,7 @@ def test_config_rejects_bad_values_by_name(changes, field):
 def test_subset_zero_means_all_as_in_the_main_job():
     config = TrainConfig(train_subset=0, test_subset=0)
     assert config.train_subset is None and config.test_subset is None
-    with pytest.raises(ValueError, match="^train_subset:"):
+    with pytest.raises(ValueError, match=r"^train_subset:"):
         TrainConfig(train_subset=-1)
 
 
