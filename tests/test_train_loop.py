@@ -121,6 +121,7 @@ def test_run_folder_artefacts(finished):
         "results.json",
         "loss.png",
         "accuracy.png",
+        "lr.png",
         CHECKPOINT_NAME,
     }
     assert expected <= set(os.listdir(run_dir))
@@ -134,7 +135,7 @@ def test_run_folder_artefacts(finished):
     assert float(rows[-1]["test_acc"]) == pytest.approx(results["test_acc"])
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["test_acc"] == results["test_acc"] and saved["complete"] is True
-    for png in ("loss.png", "accuracy.png"):
+    for png in ("loss.png", "accuracy.png", "lr.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)  # weights_only=True inside
     assert state["epoch"] == 2 and set(state["masks"]) == set(trainer.masks)

@@ -352,5 +352,5 @@ def run_sweep(
         )
         from .plots import plot_sweep
 
-        plot_sweep(rows, plot_path)
+        plot_sweep(rows, plot_path, title=f"{base.model} on {base.dataset}, {len(seeds)} seed(s)")
     return SweepSummary(rows, runs, markdown, md_path, plot_path, wall)

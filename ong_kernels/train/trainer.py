@@ -524,7 +524,16 @@ class Trainer:
             write_json(self.run_dir / "results.json", results)
             from .plots import plot_history
 
-            plot_history(self.history, self.run_dir / "loss.png", self.run_dir / "accuracy.png")
+            what = (
+                "dense" if cfg.method == "dense" else f"{cfg.method} at {cfg.sparsity:.0%} sparsity"
+            )
+            plot_history(
+                self.history,
+                self.run_dir / "loss.png",
+                self.run_dir / "accuracy.png",
+                lr_path=self.run_dir / "lr.png",
+                title=f"{cfg.model} on {cfg.dataset}, {what} (seed {cfg.seed})",
+            )
         return results
 
     def results(self, complete: bool) -> dict[str, Any]:
