@@ -290,3 +290,27 @@ def test_sweep_refuses_to_reuse_runs_made_with_other_settings(tmp_path, capsys):
     # Settings that compute the same thing are not differences.
     assert cli.sweep_main([*args, "--epochs", "1", "--lr", "0.1", "--amp", "off"]) == 0
     assert "finished earlier, reusing" in capsys.readouterr().out
+
+
+def test_no_arguments_prints_help_instead_of_training(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.train_main([]) == 2
+    captured = capsys.readouterr()
+    assert "usage: ong-train" in captured.out and "example" in captured.out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_names_the_real_run_folder_and_what_weights_left_counts(tmp_path):
+    text = "".join(cli.build_train_parser().format_help().split())  # argparse wraps at "-"
+    config = TrainConfig(method="ong", sparsity=0.9, seed=3)
+    assert config.run_name() == "resnet20-fashion-mnist-ong-0.9-seed3"
+    assert "<model>-<dataset>-<method>-<sparsity>-seed<N>" in text
+    headers = dict(cli.RESULT_COLUMNS)
+    assert "BN" in headers["remaining"] and "bias" in headers["remaining"]
+
+
+def test_progress_bars_are_off_when_not_a_terminal(tmp_path, capfd):
+    # pytest's captured stderr is not a terminal: --progress must not fill it with \r.
+    args = [a for a in TINY if a != "--no-progress"]
+    assert cli.train_main([*args, "--epochs", "1", "--run-dir", str(tmp_path / "r")]) == 0
+    assert "\r" not in capfd.readouterr().err

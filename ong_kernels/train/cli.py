@@ -224,7 +224,8 @@ def build_train_parser() -> argparse.ArgumentParser:
         "--run-dir",
         default=None,
         metavar="DIR",
-        help="folder of this run (default: RUNS_ROOT/<model>-<dataset>-<method>-seed<N>)",
+        help="folder of this run (default: RUNS_ROOT/<model>-<dataset>-<method>-<sparsity>-seed<N>, "
+        "dense runs without -<sparsity>)",
     )
     g.add_argument(
         "--runs-root",
@@ -333,7 +334,7 @@ RESULT_COLUMNS = [
     ("method", "method"),
     ("sparsity", "sparsity"),
     ("measured", "measured sparsity"),
-    ("remaining", "weights left"),
+    ("remaining", "params left (all, incl. BN and bias)"),
     ("epochs", "epochs"),
     ("test_acc", "test acc (%)"),
     ("best_test_acc", "best test acc (%)"),
@@ -359,6 +360,16 @@ def result_row(results: dict[str, Any]) -> dict[str, Any]:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``ong-train``: one training run; prints the final table. Returns an exit code."""
     parser = build_train_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        # The defaults alone would train 200 epochs: almost never what a bare call wants.
+        parser.print_help()
+        print(
+            "\nong-train: nothing to do without options; e.g. a 2-minute CPU run:\n"
+            "  ong-train --method ong --sparsity 0.9 --epochs 1 --train-subset 2000 "
+            "--test-subset 1000"
+        )
+        return 2
     ns = parser.parse_args(argv)
     run_dir, runs_root, resume = ns.run_dir, ns.runs_root, ns.resume
     given = {k: v for k, v in vars(ns).items() if k not in ("run_dir", "runs_root", "resume")}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -374,13 +375,16 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
         start = time.perf_counter()
         order = torch.randperm(len(data.train_y), generator=self.generator, device=self.device)
+        # Bars only on a terminal: in a log file tqdm's \r redraws pile up as fragments.
+        show = cfg.progress and ctx.is_main and sys.stderr.isatty()
         bar = tqdm(
             range(self.steps_per_epoch),
             desc=f"epoch {epoch}/{cfg.epochs}",
             unit="batch",
             leave=False,
-            disable=not (cfg.progress and ctx.is_main),
+            disable=not show,
         )
+        shown_at = 0.0
         for step in bar:
             # Draw for the global batch on every rank, then take this rank's slice.
             idx = order[step * bsz : (step + 1) * bsz]
@@ -401,7 +405,9 @@ class Trainer:
                 sums[0] += loss.detach().double() * local
                 sums[1] += (out.argmax(1) == y).sum()
                 sums[2] += local
-            if bar.disable is False and step % 20 == 0:
+            # The loss shown is refreshed twice a second (each refresh is a device sync).
+            if show and time.perf_counter() - shown_at >= 0.5:
+                shown_at = time.perf_counter()
                 bar.set_postfix(
                     loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4f}"
                 )
