@@ -224,8 +224,8 @@ def build_train_parser() -> argparse.ArgumentParser:
         "--run-dir",
         default=None,
         metavar="DIR",
-        help="folder of this run (default: RUNS_ROOT/<model>-<dataset>-<method>-<sparsity>-seed<N>, "
-        "dense runs without -<sparsity>)",
+        help="folder of this run (default: "
+        "RUNS_ROOT/<model>-<dataset>-<method>-<sparsity>-seed<N>, dense without -<sparsity>)",
     )
     g.add_argument(
         "--runs-root",
