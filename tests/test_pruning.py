@@ -288,6 +288,15 @@ def test_include_exclude():
         (("snip", 0.9), {"data": batches(), "loss_fn": "ce"}, TypeError, "loss_fn"),
         (("snip", 0.9), {"data": []}, ValueError, "no batches"),
         (("snip", 0.9), {"data": [(torch.ones(1),)]}, ValueError, "pair"),
+        (("random", 0.9), {"seed": 2**64}, ValueError, r"seed must be <= 2\*\*64 - 1"),
+        (("random", 0.9), {"seed": 1.0}, TypeError, "seed must be an int"),
+        (("ong", 0.9), {"tol": float("nan")}, ValueError, "tol must be finite"),
+        (("ong", 0.9), {"max_iter": True}, TypeError, "max_iter must be an int"),
+        (("ong", 0.9), {"backend": "tpu"}, ValueError, "backend"),
+        (("grasp", 0.9), {"data": batches(), "temperature": True}, TypeError, "temperature"),
+        # An (inputs, targets, extra) batch: named as such, not "batch 0 is a Tensor".
+        (("snip", 0.9), {"data": (*batches()[0], torch.ones(5))}, ValueError, "3 items"),
+        (("grasp", 0.9), {"data": [(*batches()[0], torch.ones(5))]}, ValueError, "3 items"),
     ],
 )
 def test_bad_input_leaves_model_untouched(args, kwargs, error, match):
@@ -296,6 +305,15 @@ def test_bad_input_leaves_model_untouched(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         prune(model, *args, **kwargs)
     assert_state_equal(model, before)
+
+
+def test_meta_and_sparse_weights_are_named_not_dumped():
+    with pytest.raises(ValueError, match=r"conv1\.weight is a meta tensor"):
+        prune(odd_net().to("meta"), "magnitude", 0.5)
+    model = odd_net()
+    model.fc1.weight = nn.Parameter(model.fc1.weight.detach().to_sparse())
+    with pytest.raises(ValueError, match=r"fc1\.weight has layout torch\.sparse_coo"):
+        prune(model, "ong", 0.5)
 
 
 def test_infeasible_floor_fails_before_any_scoring(monkeypatch):

@@ -24,6 +24,8 @@ from .config import METHODS, PRESET_SPARSITIES, PRESETS, SCHEDULES, SCOPES, Trai
 from .data import DATASETS, DatasetError
 from .models import MODELS
 from .report import format_table
+from .sweep import ChangedRunsError, check_workers, plan_runs, run_sweep
+from .trainer import SparsityError, Trainer
 
 __all__ = ["build_sweep_parser", "build_train_parser", "sweep_main", "train_main"]
 
@@ -307,7 +309,6 @@ _RUNTIME_ERRORS = (DatasetError, CheckpointError, FloatingPointError)
 
 def _run_safely(prog: str, fn: Callable[[], int], hint: Callable[[], str]) -> int:
     """Run ``fn``; report the failures a user can act on as one line plus an exit code."""
-    from .trainer import SparsityError
 
     try:
         return fn()
@@ -392,7 +393,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return TrainConfig.from_dict(values)
 
     def run() -> int:
-        from .trainer import Trainer
 
         config = _usage(configure)
         hint[0] = f"; continue with: ong-train --resume --run-dir {config.run_dir}"
@@ -418,7 +418,6 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         swept["sparsities"] = list(PRESET_SPARSITIES) if "preset" in given else [0.9]
 
     def run() -> int:
-        from .sweep import ChangedRunsError, check_workers, plan_runs, run_sweep
 
         base = _usage(lambda: TrainConfig.from_dict({**_base_config(given), "method": "dense"}))
         _usage(lambda: plan_runs(base, **swept))

@@ -8,12 +8,16 @@ loaded with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ong_kernels._validate import is_finite_real, is_int
+from ong_kernels.pruning.allocation import SCOPES
+from ong_kernels.pruning.api import METHODS as PRUNE_METHODS
+
 from .data import DATASETS
 from .models import MODELS
+from .schedule import SCHEDULES
 
 __all__ = [
     "METHODS",
@@ -27,9 +31,7 @@ __all__ = [
 ]
 
 # "dense" trains without pruning; the rest are ong_kernels.prune methods.
-METHODS = ("dense", "ong", "magnitude", "random", "snip", "grasp", "synflow")
-SCOPES = ("global", "layer", "erk")
-SCHEDULES = ("cosine", "multistep", "linear", "constant")
+METHODS = ("dense", *PRUNE_METHODS)
 _TRISTATE = ("auto", "on", "off")
 
 # Fields that may differ when a run is resumed: they do not change what is computed.
@@ -126,12 +128,7 @@ class TrainConfig:
             if not cond:
                 raise exc(f"{name}: {what}, got {getattr(self, name)!r}")
 
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
+        is_num = is_finite_real
         check(self.model in MODELS, "model", f"expected one of {', '.join(MODELS)}")
         check(self.dataset in DATASETS, "dataset", f"expected one of {', '.join(DATASETS)}")
         check(

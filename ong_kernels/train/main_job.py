@@ -26,7 +26,9 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .data import DatasetError, load_dataset
+from .distributed import resolve_device
 from .report import format_table
+from .sweep import check_workers, run_sweep
 
 # Budget: 10 minutes for `make run` on a 2-core CPU, install included (~2-3 minutes when
 # the venv is new). 7 runs (dense, then ONG, magnitude and random at 90% and 98%) train two
@@ -138,8 +140,6 @@ def _fraction(used: int, total: int, what: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .distributed import resolve_device
-    from .sweep import check_workers, run_sweep
 
     start = time.perf_counter()
     try:

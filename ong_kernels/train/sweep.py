@@ -10,6 +10,7 @@ test set would be selecting on it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -19,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, atomic_write, write_json
 from .config import METHODS, TrainConfig, config_differences, describe_differences
 from .data import ImageDataset, load_dataset
 from .report import format_table, mean_std
+from .trainer import Trainer
 
 __all__ = [
     "ChangedRunsError",
@@ -161,9 +165,6 @@ def _load(base: TrainConfig) -> ImageDataset:
 
 def _train_in_worker(config: dict[str, Any], resume: bool, threads: int) -> dict[str, Any]:
     """Process-pool task: one run with ``threads`` intra-op threads, log lines prefixed."""
-    import torch
-
-    from .trainer import Trainer
 
     torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(config)
@@ -187,8 +188,6 @@ def _saved_config(run_dir: Path) -> dict[str, Any] | None:
 
 def _digest(cfg: TrainConfig) -> str:
     """8 hex digits naming a config (what it computes), for the folder of a changed run."""
-    import hashlib
-
     values = {k: v for k, v in cfg.to_dict().items() if k not in ("run_dir", "data_dir")}
     values.pop("progress"), values.pop("compile")
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
@@ -297,8 +296,6 @@ def run_sweep(
             say(f"[{i + 1}/{len(configs)}] {cfg.run_name()}{' (resuming)' if resume else ''}")
             todo.append((i, cfg, resume))
         if workers == 1:
-            from .trainer import Trainer
-
             if todo and dataset is None:
                 dataset = _load(base)
             for i, cfg, resume in todo:
@@ -307,8 +304,6 @@ def run_sweep(
         elif todo:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
-
-            import torch
 
             threads = threads_per_worker or max(1, torch.get_num_threads() // workers)
             say(f"training {len(todo)} runs, {workers} at a time, {threads} thread(s) each")

@@ -34,6 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ong_kernels.optim import FusedMaskedSGD
+from ong_kernels.pruning import masks_for, prune
+from ong_kernels.pruning.api import READS_DATA
+
 from . import augment
 from . import distributed as D
 from .checkpoint import (
@@ -51,9 +55,6 @@ from .models import build_model
 from .schedule import make_scheduler
 
 __all__ = ["Callback", "SparsityError", "StopTraining", "Trainer"]
-
-# Pruning methods that score with data (gradients or a forward pass); the others get none.
-DATA_METHODS = frozenset({"snip", "grasp", "synflow"})
 
 
 class SparsityError(RuntimeError):
@@ -246,11 +247,10 @@ class Trainer:
         self._setup_done = True
 
     def _prune(self) -> tuple[dict[str, torch.Tensor], list[Any]]:
-        from ong_kernels.pruning import prune
 
         cfg = self.config
         data = None
-        if cfg.method in DATA_METHODS:
+        if cfg.method in READS_DATA:
             # Un-augmented training batches from their own generator, so pruning does not
             # consume the training RNG stream.
             g = torch.Generator().manual_seed(cfg.seed)
@@ -294,8 +294,6 @@ class Trainer:
             )
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        from ong_kernels import FusedMaskedSGD
-        from ong_kernels.pruning import masks_for
 
         cfg = self.config
         masks = None
