@@ -4,6 +4,7 @@ masks_for / mask_overlap / save_masks / load_masks, and ONG against magnitude.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -402,11 +403,11 @@ def test_save_load_round_trip(tmp_path):
     assert list(loaded) == list(masks)
     for n in masks:
         assert loaded[n].dtype == torch.bool and torch.equal(loaded[n], masks[n])
-    # Bit-packed in numpy.packbits order: readable without ong_kernels.
+    # Bit-packed little-endian in row-major order: readable without ong_kernels.
     from safetensors.numpy import load_file
 
     raw = load_file(str(path))
-    bits = np.unpackbits(raw["odd.weight"])[:189].astype(bool)
+    bits = np.unpackbits(raw["odd.weight"], bitorder="little")[:189].astype(bool)
     assert np.array_equal(bits, masks["odd.weight"].numpy().reshape(-1))
     assert raw["odd.weight"].nbytes == math.ceil(189 / 8)
 
@@ -425,3 +426,37 @@ def test_save_load_prune_result_and_errors(tmp_path):
     save_file({"w": torch.ones(3)}, str(foreign))
     with pytest.raises(ValueError, match="not an ong_kernels masks file"):
         load_masks(foreign)
+
+
+def test_mask_files_written_by_format_1_still_load():
+    # tests/data/masks_v1.safetensors was written by save_masks before the format moved to
+    # the optimizer's bit order (version 1: numpy.packbits order, most significant bit first).
+    g = torch.Generator().manual_seed(7)
+    expected = {
+        "conv.weight": torch.rand(5, 3, 3, 3, generator=g) > 0.5,
+        "fc.weight": torch.rand(7, 11, generator=g) > 0.7,
+        "one": torch.tensor([True]),
+    }
+    path = Path(__file__).parent / "data" / "masks_v1.safetensors"
+    loaded = load_masks(path)
+    assert list(loaded) == list(expected)
+    for name, mask in expected.items():
+        assert torch.equal(loaded[name], mask), name
+
+
+def test_mask_files_use_the_optimizer_bit_order(tmp_path):
+    from safetensors import safe_open
+
+    from ong_kernels._bitmask import pack_mask
+
+    g = torch.Generator().manual_seed(3)
+    masks = {"a": torch.rand(3, 5, 7, generator=g) > 0.5, "b": torch.rand(13, generator=g) > 0.2}
+    # A channels_last mask is stored in logical order: the file does not depend on strides.
+    masks["c"] = (torch.rand(2, 3, 4, 5, generator=g) > 0.5).to(memory_format=torch.channels_last)
+    save_masks(tmp_path / "m.safetensors", masks)
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        assert f.metadata()["version"] == "2" and f.metadata()["bit_order"] == "little"
+        for name, mask in masks.items():
+            assert torch.equal(f.get_tensor(name), pack_mask(mask.contiguous()))
+    loaded = load_masks(tmp_path / "m.safetensors")
+    assert all(torch.equal(loaded[n], m) for n, m in masks.items())
