@@ -35,3 +35,17 @@ def test_sweep_figure_is_titled():
     ]
     fig = plots.sweep_figure(rows, title="resnet20 on fashion-mnist")
     assert fig.axes[0].get_title() == "resnet20 on fashion-mnist"
+
+
+def test_kernels_pruning_and_trainer_import_without_the_train_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.modules['tqdm'] = None\n"
+        "import ong_kernels, ong_kernels.pruning, ong_kernels.train.cli, ong_kernels.train.main_job\n"
+        "from ong_kernels.train import plots\n"
+        "try:\n    plots.sweep_figure([])\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'ong_kernels[train]'" in out.stdout

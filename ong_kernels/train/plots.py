@@ -17,8 +17,11 @@ __all__ = ["history_figures", "plot_history", "plot_sweep", "sweep_figure"]
 
 
 def _figure():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'ong_kernels[train]'") from err
 
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     FigureCanvasAgg(fig)

@@ -57,6 +57,35 @@ from .schedule import make_scheduler
 __all__ = ["Callback", "SparsityError", "StopTraining", "Trainer"]
 
 
+def _tqdm(show: bool):
+    """tqdm (the [train] extra) when bars are shown; imported only then."""
+    if not show:
+        return lambda iterable, **kwargs: _NoBar(iterable)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as err:
+        raise ImportError(
+            "progress bars need tqdm: pip install 'ong_kernels[train]', or pass --no-progress"
+        ) from err
+    return tqdm
+
+
+class _NoBar:
+    """The part of tqdm's interface train_epoch uses, doing nothing."""
+
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
 class SparsityError(RuntimeError):
     """The weights do not hold the sparsity the masks promise."""
 
@@ -363,8 +392,6 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set (drop-last batches); returns loss/acc/time."""
-        from tqdm.auto import tqdm
-
         cfg, ctx, data = self.config, self.ctx, self.data
         bsz = cfg.batch_size
         local = bsz // ctx.world_size
@@ -375,12 +402,11 @@ class Trainer:
         order = torch.randperm(len(data.train_y), generator=self.generator, device=self.device)
         # Bars only on a terminal: in a log file tqdm's \r redraws pile up as fragments.
         show = cfg.progress and ctx.is_main and sys.stderr.isatty()
-        bar = tqdm(
+        bar = _tqdm(show)(
             range(self.steps_per_epoch),
             desc=f"epoch {epoch}/{cfg.epochs}",
             unit="batch",
             leave=False,
-            disable=not show,
         )
         shown_at = 0.0
         for step in bar:
