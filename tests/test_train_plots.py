@@ -43,7 +43,8 @@ def test_kernels_pruning_and_trainer_import_without_the_train_extra():
 
     code = (
         "import sys; sys.modules['matplotlib'] = None; sys.modules['tqdm'] = None\n"
-        "import ong_kernels, ong_kernels.pruning, ong_kernels.train.cli, ong_kernels.train.main_job\n"
+        "import ong_kernels, ong_kernels.pruning\n"
+        "import ong_kernels.train.cli, ong_kernels.train.main_job\n"
         "from ong_kernels.train import plots\n"
         "try:\n    plots.sweep_figure([])\nexcept ImportError as e:\n    print(e)\n"
     )
