@@ -314,3 +314,16 @@ def test_progress_bars_are_off_when_not_a_terminal(tmp_path, capfd):
     args = [a for a in TINY if a != "--no-progress"]
     assert cli.train_main([*args, "--epochs", "1", "--run-dir", str(tmp_path / "r")]) == 0
     assert "\r" not in capfd.readouterr().err
+
+
+def test_interrupt_hint_matches_what_will_work(tmp_path, capsys, monkeypatch):
+    from ong_kernels.train.trainer import Trainer
+
+    def interrupt(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupt)  # Ctrl-C before the first checkpoint
+    run = tmp_path / "run"
+    assert cli.train_main([*TINY, "--epochs", "1", "--run-dir", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "run the same command again" in err

@@ -258,3 +258,32 @@ def test_batch_larger_than_data(tmp_path):
     trainer = Trainer(make_config(tmp_path, batch_size=500, run_dir=None), dataset=DATA, log=None)
     with pytest.raises(ValueError, match="batch_size: 500 exceeds the 160"):
         trainer.setup()
+
+
+def test_a_flipped_byte_in_tensor_data_is_detected(finished, tmp_path):
+    trainer, _, run_dir = finished
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    # Find a weight's bytes in the file and flip one bit in the middle of them: the zip
+    # container still reads, only the checksum can tell.
+    weight = state["model"]["fc.weight"].contiguous()
+    raw = weight.numpy().tobytes()
+    data = bytearray((run_dir / CHECKPOINT_NAME).read_bytes())
+    at = data.find(raw)
+    assert at >= 0
+    data[at + len(raw) // 2] ^= 0x10
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checksum"):
+        load_checkpoint(path)
+
+
+def test_resume_removes_temp_files_a_kill_left_behind(tmp_path):
+    config = make_config(tmp_path, epochs=2)
+    with pytest.raises(Killed):
+        Trainer(config, dataset=DATA, callbacks=[kill_after(1)], log=None).fit()
+    run_dir = tmp_path / "run"
+    stale = [run_dir / ".metrics.csv.abc123.tmp", run_dir / ".checkpoint.pt.xyz.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    Trainer(config, dataset=DATA, resume=True, log=None).fit()
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError
+from .checkpoint import CHECKPOINT_NAME, CheckpointError
 from .config import METHODS, PRESET_SPARSITIES, PRESETS, SCHEDULES, SCOPES, TrainConfig, preset
 from .data import DATASETS, DatasetError
 from .models import MODELS
@@ -374,7 +374,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     run_dir, runs_root, resume = ns.run_dir, ns.runs_root, ns.resume
     given = {k: v for k, v in vars(ns).items() if k not in ("run_dir", "runs_root", "resume")}
-    hint = [""]  # filled in once the run folder is known
+    run_folder: list[Path] = []  # filled in once the run folder is known
+
+    def hint() -> str:
+        if not run_folder:
+            return ""
+        if (run_folder[0] / CHECKPOINT_NAME).is_file():
+            return f"; continue with: ong-train --resume --run-dir {run_folder[0]}"
+        return "; no epoch had finished, nothing to resume: run the same command again"
 
     def configure() -> TrainConfig:
         if resume:
@@ -395,7 +402,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
 
         config = _usage(configure)
-        hint[0] = f"; continue with: ong-train --resume --run-dir {config.run_dir}"
+        run_folder.append(Path(config.run_dir))
         trainer = _usage(lambda: Trainer(config, resume=resume))
         _usage(trainer.setup)
         results = trainer.fit()
@@ -403,7 +410,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(format_table([result_row(results)], RESULT_COLUMNS))
         return 0
 
-    return _run_safely("ong-train", run, lambda: hint[0])
+    return _run_safely("ong-train", run, hint)
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:

@@ -45,6 +45,7 @@ from .checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     load_checkpoint,
+    remove_stale_temp_files,
     save_checkpoint,
     write_csv,
     write_json,
@@ -158,6 +159,8 @@ class Trainer:
         self.config = config
         self.callbacks = list(callbacks)
         self._resume_state = load_checkpoint(checkpoint_path) if resume else None
+        if resume:
+            remove_stale_temp_files(self.run_dir)
         if self._resume_state is not None:
             self._check_resumable(self._resume_state["config"], checkpoint_path)
         # All checks above run before any process group exists or any file is written.
