@@ -261,7 +261,7 @@ def test_batch_larger_than_data(tmp_path):
 
 
 def test_a_flipped_byte_in_tensor_data_is_detected(finished, tmp_path):
-    trainer, _, run_dir = finished
+    _, _, run_dir = finished
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)
     # Find a weight's bytes in the file and flip one bit in the middle of them: the zip
     # container still reads, only the checksum can tell.
