@@ -460,3 +460,10 @@ def test_mask_files_use_the_optimizer_bit_order(tmp_path):
             assert torch.equal(f.get_tensor(name), pack_mask(mask.contiguous()))
     loaded = load_masks(tmp_path / "m.safetensors")
     assert all(torch.equal(loaded[n], m) for n, m in masks.items())
+
+
+def test_prune_result_repr_is_short():
+    result = prune(odd_net(), "magnitude", 0.9)
+    text = repr(result)
+    assert "tensor" not in text and len(text) < 200 and "\n" not in text
+    assert "method='magnitude'" in text and "sparsity=0.9" in text and "layers=6" in text
