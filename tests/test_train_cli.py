@@ -327,3 +327,45 @@ def test_interrupt_hint_matches_what_will_work(tmp_path, capsys, monkeypatch):
     assert cli.train_main([*TINY, "--epochs", "1", "--run-dir", str(run)]) == 130
     err = capsys.readouterr().err
     assert "--resume" not in err and "run the same command again" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "tpu"], "device:"),
+        (["--batch-size", "1"], "batch_size:"),
+    ],
+)
+def test_device_and_batch_errors_are_one_line(tmp_path, capsys, args, message):
+    assert cli.train_main([*TINY, "--epochs", "1", *args, "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "afile"
+    path.write_text("x")
+    assert cli.train_main([*TINY, "--epochs", "1", "--run-dir", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}" in err and "not a folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, capsys, monkeypatch):
+    from ong_kernels.train import checkpoint
+
+    run = tmp_path / "run"
+    args = [*TINY, "--method", "random", "--sparsity", "0.5", "--run-dir", str(run)]
+    assert cli.train_main([*args, "--epochs", "2"]) == 0
+    capsys.readouterr()
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        real_save(obj, f)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 526528")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    run2 = tmp_path / "run2"
+    assert cli.train_main([*TINY, "--epochs", "1", "--run-dir", str(run2)]) == 1
+    err = capsys.readouterr().err
+    assert f"{run2 / 'checkpoint.pt'}: cannot write" in err and "Traceback" not in err
+    assert not [p for p in run2.iterdir() if p.name.endswith(".tmp")]

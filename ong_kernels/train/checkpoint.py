@@ -29,6 +29,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT_VERSION",
     "CheckpointError",
+    "RunFolderError",
     "atomic_write",
     "load_checkpoint",
     "save_checkpoint",
@@ -57,10 +58,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, corrupt or from an incompatible run."""
 
 
+class RunFolderError(OSError):
+    """A run-folder file could not be written (read-only or full file system, ...)."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
     """Call ``write(file)`` on a temp file next to ``path``, fsync it, then rename it over."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise RunFolderError(f"{path}: cannot write ({err.strerror or err})") from err
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -68,9 +76,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         # Also on KeyboardInterrupt: never leave temp files behind.
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):
+            # A full disk surfaces from torch.save as "unexpected pos N vs M".
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RunFolderError(
+                f"{path}: cannot write ({first}); the file system is full or read-only? "
+                "the run stays resumable from its last complete checkpoint"
+            ) from err
         raise
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunFolderError
 from .config import METHODS, PRESET_SPARSITIES, PRESETS, SCHEDULES, SCOPES, TrainConfig, preset
 from .data import DATASETS, DatasetError
 from .models import MODELS
@@ -304,7 +304,7 @@ class _UsageError(Exception):
 
 
 # Failures the user can act on from the message alone: no traceback, exit code 1.
-_RUNTIME_ERRORS = (DatasetError, CheckpointError, FloatingPointError)
+_RUNTIME_ERRORS = (DatasetError, CheckpointError, FloatingPointError, RunFolderError)
 
 
 def _run_safely(prog: str, fn: Callable[[], int], hint: Callable[[], str]) -> int:

@@ -38,6 +38,18 @@ _TRISTATE = ("auto", "on", "off")
 RESUMABLE_OVERRIDES = frozenset({"data_dir", "run_dir", "progress", "compile"})
 
 
+def _parses_as_device(text: str) -> bool:
+    import torch
+
+    if text == "auto":
+        return True
+    try:
+        torch.device(text)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _effective(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with the ``auto`` settings replaced by what they resolve to here, so that
     e.g. ``device=auto`` and ``cpu`` on a machine without CUDA compare equal."""
@@ -167,7 +179,11 @@ class TrainConfig:
         )
 
         check(is_int(self.epochs) and self.epochs > 0, "epochs", "expected a positive int")
-        check(is_int(self.batch_size) and self.batch_size > 0, "batch_size", "expected > 0")
+        check(
+            is_int(self.batch_size) and self.batch_size > 1,
+            "batch_size",
+            "expected >= 2 (BatchNorm needs 2 examples per batch to train)",
+        )
         check(
             is_int(self.eval_batch_size) and self.eval_batch_size > 0,
             "eval_batch_size",
@@ -198,7 +214,9 @@ class TrainConfig:
 
         check(is_int(self.seed) and self.seed >= 0, "seed", "expected an int >= 0")
         check(
-            isinstance(self.device, str) and self.device != "", "device", "expected a device string"
+            isinstance(self.device, str) and _parses_as_device(self.device),
+            "device",
+            "expected cpu, cuda, cuda:N or auto",
         )
         check(self.amp in ("auto", "bf16", "off"), "amp", "expected auto, bf16 or off")
         check(self.channels_last in _TRISTATE, "channels_last", "expected auto, on or off")

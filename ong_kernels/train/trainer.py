@@ -44,6 +44,7 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
     CheckpointError,
+    RunFolderError,
     load_checkpoint,
     remove_stale_temp_files,
     save_checkpoint,
@@ -148,6 +149,8 @@ class Trainer:
         if dataset is not None and not isinstance(dataset, ImageDataset):
             raise TypeError(f"dataset: expected an ImageDataset, got {type(dataset).__name__}")
         self.run_dir = Path(config.run_dir) if config.run_dir is not None else None
+        if self.run_dir is not None and self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run_dir: {self.run_dir} exists and is not a folder")
         checkpoint_path = self.run_dir / CHECKPOINT_NAME if self.run_dir else None
         if resume and checkpoint_path is None:
             raise ValueError("resume: needs config.run_dir (the folder of the run to continue)")
@@ -522,7 +525,10 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         cfg, ctx = self.config, self.ctx
         if ctx.is_main and self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise RunFolderError(f"{self.run_dir}: cannot create ({err.strerror})") from err
             write_json(self.run_dir / "config.json", cfg.to_dict())
         sparsity = self.check_sparsity()
         if self.start_epoch:
