@@ -198,11 +198,29 @@ class Trainer:
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
     def setup(self) -> None:
-        """Load data, build and prune the model, create optimizer and scheduler (idempotent)."""
+        """Load data, build and prune the model, create optimizer and scheduler (idempotent).
+
+        The steps, in order (each a method): :meth:`_build_data`, :meth:`_build_model`,
+        :meth:`_build_masks`, :meth:`_build_optimizer_and_schedule`, :meth:`_build_rng`
+        (and the restore of a checkpoint), :meth:`_build_train_model` (DDP, compile).
+        """
         if self._setup_done:
             return
-        cfg, ctx = self.config, self.ctx
         self._resolve_flags()
+        self._build_data()
+        self._build_model()
+        self._build_masks()
+        self._build_optimizer_and_schedule()
+        self._build_rng()
+        if self._resume_state is not None:
+            self._restore(self._resume_state)
+            self._resume_state = None
+        self._build_train_model()
+        self._setup_done = True
+
+    def _build_data(self) -> None:
+        """The (subset) dataset on the device, its normalisation, steps per epoch."""
+        cfg, ctx = self.config, self.ctx
         if cfg.batch_size % ctx.world_size:
             raise ValueError(
                 f"batch_size: the global batch {cfg.batch_size} must divide evenly over "
@@ -221,6 +239,9 @@ class Trainer:
             )
         self.steps_per_epoch = n_train // cfg.batch_size  # drop_last: equal shards, fixed BN batch
 
+    def _build_model(self) -> None:
+        """The network, initialised from ``seed``."""
+        cfg = self.config
         torch.manual_seed(cfg.seed)
         self.model = build_model(
             cfg.model,
@@ -229,7 +250,10 @@ class Trainer:
             width=cfg.width,
         ).to(self.device)
 
-        state = self._resume_state
+    def _build_masks(self) -> None:
+        """Prune (or take the checkpoint's masks), the same on every rank; zero the pruned
+        weights and check the sparsity the masks promise."""
+        cfg, state = self.config, self._resume_state
         self.prune_time_s = 0.0
         if state is not None:
             self.masks = {k: v.to(self.device) for k, v in state["masks"].items()}
@@ -241,7 +265,7 @@ class Trainer:
             start = time.perf_counter()
             self.masks, self.pruning_report = self._prune()
             self.prune_time_s = time.perf_counter() - start
-        self.masks = D.broadcast_masks(ctx, self.masks)
+        self.masks = D.broadcast_masks(self.ctx, self.masks)
         params = dict(self.model.named_parameters())
         unknown = sorted(set(self.masks) - set(params))
         if unknown:
@@ -253,6 +277,10 @@ class Trainer:
         self.masked_total = sum(m.numel() for m in self.masks.values())
         self._check_mask_sparsity()
 
+    def _build_optimizer_and_schedule(self) -> None:
+        """FusedMaskedSGD with the masks (after the model's memory format is set) and the
+        per-step lr schedule."""
+        cfg = self.config
         self.model.to(memory_format=self.memory_format)
         self.optimizer = self._make_optimizer()
         self.scheduler = make_scheduler(
@@ -264,22 +292,23 @@ class Trainer:
             milestones=cfg.resolved_milestones() if cfg.schedule == "multistep" else (),
             gamma=cfg.gamma,
         )
+
+    def _build_rng(self) -> None:
+        """The data generator (order and augmentation) and the run's counters."""
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(cfg.seed)
+        self.generator.manual_seed(self.config.seed)
         self.start_epoch = 0
         self.elapsed_s = 0.0
-        if state is not None:
-            self._restore(state)
-            self._resume_state = None
 
+    def _build_train_model(self) -> None:
+        """The module the steps call: DDP-wrapped under torchrun, torch.compiled on request."""
         self.train_model: nn.Module = self.model
-        if ctx.enabled:
+        if self.ctx.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        if cfg.compile:
+        if self.config.compile:
             self.train_model = torch.compile(self.train_model)
-        self._setup_done = True
 
     def _prune(self) -> tuple[dict[str, torch.Tensor], list[Any]]:
 
