@@ -33,11 +33,14 @@ from .sweep import check_workers, run_sweep
 # Budget: 10 minutes for `make run` on a 2-core CPU, install included (~2-3 minutes when
 # the venv is new). 7 runs (dense, then ONG, magnitude and random at 90% and 98%) train two
 # at a time, one process and one thread each (sweep.run_sweep's workers). Throughput measured
-# on this shared box: 175-300 training images/s per single-thread run (ResNet-20, 28x28,
-# batch 128), evaluation ~3x faster per image. 4,000 training images x 3 epochs plus 3
-# evaluations of 4,000 test images is ~60-80 s per run, 4 rounds of 2 runs: ~5-6 minutes.
-DEFAULT_TRAIN_SUBSET = 4_000
-DEFAULT_TEST_SUBSET = 4_000
+# on this shared box: 175-300 training images/s per single-thread run (ResNet-20, 28x28)
+# with one core free, evaluation ~3x faster per image; with 4,000 images and both cores
+# taken by other work (a niced sweep, a test run, other users) 60-80 images/s: the 7 runs
+# took 1143 s. Hence 3,000 training images x 3 epochs and 3 evaluations of 2,000 test
+# images: ~45 s per run on a free core, 4 rounds of 2 runs; ~145 s per run (~10 min in
+# all) at the heavily loaded rate.
+DEFAULT_TRAIN_SUBSET = 3_000
+DEFAULT_TEST_SUBSET = 2_000
 DEFAULT_EPOCHS = 3
 DEFAULT_SPARSITIES = (0.9, 0.98)
 METHODS = ("dense", "ong", "magnitude", "random")
