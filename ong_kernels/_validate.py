@@ -21,6 +21,17 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_int(value) -> bool:
+    """An int that is not a bool (the test behind :func:`check_int`, for callers that word
+    their own messages, e.g. TrainConfig's ``field: ...``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_real(value) -> bool:
+    """A finite int or float that is not a bool (the test behind :func:`check_real`)."""
+    return _is_number(value) and math.isfinite(value)
+
+
 def check_int(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
     """`value` as an int in [minimum, maximum] (bool is not an int here)."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -71,7 +82,29 @@ def check_choice(value, name: str, choices: Iterable[str]) -> str:
 
 def check_seed(value, name: str = "seed") -> int:
     """An int seed in [0, 2**64 - 1] (what torch.Generator.manual_seed accepts)."""
-    return check_int(value, name, 0, MAX_SEED)
+    check_int(value, name, 0)
+    if value > MAX_SEED:
+        raise ValueError(f"{name} must be <= 2**64 - 1 (torch.Generator's range), got {value}")
+    return value
+
+
+def check_optional_real(value, name: str, **bounds) -> float | None:
+    """None, or `value` checked by :func:`check_real` with the same bounds."""
+    return None if value is None else check_real(value, name, **bounds)
+
+
+def check_bool(value, name: str) -> bool:
+    """`value` if it is a bool (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_positive_ints(value, name: str) -> tuple[int, ...]:
+    """A tuple/list of ints >= 1 (a shape), as a tuple."""
+    if not isinstance(value, (tuple, list)) or not value:
+        raise TypeError(f"{name} must be a non-empty tuple of ints, got {value!r}")
+    return tuple(check_int(v, f"{name}[{i}]", 1) for i, v in enumerate(value))
 
 
 def check_tensor(value, name: str, *, dtypes=None) -> torch.Tensor:

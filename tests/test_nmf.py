@@ -1,4 +1,9 @@
-"""nmf_batched (reference backend) against scikit-learn and against itself one matrix at a time."""
+"""nmf_batched (reference backend) against scikit-learn and against itself one matrix at a time.
+
+scikit-learn is the oracle here and a required test dependency (pyproject's [test] extra,
+installed by `make test`): without it this module fails to import, loudly, instead of
+skipping every test in it (including those that do not use scikit-learn).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,15 @@ import warnings
 
 import numpy as np
 import pytest
+import sklearn.decomposition as sklearn_nmf
 import torch
 from conftest import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.exceptions import ConvergenceWarning
 
 import ong_kernels
 from ong_kernels.nmf import as_matrix, nmf_batched_with_info
-
-sklearn_nmf = pytest.importorskip("sklearn.decomposition")
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 
 
 def sklearn_mu(v: torch.Tensor, w0: torch.Tensor, h0: torch.Tensor, max_iter: int, tol: float):

@@ -4,6 +4,7 @@ masks_for / mask_overlap / save_masks / load_masks, and ONG against magnitude.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,6 +289,15 @@ def test_include_exclude():
         (("snip", 0.9), {"data": batches(), "loss_fn": "ce"}, TypeError, "loss_fn"),
         (("snip", 0.9), {"data": []}, ValueError, "no batches"),
         (("snip", 0.9), {"data": [(torch.ones(1),)]}, ValueError, "pair"),
+        (("random", 0.9), {"seed": 2**64}, ValueError, r"seed must be <= 2\*\*64 - 1"),
+        (("random", 0.9), {"seed": 1.0}, TypeError, "seed must be an int"),
+        (("ong", 0.9), {"tol": float("nan")}, ValueError, "tol must be finite"),
+        (("ong", 0.9), {"max_iter": True}, TypeError, "max_iter must be an int"),
+        (("ong", 0.9), {"backend": "tpu"}, ValueError, "backend"),
+        (("grasp", 0.9), {"data": batches(), "temperature": True}, TypeError, "temperature"),
+        # An (inputs, targets, extra) batch: named as such, not "batch 0 is a Tensor".
+        (("snip", 0.9), {"data": (*batches()[0], torch.ones(5))}, ValueError, "3 items"),
+        (("grasp", 0.9), {"data": [(*batches()[0], torch.ones(5))]}, ValueError, "3 items"),
     ],
 )
 def test_bad_input_leaves_model_untouched(args, kwargs, error, match):
@@ -296,6 +306,15 @@ def test_bad_input_leaves_model_untouched(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         prune(model, *args, **kwargs)
     assert_state_equal(model, before)
+
+
+def test_meta_and_sparse_weights_are_named_not_dumped():
+    with pytest.raises(ValueError, match=r"conv1\.weight is a meta tensor"):
+        prune(odd_net().to("meta"), "magnitude", 0.5)
+    model = odd_net()
+    model.fc1.weight = nn.Parameter(model.fc1.weight.detach().to_sparse())
+    with pytest.raises(ValueError, match=r"fc1\.weight has layout torch\.sparse_coo"):
+        prune(model, "ong", 0.5)
 
 
 def test_infeasible_floor_fails_before_any_scoring(monkeypatch):
@@ -384,11 +403,11 @@ def test_save_load_round_trip(tmp_path):
     assert list(loaded) == list(masks)
     for n in masks:
         assert loaded[n].dtype == torch.bool and torch.equal(loaded[n], masks[n])
-    # Bit-packed in numpy.packbits order: readable without ong_kernels.
+    # Bit-packed little-endian in row-major order: readable without ong_kernels.
     from safetensors.numpy import load_file
 
     raw = load_file(str(path))
-    bits = np.unpackbits(raw["odd.weight"])[:189].astype(bool)
+    bits = np.unpackbits(raw["odd.weight"], bitorder="little")[:189].astype(bool)
     assert np.array_equal(bits, masks["odd.weight"].numpy().reshape(-1))
     assert raw["odd.weight"].nbytes == math.ceil(189 / 8)
 
@@ -407,3 +426,44 @@ def test_save_load_prune_result_and_errors(tmp_path):
     save_file({"w": torch.ones(3)}, str(foreign))
     with pytest.raises(ValueError, match="not an ong_kernels masks file"):
         load_masks(foreign)
+
+
+def test_mask_files_written_by_format_1_still_load():
+    # tests/data/masks_v1.safetensors was written by save_masks before the format moved to
+    # the optimizer's bit order (version 1: numpy.packbits order, most significant bit first).
+    g = torch.Generator().manual_seed(7)
+    expected = {
+        "conv.weight": torch.rand(5, 3, 3, 3, generator=g) > 0.5,
+        "fc.weight": torch.rand(7, 11, generator=g) > 0.7,
+        "one": torch.tensor([True]),
+    }
+    path = Path(__file__).parent / "data" / "masks_v1.safetensors"
+    loaded = load_masks(path)
+    assert list(loaded) == list(expected)
+    for name, mask in expected.items():
+        assert torch.equal(loaded[name], mask), name
+
+
+def test_mask_files_use_the_optimizer_bit_order(tmp_path):
+    from safetensors import safe_open
+
+    from ong_kernels._bitmask import pack_mask
+
+    g = torch.Generator().manual_seed(3)
+    masks = {"a": torch.rand(3, 5, 7, generator=g) > 0.5, "b": torch.rand(13, generator=g) > 0.2}
+    # A channels_last mask is stored in logical order: the file does not depend on strides.
+    masks["c"] = (torch.rand(2, 3, 4, 5, generator=g) > 0.5).to(memory_format=torch.channels_last)
+    save_masks(tmp_path / "m.safetensors", masks)
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        assert f.metadata()["version"] == "2" and f.metadata()["bit_order"] == "little"
+        for name, mask in masks.items():
+            assert torch.equal(f.get_tensor(name), pack_mask(mask.contiguous()))
+    loaded = load_masks(tmp_path / "m.safetensors")
+    assert all(torch.equal(loaded[n], m) for n, m in masks.items())
+
+
+def test_prune_result_repr_is_short():
+    result = prune(odd_net(), "magnitude", 0.9)
+    text = repr(result)
+    assert "tensor" not in text and len(text) < 200 and "\n" not in text
+    assert "method='magnitude'" in text and "sparsity=0.9" in text and "layers=6" in text

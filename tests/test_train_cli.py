@@ -55,6 +55,13 @@ def test_config_rejects_bad_values_by_name(changes, field):
         TrainConfig(**changes)
 
 
+def test_subset_zero_means_all_as_in_the_main_job():
+    config = TrainConfig(train_subset=0, test_subset=0)
+    assert config.train_subset is None and config.test_subset is None
+    with pytest.raises(ValueError, match=r"^train_subset:"):
+        TrainConfig(train_subset=-1)
+
+
 def test_config_round_trips_and_rejects_unknown_keys():
     config = TrainConfig(method="snip", sparsity=0.95, milestones=[3, 7], epochs=10)
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
@@ -260,3 +267,105 @@ def test_sweep_rejects_bad_plans(tmp_path, capsys):
         == 2
     )
     assert "sparsity:" in capsys.readouterr().err
+
+
+def test_sweep_refuses_to_reuse_runs_made_with_other_settings(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = [*TINY, "--methods", "random", "--sparsities", "0.5", "--out-dir", str(out)]
+    assert cli.sweep_main([*args, "--epochs", "1", "--lr", "0.1"]) == 0
+    capsys.readouterr()
+    # Same folder, other settings: the finished run must not be relabelled as the new one.
+    assert cli.sweep_main([*args, "--epochs", "2", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs: saved 1, now 2" in err and "lr: saved 0.1, now 0.01" in err
+    assert "--rerun-changed" in err
+    # Asked to, it trains the changed runs into a new folder and reports only those.
+    assert cli.sweep_main([*args, "--epochs", "2", "--lr", "0.01", "--rerun-changed"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["runs"]) == 1 and summary["runs"][0]["epochs"] == 2
+    assert summary["runs"][0]["lr"] == 0.01
+    # ...and a third invocation with the new settings reuses that folder.
+    assert cli.sweep_main([*args, "--epochs", "2", "--lr", "0.01"]) == 0
+    assert "finished earlier, reusing" in capsys.readouterr().out
+    # Settings that compute the same thing are not differences.
+    assert cli.sweep_main([*args, "--epochs", "1", "--lr", "0.1", "--amp", "off"]) == 0
+    assert "finished earlier, reusing" in capsys.readouterr().out
+
+
+def test_no_arguments_prints_help_instead_of_training(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.train_main([]) == 2
+    captured = capsys.readouterr()
+    assert "usage: ong-train" in captured.out and "example" in captured.out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_names_the_real_run_folder_and_what_weights_left_counts(tmp_path):
+    text = "".join(cli.build_train_parser().format_help().split())  # argparse wraps at "-"
+    config = TrainConfig(method="ong", sparsity=0.9, seed=3)
+    assert config.run_name() == "resnet20-fashion-mnist-ong-0.9-seed3"
+    assert "<model>-<dataset>-<method>-<sparsity>-seed<N>" in text
+    headers = dict(cli.RESULT_COLUMNS)
+    assert "BN" in headers["remaining"] and "bias" in headers["remaining"]
+
+
+def test_progress_bars_are_off_when_not_a_terminal(tmp_path, capfd):
+    # pytest's captured stderr is not a terminal: --progress must not fill it with \r.
+    args = [a for a in TINY if a != "--no-progress"]
+    assert cli.train_main([*args, "--epochs", "1", "--run-dir", str(tmp_path / "r")]) == 0
+    assert "\r" not in capfd.readouterr().err
+
+
+def test_interrupt_hint_matches_what_will_work(tmp_path, capsys, monkeypatch):
+    from ong_kernels.train.trainer import Trainer
+
+    def interrupt(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupt)  # Ctrl-C before the first checkpoint
+    run = tmp_path / "run"
+    assert cli.train_main([*TINY, "--epochs", "1", "--run-dir", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "run the same command again" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "tpu"], "device:"),
+        (["--batch-size", "1"], "batch_size:"),
+    ],
+)
+def test_device_and_batch_errors_are_one_line(tmp_path, capsys, args, message):
+    assert cli.train_main([*TINY, "--epochs", "1", *args, "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "afile"
+    path.write_text("x")
+    assert cli.train_main([*TINY, "--epochs", "1", "--run-dir", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}" in err and "not a folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, capsys, monkeypatch):
+    from ong_kernels.train import checkpoint
+
+    run = tmp_path / "run"
+    args = [*TINY, "--method", "random", "--sparsity", "0.5", "--run-dir", str(run)]
+    assert cli.train_main([*args, "--epochs", "2"]) == 0
+    capsys.readouterr()
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        real_save(obj, f)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 526528")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    run2 = tmp_path / "run2"
+    assert cli.train_main([*TINY, "--epochs", "1", "--run-dir", str(run2)]) == 1
+    err = capsys.readouterr().err
+    assert f"{run2 / 'checkpoint.pt'}: cannot write" in err and "Traceback" not in err
+    assert not [p for p in run2.iterdir() if p.name.endswith(".tmp")]

@@ -121,6 +121,7 @@ def test_run_folder_artefacts(finished):
         "results.json",
         "loss.png",
         "accuracy.png",
+        "lr.png",
         CHECKPOINT_NAME,
     }
     assert expected <= set(os.listdir(run_dir))
@@ -134,7 +135,7 @@ def test_run_folder_artefacts(finished):
     assert float(rows[-1]["test_acc"]) == pytest.approx(results["test_acc"])
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["test_acc"] == results["test_acc"] and saved["complete"] is True
-    for png in ("loss.png", "accuracy.png"):
+    for png in ("loss.png", "accuracy.png", "lr.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)  # weights_only=True inside
     assert state["epoch"] == 2 and set(state["masks"]) == set(trainer.masks)
@@ -257,3 +258,32 @@ def test_batch_larger_than_data(tmp_path):
     trainer = Trainer(make_config(tmp_path, batch_size=500, run_dir=None), dataset=DATA, log=None)
     with pytest.raises(ValueError, match="batch_size: 500 exceeds the 160"):
         trainer.setup()
+
+
+def test_a_flipped_byte_in_tensor_data_is_detected(finished, tmp_path):
+    _, _, run_dir = finished
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    # Find a weight's bytes in the file and flip one bit in the middle of them: the zip
+    # container still reads, only the checksum can tell.
+    weight = state["model"]["fc.weight"].contiguous()
+    raw = weight.numpy().tobytes()
+    data = bytearray((run_dir / CHECKPOINT_NAME).read_bytes())
+    at = data.find(raw)
+    assert at >= 0
+    data[at + len(raw) // 2] ^= 0x10
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checksum"):
+        load_checkpoint(path)
+
+
+def test_resume_removes_temp_files_a_kill_left_behind(tmp_path):
+    config = make_config(tmp_path, epochs=2)
+    with pytest.raises(Killed):
+        Trainer(config, dataset=DATA, callbacks=[kill_after(1)], log=None).fit()
+    run_dir = tmp_path / "run"
+    stale = [run_dir / ".metrics.csv.abc123.tmp", run_dir / ".checkpoint.pt.xyz.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    Trainer(config, dataset=DATA, resume=True, log=None).fit()
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]

@@ -39,18 +39,26 @@ def fashion_dir(tmp_path_factory):
 
 def test_main_job_prints_the_comparison(fashion_dir, tmp_path, capsys):
     out = tmp_path / "job"
-    args = ["--data-dir", str(fashion_dir), "--train-subset", "0", "--epochs", "1"]
-    args += ["--workers", "1", "--device", "cpu", "--no-progress", "--out-dir", str(out)]
+    args = ["--data-dir", str(fashion_dir), "--train-subset", "0", "--test-subset", "60"]
+    args += ["--epochs", "1", "--sparsities", "0.9", "--workers", "1", "--device", "cpu"]
+    args += ["--no-progress", "--out-dir", str(out)]
     assert main_job.main(args) == 0
     printed = capsys.readouterr().out
-    assert "Shortened to fit 10 minutes" in printed and "all 60,000 training images" in printed
+    # The counts are those of the folder given, not Fashion-MNIST's 60,000 / 10,000.
+    assert "all 256 training images" in printed and "the first 60 of 100 test images" in printed
+    assert "60,000" not in printed and "10,000" not in printed
     rows = {
         line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")
     }
-    assert set(rows) == {"method", "dense", "ong"}
-    assert "| 0.9000 " in rows["ong"] and "| 0.0000 " in rows["dense"]
+    assert set(rows) == {"method", "dense", "ong", "magnitude", "random"}
+    assert "train images/s" in rows["method"] and "train time / run" in rows["method"]
+    for method in ("ong", "magnitude", "random"):
+        assert "| 0.9000 " in rows[method]
+    assert "| 0.0000 " in rows["dense"]
     assert "wall time:" in printed
-    assert (out / "results.md").is_file()
+    table = (out / "main_job.md").read_text()
+    assert all(rows[m] in table for m in rows)
+    assert (out / "accuracy_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "resnet20-fashion-mnist-ong-0.9-seed0" / "results.json").is_file()
 
 

@@ -28,8 +28,18 @@ def _is_single_batch(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
 
 
+def _check_pair(batch, where: str) -> None:
+    if isinstance(batch, (tuple, list)) and len(batch) != 2:
+        raise ValueError(
+            f"{where} has {len(batch)} items; expected an (inputs, targets) pair "
+            "(drop the extra items, e.g. data=[(x, y) for x, y, *_ in loader])"
+        )
+
+
 def check_data(data, method: str) -> None:
     """ValueError / TypeError before any work when a data-dependent method lacks usable data."""
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        _check_pair(data, "data")  # a bare batch of tensors, e.g. (x, y, z)
     if data is None:
         raise ValueError(
             f"method {method!r} needs data: pass data=(inputs, targets) or an iterable of "
@@ -60,6 +70,7 @@ def iter_batches(data) -> Iterator[tuple[Any, Any]]:
         return
     count = 0
     for i, batch in enumerate(data):
+        _check_pair(batch, f"data batch {i}")
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise ValueError(
                 f"data batch {i} must be an (inputs, targets) pair, got {type(batch).__name__}"

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ong_kernels._validate import check_choice, check_optional_real, check_real
+
 __all__ = [
     "SCOPES",
     "allocate",
@@ -50,34 +52,18 @@ SCOPES = ("global", "layer", "erk")
 
 
 def check_sparsity(sparsity) -> float:
-    """`sparsity` as a float in [0, 1), or TypeError / ValueError naming it."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"sparsity must be a number in [0, 1), got {type(sparsity).__name__}")
-    sparsity = float(sparsity)
-    if not 0.0 <= sparsity < 1.0:  # also rejects NaN
-        raise ValueError(
-            f"sparsity must be in [0, 1) (a fraction of weights pruned), got {sparsity}"
-        )
-    return sparsity
+    """`sparsity` (the fraction of weights pruned) as a float in [0, 1), or TypeError /
+    ValueError naming it."""
+    return check_real(sparsity, "sparsity", minimum=0.0, maximum=1.0, max_open=True)
 
 
 def check_min_density(min_density) -> float | None:
     """`min_density` as None or a float in [0, 1], or TypeError / ValueError naming it."""
-    if min_density is None:
-        return None
-    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)):
-        raise TypeError(
-            f"min_density must be None or a number in [0, 1], got {type(min_density).__name__}"
-        )
-    if not 0.0 <= float(min_density) <= 1.0:
-        raise ValueError(f"min_density must be in [0, 1], got {min_density}")
-    return float(min_density)
+    return check_optional_real(min_density, "min_density", minimum=0.0, maximum=1.0)
 
 
 def check_scope(scope) -> str:
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    return scope
+    return check_choice(scope, "scope", SCOPES)
 
 
 # ----------------------------------------------------------------------------- counts

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ong_kernels._validate import check_choice, check_seed, check_tensor
 from ong_kernels.pruning import _data
 from ong_kernels.pruning.allocation import (
     allocate,
@@ -24,6 +25,7 @@ from ong_kernels.pruning.targets import prunable_parameters, resolve_targets
 __all__ = [
     "DATA_METHODS",
     "METHODS",
+    "READS_DATA",
     "LayerReport",
     "PruneResult",
     "mask_overlap",
@@ -42,17 +44,12 @@ _SCORERS = {
     "synflow": _synflow,
 }
 METHODS = tuple(_SCORERS)
+# Methods that need data= (gradients of a loss); READS_DATA adds synflow, which reads only
+# the input shape from it. The trainer hands batches to READS_DATA methods.
 DATA_METHODS = ("snip", "grasp")
+READS_DATA = (*DATA_METHODS, "synflow")
 # Keyword arguments prune() supplies itself; a scorer receives those it declares.
 _CONTEXT = ("seed", "data", "loss_fn", "sparsity", "allocate")
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int >= 0, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed}")
-    return seed
 
 
 def _method_kwargs(method: str, context: dict, method_kwargs: dict) -> dict:
@@ -133,18 +130,19 @@ def prune(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if method not in _SCORERS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice(method, "method", METHODS)
     sparsity = check_sparsity(sparsity)
     scope = check_scope(scope)
     min_density = check_min_density(min_density)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     loss_fn = _data.check_loss_fn(loss_fn)
     if method in DATA_METHODS:
         _data.check_data(data, method)
     context = {"seed": seed, "data": data, "loss_fn": loss_fn}
     _method_kwargs(method, context, method_kwargs)  # unknown options fail before any work
     targets = prunable_parameters(model, include, exclude)
+    for name, param in targets:
+        check_tensor(param, name)  # meta / sparse weights: one line naming the weight
 
     masks = _compute_masks(
         model, targets, method, sparsity, scope, min_density, context, method_kwargs
@@ -185,10 +183,12 @@ def ong_masks(
     sparsity = check_sparsity(sparsity)
     scope = check_scope(scope)
     min_density = check_min_density(min_density)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     kwargs = {"rank": rank, **nmf_kwargs}
     _method_kwargs("ong", {"seed": seed}, kwargs)
     model, targets = resolve_targets(model_or_named, include, exclude)
+    for name, t in targets:
+        check_tensor(t, name)
     masks = _compute_masks(
         model, targets, "ong", sparsity, scope, min_density, {"seed": seed}, kwargs
     )

@@ -1,10 +1,14 @@
 """Saving and loading masks as bit-packed safetensors files.
 
 Each mask is stored as a flat uint8 tensor of ceil(numel / 8) bytes under its parameter
-name, bits packed in numpy.packbits order (bitorder="big": the first entry is the most
-significant bit of the first byte, trailing pad bits 0), so ``np.unpackbits`` reads it too.
-The shapes travel in the safetensors metadata. A ResNet-18 mask set (11.2M weights) takes
+name, packed by the optimizer's codec (``ong_kernels._bitmask.pack_mask``: little-endian,
+bit j of byte k is element 8k + j of the mask in row-major order, trailing pad bits 0), so
+``np.unpackbits(bytes, bitorder="little")`` reads it too. The shapes, the format name and
+the version travel in the safetensors metadata. A ResNet-18 mask set (11.2M weights) takes
 1.4 MB instead of 11.2 MB as bool.
+
+Versions: "2" (this layout, ``bit_order: little``); "1" (written before 0.1.0's codec
+merge: numpy.packbits' default big-endian order) still loads.
 """
 
 from __future__ import annotations
@@ -17,29 +21,27 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ong_kernels._bitmask import pack_mask, unpack_mask
+
 __all__ = ["load_masks", "save_masks"]
 
 FORMAT = "ong_kernels.masks"
-VERSION = "1"
-_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+_V1_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Flat uint8 tensor of ceil(numel / 8) bytes, numpy.packbits order."""
-    flat = mask.detach().reshape(-1).to("cpu", torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _WEIGHTS).sum(dim=1, dtype=torch.uint8)
+def _unpack_v1(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Version 1 files: numpy.packbits order (first element = most significant bit)."""
+    bits = (packed.reshape(-1, 1) & _V1_WEIGHTS) != 0
+    return bits.reshape(-1)[: _numel(shape)].reshape(shape).clone()
 
 
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: a bool tensor of `shape`."""
-    bits = (packed.reshape(-1, 1) & _WEIGHTS) != 0
+def _numel(shape: tuple[int, ...]) -> int:
     numel = 1
     for d in shape:
         numel *= d
-    return bits.reshape(-1)[:numel].reshape(shape).clone()
+    return numel
 
 
 def _as_masks(masks) -> Mapping[str, torch.Tensor]:
@@ -62,9 +64,15 @@ def save_masks(path: str | os.PathLike, masks) -> None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise TypeError(f"mask {name!r} must be a bool tensor, got {kind}")
-        tensors[name] = pack_bits(mask)
+        # Row-major (contiguous) order: the file does not depend on the mask's strides.
+        tensors[name] = pack_mask(mask.detach().to("cpu").contiguous())
         shapes[name] = list(mask.shape)
-    metadata = {"format": FORMAT, "version": VERSION, "shapes": json.dumps(shapes)}
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "bit_order": "little",
+        "shapes": json.dumps(shapes),
+    }
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
@@ -78,10 +86,11 @@ def load_masks(
             raise ValueError(
                 f"{os.fspath(path)!r} is not an ong_kernels masks file (no format tag)"
             )
-        if metadata.get("version") != VERSION:
+        version = metadata.get("version")
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{os.fspath(path)!r} has masks format version {metadata.get('version')!r}; "
-                f"this version reads {VERSION!r}"
+                f"{os.fspath(path)!r} has masks format version {version!r}; this version of "
+                f"ong_kernels reads {', '.join(READABLE_VERSIONS)}"
             )
         shapes = json.loads(metadata["shapes"])  # in the order the masks were given
         if set(shapes) != set(f.keys()):
@@ -90,13 +99,15 @@ def load_masks(
         for name in shapes:
             shape = tuple(shapes[name])
             packed = f.get_tensor(name)
-            numel = 1
-            for d in shape:
-                numel *= d
+            numel = _numel(shape)
             if packed.dtype != torch.uint8 or packed.numel() != (numel + 7) // 8:
                 raise ValueError(
                     f"{os.fspath(path)!r}: mask {name!r} has {packed.numel()} bytes, "
                     f"expected {(numel + 7) // 8} for shape {shape}"
                 )
-            out[name] = unpack_bits(packed, shape).to(device)
+            if version == "1":
+                mask = _unpack_v1(packed, shape)
+            else:
+                mask = unpack_mask(packed, torch.empty(shape, dtype=torch.bool))
+            out[name] = mask.to(device)
     return out

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ong_kernels import nmf  # module reference: tests spy on nmf.nmf_batched
+from ong_kernels._validate import check_int, check_real
 from ong_kernels.pruning.distributed import run_sharded
 from ong_kernels.pruning.targets import Target, resolve_targets
 
@@ -40,48 +42,18 @@ DEFAULT_RANK = 0.25
 
 
 def _matrix_shape(shape: torch.Size) -> tuple[int, int]:
-    if len(shape) == 1:
-        return 1, shape[0]
-    return shape[0], math.prod(shape[1:])
+    # nmf's own view of a weight as a matrix, applied to a shape-only (meta) tensor.
+    return tuple(nmf.as_matrix(torch.empty(shape, device="meta")).shape)
 
 
 def resolve_ranks(rank, shapes: Sequence[torch.Size]) -> list[int]:
     """Per-matrix NMF ranks: an int clipped to min(m, n), or a fraction of min(m, n)."""
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise TypeError(
-            f"rank must be an int >= 1 or a float fraction in (0, 1], got {type(rank).__name__}"
-        )
-    if isinstance(rank, int):
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1 when an int, got {rank}")
-        return [min(rank, *_matrix_shape(s)) for s in shapes]
-    if not 0.0 < rank <= 1.0:  # also rejects NaN
-        raise ValueError(f"rank as a float is a fraction of min(m, n) in (0, 1], got {rank}")
-    return [max(1, round(rank * min(_matrix_shape(s)))) for s in shapes]
-
-
-def _check_nmf_args(max_iter, tol, init, seed) -> None:
-    # nmf_batched validates these too; checking here first means every rank of a process
-    # group fails the same way before any communication.
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    if (
-        isinstance(tol, bool)
-        or not isinstance(tol, (int, float))
-        or not (math.isfinite(tol) and tol >= 0)
-    ):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    if isinstance(init, str):
-        if init not in ("random", "nndsvd", "nndsvda"):
-            raise ValueError(
-                f"init must be 'random', 'nndsvd', 'nndsvda' or (W0, H0) pairs, got {init!r}"
-            )
-    elif not isinstance(init, Sequence):
-        raise TypeError(
-            f"init must be a string or a sequence of (W0, H0) pairs, got {type(init).__name__}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if isinstance(rank, float):
+        fraction = check_real(rank, "rank (a fraction of min(m, n))", minimum=0.0, maximum=1.0,
+                              min_open=True)  # fmt: skip
+        return [max(1, round(fraction * min(_matrix_shape(s)))) for s in shapes]
+    check_int(rank, "rank", 1)  # bool, str, ...: TypeError naming rank
+    return [min(rank, *_matrix_shape(s)) for s in shapes]
 
 
 def _ong(
@@ -97,11 +69,11 @@ def _ong(
     group=None,
     distributed: bool = True,
 ) -> list[torch.Tensor]:
-    from ong_kernels import nmf  # the lead's module; imported here so pruning imports alone
-
     shapes = [t.shape for _, t in targets]
     ranks = resolve_ranks(rank, shapes)
-    _check_nmf_args(max_iter, tol, init, seed)
+    # nmf_batched checks these too; checking first means every rank of a process group fails
+    # the same way before any communication.
+    nmf.check_solver_args(max_iter, tol, init, seed, backend)
     if not isinstance(init, str) and len(init) != len(targets):
         raise ValueError(
             f"init has {len(init)} (W0, H0) pairs but there are {len(targets)} weights"

@@ -34,7 +34,7 @@ def layer_reports(names: Sequence[str], masks: Sequence[torch.Tensor]) -> list[L
     return rows
 
 
-@dataclass
+@dataclass(repr=False)
 class PruneResult:
     """Masks (parameter name -> bool tensor, True = kept) and the per-layer report.
 
@@ -48,6 +48,14 @@ class PruneResult:
     scope: str
     target_sparsity: float
     options: dict = field(default_factory=dict)  # the method's keyword arguments
+
+    def __repr__(self) -> str:
+        # One line: the dataclass default would print every mask tensor.
+        return (
+            f"PruneResult(method={self.method!r}, scope={self.scope!r}, "
+            f"target_sparsity={self.target_sparsity:g}, sparsity={self.sparsity:.4f}, "
+            f"layers={len(self.report)}, weights={self.numel}, kept={self.kept})"
+        )
 
     @property
     def numel(self) -> int:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ong_kernels._validate import check_int, check_positive_ints, check_real
 from ong_kernels.pruning import _data
 from ong_kernels.pruning.allocation import check_sparsity
 from ong_kernels.pruning.distributed import all_reduce_sum_
@@ -141,11 +142,7 @@ def snip_scores(
 
 
 def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    return float(temperature)
+    return check_real(temperature, "temperature", minimum=0.0, min_open=True)
 
 
 def _grasp(
@@ -231,8 +228,7 @@ def grasp_scores(
 
 
 def _synflow_setup(data, input_shape, dtype, iterations) -> tuple[int, ...]:
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    check_int(iterations, "iterations", 1)
     if input_shape is None:
         if data is None:
             raise ValueError(
@@ -243,11 +239,7 @@ def _synflow_setup(data, input_shape, dtype, iterations) -> tuple[int, ...]:
         if not isinstance(inputs, torch.Tensor):
             raise TypeError("synflow reads input_shape from tensor inputs; pass input_shape=")
         input_shape = tuple(inputs.shape[1:])
-    if not (
-        isinstance(input_shape, (tuple, list))
-        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)
-    ):
-        raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
+    input_shape = check_positive_ints(input_shape, "input_shape")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
     return tuple(input_shape)

@@ -12,6 +12,7 @@ moment leaves either the previous complete file or the new complete file, never 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -28,6 +29,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT_VERSION",
     "CheckpointError",
+    "RunFolderError",
     "atomic_write",
     "load_checkpoint",
     "save_checkpoint",
@@ -36,7 +38,9 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+# 2: adds "checksum" (SHA-256 of every tensor's bytes); 1 (no checksum) still loads.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _REQUIRED_KEYS = ("format_version", "epoch", "config", "model", "optimizer", "scheduler", "rng")
 
 
@@ -54,10 +58,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, corrupt or from an incompatible run."""
 
 
+class RunFolderError(OSError):
+    """A run-folder file could not be written (read-only or full file system, ...)."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
     """Call ``write(file)`` on a temp file next to ``path``, fsync it, then rename it over."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise RunFolderError(f"{path}: cannot write ({err.strerror or err})") from err
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -65,9 +76,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         # Also on KeyboardInterrupt: never leave temp files behind.
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):
+            # A full disk surfaces from torch.save as "unexpected pos N vs M".
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RunFolderError(
+                f"{path}: cannot write ({first}); the file system is full or read-only? "
+                "the run stays resumable from its last complete checkpoint"
+            ) from err
         raise
 
 
@@ -88,12 +106,50 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def _tensors(obj: Any, prefix: str = ""):
+    """(path, tensor) for every tensor in nested dicts/lists, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def tensor_checksum(state: dict[str, Any]) -> str:
+    """SHA-256 over every tensor's path, dtype, shape and bytes (the "checksum" key itself
+    excluded). ~2 ms for ResNet-20's checkpoint: the zip container has no check of its own
+    that torch.load applies, so a flipped byte in a weight would otherwise load silently."""
+    digest = hashlib.sha256()
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    for where, t in _tensors(body):
+        t = t.detach().to("cpu").contiguous()
+        digest.update(f"{where}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Atomically save a checkpoint dict (see :func:`load_checkpoint` for the keys)."""
+    """Atomically save a checkpoint dict (see :func:`load_checkpoint` for the keys) with
+    the checksum of its tensors."""
     missing = [k for k in _REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"state: missing checkpoint key(s) {', '.join(missing)}")
+    state = {**state, "format_version": FORMAT_VERSION, "checksum": tensor_checksum(state)}
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.<name>.<random>.tmp`` files that :func:`atomic_write` leaves when the
+    process is killed (SIGKILL) mid-write; returns what was removed."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -120,9 +176,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     missing = [k for k in _REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path}: missing key(s) {', '.join(missing)}; {advice}")
-    if state["format_version"] != FORMAT_VERSION:
+    if state["format_version"] not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{path}: format version {state['format_version']!r}, this version of ong_kernels "
-            f"reads {FORMAT_VERSION}"
+            f"reads {', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if state["format_version"] >= 2 and state.get("checksum") != tensor_checksum(state):
+        raise CheckpointError(f"{path}: tensor data does not match its checksum; {advice}")
     return state

@@ -19,11 +19,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunFolderError
 from .config import METHODS, PRESET_SPARSITIES, PRESETS, SCHEDULES, SCOPES, TrainConfig, preset
 from .data import DATASETS, DatasetError
 from .models import MODELS
 from .report import format_table
+from .sweep import ChangedRunsError, check_workers, plan_runs, run_sweep
+from .trainer import SparsityError, Trainer
 
 __all__ = ["build_sweep_parser", "build_train_parser", "sweep_main", "train_main"]
 
@@ -75,14 +77,14 @@ def _add_config_options(parser: argparse.ArgumentParser, *, sweep: bool) -> None
         type=int,
         default=S,
         metavar="N",
-        help="train on the first N training examples (default: all)",
+        help="train on the first N training examples, 0 for all (default: all)",
     )
     g.add_argument(
         "--test-subset",
         type=int,
         default=S,
         metavar="N",
-        help="evaluate on the first N test examples (default: all)",
+        help="evaluate on the first N test examples, 0 for all (default: all)",
     )
     g.add_argument(
         "--synthetic-shape",
@@ -224,7 +226,8 @@ def build_train_parser() -> argparse.ArgumentParser:
         "--run-dir",
         default=None,
         metavar="DIR",
-        help="folder of this run (default: RUNS_ROOT/<model>-<dataset>-<method>-seed<N>)",
+        help="folder of this run (default: "
+        "RUNS_ROOT/<model>-<dataset>-<method>-<sparsity>-seed<N>, dense without -<sparsity>)",
     )
     g.add_argument(
         "--runs-root",
@@ -272,6 +275,13 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         "cores (default: 1)",
     )
     parser.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="when a run folder holds a run made with other settings, train the new "
+        "settings into OUT_DIR/<run name>-<config digest> instead of stopping with the "
+        "differences (default: stop)",
+    )
+    parser.add_argument(
         "--out-dir",
         required=True,
         metavar="DIR",
@@ -294,12 +304,11 @@ class _UsageError(Exception):
 
 
 # Failures the user can act on from the message alone: no traceback, exit code 1.
-_RUNTIME_ERRORS = (DatasetError, CheckpointError, FloatingPointError)
+_RUNTIME_ERRORS = (DatasetError, CheckpointError, FloatingPointError, RunFolderError)
 
 
 def _run_safely(prog: str, fn: Callable[[], int], hint: Callable[[], str]) -> int:
     """Run ``fn``; report the failures a user can act on as one line plus an exit code."""
-    from .trainer import SparsityError
 
     try:
         return fn()
@@ -326,7 +335,7 @@ RESULT_COLUMNS = [
     ("method", "method"),
     ("sparsity", "sparsity"),
     ("measured", "measured sparsity"),
-    ("remaining", "weights left"),
+    ("remaining", "params left (all, incl. BN and bias)"),
     ("epochs", "epochs"),
     ("test_acc", "test acc (%)"),
     ("best_test_acc", "best test acc (%)"),
@@ -352,10 +361,27 @@ def result_row(results: dict[str, Any]) -> dict[str, Any]:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``ong-train``: one training run; prints the final table. Returns an exit code."""
     parser = build_train_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        # The defaults alone would train 200 epochs: almost never what a bare call wants.
+        parser.print_help()
+        print(
+            "\nong-train: nothing to do without options; e.g. a 2-minute CPU run:\n"
+            "  ong-train --method ong --sparsity 0.9 --epochs 1 --train-subset 2000 "
+            "--test-subset 1000"
+        )
+        return 2
     ns = parser.parse_args(argv)
     run_dir, runs_root, resume = ns.run_dir, ns.runs_root, ns.resume
     given = {k: v for k, v in vars(ns).items() if k not in ("run_dir", "runs_root", "resume")}
-    hint = [""]  # filled in once the run folder is known
+    run_folder: list[Path] = []  # filled in once the run folder is known
+
+    def hint() -> str:
+        if not run_folder:
+            return ""
+        if (run_folder[0] / CHECKPOINT_NAME).is_file():
+            return f"; continue with: ong-train --resume --run-dir {run_folder[0]}"
+        return "; no epoch had finished, nothing to resume: run the same command again"
 
     def configure() -> TrainConfig:
         if resume:
@@ -374,10 +400,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return TrainConfig.from_dict(values)
 
     def run() -> int:
-        from .trainer import Trainer
 
         config = _usage(configure)
-        hint[0] = f"; continue with: ong-train --resume --run-dir {config.run_dir}"
+        run_folder.append(Path(config.run_dir))
         trainer = _usage(lambda: Trainer(config, resume=resume))
         _usage(trainer.setup)
         results = trainer.fit()
@@ -385,7 +410,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(format_table([result_row(results)], RESULT_COLUMNS))
         return 0
 
-    return _run_safely("ong-train", run, lambda: hint[0])
+    return _run_safely("ong-train", run, hint)
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
@@ -393,19 +418,25 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     parser = build_sweep_parser()
     ns = parser.parse_args(argv)
     swept = {"methods": ns.methods, "sparsities": ns.sparsities, "seeds": ns.seeds}
-    out_dir, workers = ns.out_dir, ns.workers
-    given = {k: v for k, v in vars(ns).items() if k not in (*swept, "out_dir", "workers")}
+    out_dir, workers, rerun = ns.out_dir, ns.workers, ns.rerun_changed
+    own = (*swept, "out_dir", "workers", "rerun_changed")
+    given = {k: v for k, v in vars(ns).items() if k not in own}
     if swept["sparsities"] is None:
         swept["sparsities"] = list(PRESET_SPARSITIES) if "preset" in given else [0.9]
 
     def run() -> int:
-        from .sweep import check_workers, plan_runs, run_sweep
 
         base = _usage(lambda: TrainConfig.from_dict({**_base_config(given), "method": "dense"}))
         _usage(lambda: plan_runs(base, **swept))
         command = ["ong-sweep", *(sys.argv[1:] if argv is None else argv)]
         _usage(lambda: check_workers(workers, base.device))
-        summary = run_sweep(base, out_dir=out_dir, command=command, workers=workers, **swept)
+        try:
+            summary = run_sweep(
+                base, out_dir=out_dir, command=command, workers=workers, rerun_changed=rerun,
+                **swept,
+            )  # fmt: skip
+        except ChangedRunsError as err:
+            raise _UsageError(str(err)) from err
         print(summary.markdown)
         print(f"\nwritten: {summary.markdown_path}, {summary.plot_path}")
         return 0

@@ -8,12 +8,16 @@ loaded with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ong_kernels._validate import is_finite_real, is_int
+from ong_kernels.pruning.allocation import SCOPES
+from ong_kernels.pruning.api import METHODS as PRUNE_METHODS
+
 from .data import DATASETS
 from .models import MODELS
+from .schedule import SCHEDULES
 
 __all__ = [
     "METHODS",
@@ -21,17 +25,69 @@ __all__ = [
     "SCHEDULES",
     "SCOPES",
     "TrainConfig",
+    "config_differences",
+    "describe_differences",
     "preset",
 ]
 
 # "dense" trains without pruning; the rest are ong_kernels.prune methods.
-METHODS = ("dense", "ong", "magnitude", "random", "snip", "grasp", "synflow")
-SCOPES = ("global", "layer", "erk")
-SCHEDULES = ("cosine", "multistep", "linear", "constant")
+METHODS = ("dense", *PRUNE_METHODS)
 _TRISTATE = ("auto", "on", "off")
 
 # Fields that may differ when a run is resumed: they do not change what is computed.
 RESUMABLE_OVERRIDES = frozenset({"data_dir", "run_dir", "progress", "compile"})
+
+
+def _parses_as_device(text: str) -> bool:
+    import torch
+
+    if text == "auto":
+        return True
+    try:
+        torch.device(text)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _effective(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the ``auto`` settings replaced by what they resolve to here, so that
+    e.g. ``device=auto`` and ``cpu`` on a machine without CUDA compare equal."""
+    import torch
+
+    out = dict(values)
+    device = out.get("device")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, str):
+        out["device"] = "cuda" if device.startswith("cuda") and ":" not in device else device
+    cuda = isinstance(out["device"], str) and out["device"].startswith("cuda")
+    if out.get("amp") == "auto":
+        out["amp"] = "bf16" if cuda else "off"
+    if out.get("channels_last") == "auto":
+        out["channels_last"] = "on" if cuda else "off"
+    return out
+
+
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = RESUMABLE_OVERRIDES
+) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved, current)} for the fields that change what a run computes.
+
+    Fields in ``ignore`` are skipped, and settings that resolve to the same thing here
+    (``device auto`` vs ``cpu`` without CUDA, ``amp auto`` vs ``off`` on a CPU) are equal.
+    """
+    a, b = _effective(saved), _effective(current)
+    return {
+        k: (saved.get(k), current.get(k))
+        for k in sorted(set(a) | set(b))
+        if k not in ignore and a.get(k) != b.get(k)
+    }
+
+
+def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
+    """``epochs: saved 1, now 2; lr: saved 0.1, now 0.01``."""
+    return "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differences.items())
 
 
 @dataclass
@@ -84,20 +140,17 @@ class TrainConfig:
             if not cond:
                 raise exc(f"{name}: {what}, got {getattr(self, name)!r}")
 
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
+        is_num = is_finite_real
         check(self.model in MODELS, "model", f"expected one of {', '.join(MODELS)}")
         check(self.dataset in DATASETS, "dataset", f"expected one of {', '.join(DATASETS)}")
         check(
             self.data_dir is None or isinstance(self.data_dir, str), "data_dir", "expected a path"
         )
         for name in ("train_subset", "test_subset"):
+            if getattr(self, name) == 0:
+                setattr(self, name, None)  # 0 = all, as in the main job's options
             v = getattr(self, name)
-            check(v is None or (is_int(v) and v > 0), name, "expected a positive int or None")
+            check(v is None or (is_int(v) and v > 0), name, "expected an int >= 0 (0 or None: all)")
         s = self.synthetic_shape
         check(
             isinstance(s, (list, tuple)) and len(s) == 4 and all(is_int(v) and v > 0 for v in s),
@@ -126,7 +179,11 @@ class TrainConfig:
         )
 
         check(is_int(self.epochs) and self.epochs > 0, "epochs", "expected a positive int")
-        check(is_int(self.batch_size) and self.batch_size > 0, "batch_size", "expected > 0")
+        check(
+            is_int(self.batch_size) and self.batch_size > 1,
+            "batch_size",
+            "expected >= 2 (BatchNorm needs 2 examples per batch to train)",
+        )
         check(
             is_int(self.eval_batch_size) and self.eval_batch_size > 0,
             "eval_batch_size",
@@ -157,7 +214,9 @@ class TrainConfig:
 
         check(is_int(self.seed) and self.seed >= 0, "seed", "expected an int >= 0")
         check(
-            isinstance(self.device, str) and self.device != "", "device", "expected a device string"
+            isinstance(self.device, str) and _parses_as_device(self.device),
+            "device",
+            "expected cpu, cuda, cuda:N or auto",
         )
         check(self.amp in ("auto", "bf16", "off"), "amp", "expected auto, bf16 or off")
         check(self.channels_last in _TRISTATE, "channels_last", "expected auto, on or off")

@@ -13,12 +13,15 @@ from typing import Any
 
 from .checkpoint import atomic_write
 
-__all__ = ["plot_history", "plot_sweep"]
+__all__ = ["history_figures", "plot_history", "plot_sweep", "sweep_figure"]
 
 
 def _figure():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'ong_kernels[train]'") from err
 
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     FigureCanvasAgg(fig)
@@ -32,24 +35,56 @@ def _save(fig, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def plot_history(
-    history: Sequence[Mapping[str, Any]], loss_path: str | os.PathLike, acc_path: str | os.PathLike
-) -> None:
-    """Per-epoch train/test loss and accuracy of one run, two PNG files."""
+def _integer_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def history_figures(history: Sequence[Mapping[str, Any]], title: str = "") -> dict[str, Any]:
+    """Figures of one run, by name: per-epoch train/test "loss" and "accuracy", and the
+    learning rate at the end of each epoch ("lr"), each titled with ``title``."""
     epochs = [row["epoch"] for row in history]
-    for path, key, label in ((loss_path, "loss", "loss"), (acc_path, "acc", "accuracy (%)")):
+    figs = {}
+    for key, label in (("loss", "loss"), ("acc", "accuracy (%)")):
         fig = _figure()
         ax = fig.add_subplot()
         for split in ("train", "test"):
             ax.plot(epochs, [row[f"{split}_{key}"] for row in history], marker="o", label=split)
-        ax.set_xlabel("epoch")
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
         ax.legend()
-        _save(fig, path)
+        figs["loss" if key == "loss" else "accuracy"] = fig
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(epochs, [row["lr"] for row in history], marker="o")
+    ax.set_ylabel("learning rate (end of epoch)")
+    figs["lr"] = fig
+    for fig in figs.values():
+        ax = fig.axes[0]
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        _integer_epochs(ax)
+    return figs
 
 
-def plot_sweep(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+def plot_history(
+    history: Sequence[Mapping[str, Any]],
+    loss_path: str | os.PathLike,
+    acc_path: str | os.PathLike,
+    *,
+    title: str = "",
+    lr_path: str | os.PathLike | None = None,
+) -> None:
+    """Write :func:`history_figures` as PNG files (the lr curve only with ``lr_path``)."""
+    figs = history_figures(history, title)
+    _save(figs["loss"], loss_path)
+    _save(figs["accuracy"], acc_path)
+    if lr_path is not None:
+        _save(figs["lr"], lr_path)
+
+
+def sweep_figure(summary: Sequence[Mapping[str, Any]], title: str = ""):
     """Mean +- std final test accuracy vs sparsity, one line per method; dense as a band."""
     fig = _figure()
     ax = fig.add_subplot()
@@ -72,6 +107,14 @@ def plot_sweep(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
                 ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    return fig
+
+
+def plot_sweep(
+    summary: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, title: str = ""
+) -> None:
+    """Write :func:`sweep_figure` as a PNG file."""
+    _save(sweep_figure(summary, title), path)

@@ -25,6 +25,10 @@ import torch
 __all__ = ["LRSchedule", "make_scheduler"]
 
 
+# Learning-rate schedules by name (TrainConfig.schedule, --schedule).
+SCHEDULES = ("cosine", "multistep", "linear", "constant")
+
+
 class LRSchedule:
     """Multiplier of the base learning rate as a function of the optimizer step."""
 
@@ -37,7 +41,7 @@ class LRSchedule:
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
     ):
-        if kind not in ("cosine", "linear", "multistep", "constant"):
+        if kind not in SCHEDULES:
             raise ValueError(f"kind: unknown schedule {kind!r}")
         if total_steps < 1:
             raise ValueError(f"total_steps: expected >= 1, got {total_steps}")

@@ -10,6 +10,7 @@ test set would be selecting on it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -19,13 +20,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, atomic_write, write_json
-from .config import METHODS, TrainConfig
+from .config import METHODS, TrainConfig, config_differences, describe_differences
 from .data import ImageDataset, load_dataset
 from .report import format_table, mean_std
+from .trainer import Trainer
 
-__all__ = ["SweepSummary", "check_workers", "plan_runs", "run_sweep", "summarize"]
+__all__ = [
+    "ChangedRunsError",
+    "SweepSummary",
+    "check_workers",
+    "locate_run",
+    "plan_runs",
+    "run_sweep",
+    "summarize",
+]
+
+
+class ChangedRunsError(ValueError):
+    """Run folders of the sweep hold runs made with other settings."""
+
 
 SUMMARY_COLUMNS = [
     ("method", "method"),
@@ -117,6 +134,13 @@ def _display(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _run_entry(results: dict[str, Any]) -> dict[str, Any]:
+    """The summary's line for one run: where it is and what it was."""
+    cfg = results["config"]
+    keys = ("run_dir", "method", "sparsity", "seed", "epochs", "lr", "train_subset")
+    return {**{k: cfg[k] for k in keys}, "test_acc": results["test_acc"]}
+
+
 def _describe(base: TrainConfig) -> str:
     subset = []
     if base.train_subset:
@@ -141,9 +165,6 @@ def _load(base: TrainConfig) -> ImageDataset:
 
 def _train_in_worker(config: dict[str, Any], resume: bool, threads: int) -> dict[str, Any]:
     """Process-pool task: one run with ``threads`` intra-op threads, log lines prefixed."""
-    import torch
-
-    from .trainer import Trainer
 
     torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(config)
@@ -158,6 +179,50 @@ def _train_in_worker(config: dict[str, Any], resume: bool, threads: int) -> dict
         log=lambda m: print(f"[{name}] {m}", flush=True),
     )
     return trainer.fit()
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _digest(cfg: TrainConfig) -> str:
+    """8 hex digits naming a config (what it computes), for the folder of a changed run."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in ("run_dir", "data_dir")}
+    values.pop("progress"), values.pop("compile")
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def locate_run(
+    out_dir: Path, cfg: TrainConfig, rerun_changed: bool
+) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+    """The run folder for ``cfg``: ``OUT_DIR/<run name>``, unless that folder holds a run made
+    with other settings; then ``OUT_DIR/<run name>-<config digest>`` when ``rerun_changed``.
+
+    Returns (cfg with its run_dir, differences of the occupied folder; empty when none).
+    A folder whose config matches is always the answer, so an earlier ``rerun_changed``
+    run is found again.
+    """
+    name = cfg.run_name()
+    first, alt = out_dir / name, out_dir / f"{name}-{_digest(cfg)}"
+    differences: dict[str, tuple[Any, Any]] = {}
+    for run_dir in (first, alt):
+        placed = cfg.replace(run_dir=str(run_dir))
+        saved = _saved_config(run_dir)
+        if saved is None:
+            if run_dir == first or rerun_changed:
+                return placed, {}
+            continue
+        diff = config_differences(saved, placed.to_dict())
+        if not diff:
+            return placed, {}
+        if run_dir == first:
+            differences = diff
+    if not rerun_changed:
+        return cfg.replace(run_dir=str(first)), differences
+    raise ChangedRunsError(
+        f"{alt}: holds yet another config ({describe_differences(diff)}); choose another --out-dir"
+    )
 
 
 def check_workers(workers: int, device: str) -> None:
@@ -182,8 +247,15 @@ def run_sweep(
     dataset: ImageDataset | None = None,
     command: Sequence[str] | None = None,
     log: Callable[[str], None] | None = print,
+    rerun_changed: bool = False,
 ) -> SweepSummary:
     """Train every planned run (reusing finished ones), then write and return the summary.
+
+    A finished run is reused, and an unfinished one resumed, only when its saved config
+    computes the same thing as the planned one (:func:`config.config_differences`).
+    Otherwise :class:`ChangedRunsError` names the differing fields, before anything is
+    trained; with ``rerun_changed`` such runs train into ``<run name>-<config digest>``
+    folders instead (see :func:`locate_run`).
 
     ``workers > 1`` trains that many runs at once in separate processes (CPU only), each
     with ``threads_per_worker`` intra-op threads (default: this process's threads divided
@@ -195,15 +267,26 @@ def run_sweep(
     configs = plan_runs(base, methods, sparsities, seeds)
     check_workers(workers, base.device)
     out_dir = Path(out_dir)
+    placed = [locate_run(out_dir, cfg, rerun_changed) for cfg in configs]
+    changed = [(cfg, diff) for cfg, diff in placed if diff]
+    if changed:
+        lines = [f"  {cfg.run_dir}: {describe_differences(diff)}" for cfg, diff in changed[:5]]
+        more = f"\n  ... and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ChangedRunsError(
+            f"{len(changed)} run folder(s) in {out_dir} hold runs made with other settings:\n"
+            + "\n".join(lines)
+            + more
+            + "\nre-run with --rerun-changed to train these settings into new folders "
+            "(<run name>-<config digest>), or choose another --out-dir"
+        )
     start = time.perf_counter()
     ctx = D.setup(base.device)
     say = log if (log is not None and ctx.is_main) else (lambda msg: None)
     runs: list[dict[str, Any] | None] = [None] * len(configs)
     todo = []
     try:
-        for i, cfg in enumerate(configs):
-            run_dir = out_dir / cfg.run_name()
-            cfg = cfg.replace(run_dir=str(run_dir))
+        for i, (cfg, _) in enumerate(placed):
+            run_dir = Path(cfg.run_dir)
             done = run_dir / "results.json"
             if done.is_file() and json.loads(done.read_text()).get("complete"):
                 say(f"[{i + 1}/{len(configs)}] {cfg.run_name()}: finished earlier, reusing {done}")
@@ -213,8 +296,6 @@ def run_sweep(
             say(f"[{i + 1}/{len(configs)}] {cfg.run_name()}{' (resuming)' if resume else ''}")
             todo.append((i, cfg, resume))
         if workers == 1:
-            from .trainer import Trainer
-
             if todo and dataset is None:
                 dataset = _load(base)
             for i, cfg, resume in todo:
@@ -223,8 +304,6 @@ def run_sweep(
         elif todo:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
-
-            import torch
 
             threads = threads_per_worker or max(1, torch.get_num_threads() // workers)
             say(f"training {len(todo)} runs, {workers} at a time, {threads} thread(s) each")
@@ -259,9 +338,14 @@ def run_sweep(
         atomic_write(md_path, lambda f: f.write(markdown.encode()))
         write_json(
             out_dir / "summary.json",
-            {"setup": _describe(base), "command": list(command or []), "rows": rows},
+            {
+                "setup": _describe(base),
+                "command": list(command or []),
+                "rows": rows,
+                "runs": [_run_entry(r) for r in runs],
+            },
         )
         from .plots import plot_sweep
 
-        plot_sweep(rows, plot_path)
+        plot_sweep(rows, plot_path, title=f"{base.model} on {base.dataset}, {len(seeds)} seed(s)")
     return SweepSummary(rows, runs, markdown, md_path, plot_path, wall)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,26 +34,58 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ong_kernels.optim import FusedMaskedSGD
+from ong_kernels.pruning import masks_for, prune
+from ong_kernels.pruning.api import READS_DATA
+
 from . import augment
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
     CheckpointError,
+    RunFolderError,
     load_checkpoint,
+    remove_stale_temp_files,
     save_checkpoint,
     write_csv,
     write_json,
 )
-from .config import RESUMABLE_OVERRIDES, TrainConfig
+from .config import TrainConfig, config_differences, describe_differences
 from .data import ImageDataset, load_dataset
 from .models import build_model
 from .schedule import make_scheduler
 
 __all__ = ["Callback", "SparsityError", "StopTraining", "Trainer"]
 
-# Pruning methods that score with data (gradients or a forward pass); the others get none.
-DATA_METHODS = frozenset({"snip", "grasp", "synflow"})
+
+def _tqdm(show: bool):
+    """tqdm (the [train] extra) when bars are shown; imported only then."""
+    if not show:
+        return lambda iterable, **kwargs: _NoBar(iterable)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as err:
+        raise ImportError(
+            "progress bars need tqdm: pip install 'ong_kernels[train]', or pass --no-progress"
+        ) from err
+    return tqdm
+
+
+class _NoBar:
+    """The part of tqdm's interface train_epoch uses, doing nothing."""
+
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
 
 
 class SparsityError(RuntimeError):
@@ -116,6 +149,8 @@ class Trainer:
         if dataset is not None and not isinstance(dataset, ImageDataset):
             raise TypeError(f"dataset: expected an ImageDataset, got {type(dataset).__name__}")
         self.run_dir = Path(config.run_dir) if config.run_dir is not None else None
+        if self.run_dir is not None and self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run_dir: {self.run_dir} exists and is not a folder")
         checkpoint_path = self.run_dir / CHECKPOINT_NAME if self.run_dir else None
         if resume and checkpoint_path is None:
             raise ValueError("resume: needs config.run_dir (the folder of the run to continue)")
@@ -127,6 +162,8 @@ class Trainer:
         self.config = config
         self.callbacks = list(callbacks)
         self._resume_state = load_checkpoint(checkpoint_path) if resume else None
+        if resume:
+            remove_stale_temp_files(self.run_dir)
         if self._resume_state is not None:
             self._check_resumable(self._resume_state["config"], checkpoint_path)
         # All checks above run before any process group exists or any file is written.
@@ -142,17 +179,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        current = self.config.to_dict()
-        differ = sorted(
-            k for k in set(saved) | set(current)
-            if k not in RESUMABLE_OVERRIDES and saved.get(k) != current.get(k)
-        )  # fmt: skip
+        differ = config_differences(saved, self.config.to_dict())
         if differ:
-            details = "; ".join(
-                f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differ
-            )
             raise CheckpointError(
-                f"{path}: the run was started with a different config ({details})"
+                f"{path}: the run was started with a different config "
+                f"({describe_differences(differ)})"
             )
 
     def _resolve_flags(self) -> None:
@@ -167,11 +198,29 @@ class Trainer:
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
     def setup(self) -> None:
-        """Load data, build and prune the model, create optimizer and scheduler (idempotent)."""
+        """Load data, build and prune the model, create optimizer and scheduler (idempotent).
+
+        The steps, in order (each a method): :meth:`_build_data`, :meth:`_build_model`,
+        :meth:`_build_masks`, :meth:`_build_optimizer_and_schedule`, :meth:`_build_rng`
+        (and the restore of a checkpoint), :meth:`_build_train_model` (DDP, compile).
+        """
         if self._setup_done:
             return
-        cfg, ctx = self.config, self.ctx
         self._resolve_flags()
+        self._build_data()
+        self._build_model()
+        self._build_masks()
+        self._build_optimizer_and_schedule()
+        self._build_rng()
+        if self._resume_state is not None:
+            self._restore(self._resume_state)
+            self._resume_state = None
+        self._build_train_model()
+        self._setup_done = True
+
+    def _build_data(self) -> None:
+        """The (subset) dataset on the device, its normalisation, steps per epoch."""
+        cfg, ctx = self.config, self.ctx
         if cfg.batch_size % ctx.world_size:
             raise ValueError(
                 f"batch_size: the global batch {cfg.batch_size} must divide evenly over "
@@ -190,6 +239,9 @@ class Trainer:
             )
         self.steps_per_epoch = n_train // cfg.batch_size  # drop_last: equal shards, fixed BN batch
 
+    def _build_model(self) -> None:
+        """The network, initialised from ``seed``."""
+        cfg = self.config
         torch.manual_seed(cfg.seed)
         self.model = build_model(
             cfg.model,
@@ -198,7 +250,10 @@ class Trainer:
             width=cfg.width,
         ).to(self.device)
 
-        state = self._resume_state
+    def _build_masks(self) -> None:
+        """Prune (or take the checkpoint's masks), the same on every rank; zero the pruned
+        weights and check the sparsity the masks promise."""
+        cfg, state = self.config, self._resume_state
         self.prune_time_s = 0.0
         if state is not None:
             self.masks = {k: v.to(self.device) for k, v in state["masks"].items()}
@@ -210,7 +265,7 @@ class Trainer:
             start = time.perf_counter()
             self.masks, self.pruning_report = self._prune()
             self.prune_time_s = time.perf_counter() - start
-        self.masks = D.broadcast_masks(ctx, self.masks)
+        self.masks = D.broadcast_masks(self.ctx, self.masks)
         params = dict(self.model.named_parameters())
         unknown = sorted(set(self.masks) - set(params))
         if unknown:
@@ -222,6 +277,10 @@ class Trainer:
         self.masked_total = sum(m.numel() for m in self.masks.values())
         self._check_mask_sparsity()
 
+    def _build_optimizer_and_schedule(self) -> None:
+        """FusedMaskedSGD with the masks (after the model's memory format is set) and the
+        per-step lr schedule."""
+        cfg = self.config
         self.model.to(memory_format=self.memory_format)
         self.optimizer = self._make_optimizer()
         self.scheduler = make_scheduler(
@@ -233,29 +292,29 @@ class Trainer:
             milestones=cfg.resolved_milestones() if cfg.schedule == "multistep" else (),
             gamma=cfg.gamma,
         )
+
+    def _build_rng(self) -> None:
+        """The data generator (order and augmentation) and the run's counters."""
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(cfg.seed)
+        self.generator.manual_seed(self.config.seed)
         self.start_epoch = 0
         self.elapsed_s = 0.0
-        if state is not None:
-            self._restore(state)
-            self._resume_state = None
 
+    def _build_train_model(self) -> None:
+        """The module the steps call: DDP-wrapped under torchrun, torch.compiled on request."""
         self.train_model: nn.Module = self.model
-        if ctx.enabled:
+        if self.ctx.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        if cfg.compile:
+        if self.config.compile:
             self.train_model = torch.compile(self.train_model)
-        self._setup_done = True
 
     def _prune(self) -> tuple[dict[str, torch.Tensor], list[Any]]:
-        from ong_kernels.pruning import prune
 
         cfg = self.config
         data = None
-        if cfg.method in DATA_METHODS:
+        if cfg.method in READS_DATA:
             # Un-augmented training batches from their own generator, so pruning does not
             # consume the training RNG stream.
             g = torch.Generator().manual_seed(cfg.seed)
@@ -299,8 +358,6 @@ class Trainer:
             )
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        from ong_kernels import FusedMaskedSGD
-        from ong_kernels.pruning import masks_for
 
         cfg = self.config
         masks = None
@@ -370,8 +427,6 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set (drop-last batches); returns loss/acc/time."""
-        from tqdm.auto import tqdm
-
         cfg, ctx, data = self.config, self.ctx, self.data
         bsz = cfg.batch_size
         local = bsz // ctx.world_size
@@ -380,13 +435,15 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
         start = time.perf_counter()
         order = torch.randperm(len(data.train_y), generator=self.generator, device=self.device)
-        bar = tqdm(
+        # Bars only on a terminal: in a log file tqdm's \r redraws pile up as fragments.
+        show = cfg.progress and ctx.is_main and sys.stderr.isatty()
+        bar = _tqdm(show)(
             range(self.steps_per_epoch),
             desc=f"epoch {epoch}/{cfg.epochs}",
             unit="batch",
             leave=False,
-            disable=not (cfg.progress and ctx.is_main),
         )
+        shown_at = 0.0
         for step in bar:
             # Draw for the global batch on every rank, then take this rank's slice.
             idx = order[step * bsz : (step + 1) * bsz]
@@ -407,7 +464,9 @@ class Trainer:
                 sums[0] += loss.detach().double() * local
                 sums[1] += (out.argmax(1) == y).sum()
                 sums[2] += local
-            if bar.disable is False and step % 20 == 0:
+            # The loss shown is refreshed twice a second (each refresh is a device sync).
+            if show and time.perf_counter() - shown_at >= 0.5:
+                shown_at = time.perf_counter()
                 bar.set_postfix(
                     loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4f}"
                 )
@@ -495,7 +554,10 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         cfg, ctx = self.config, self.ctx
         if ctx.is_main and self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise RunFolderError(f"{self.run_dir}: cannot create ({err.strerror})") from err
             write_json(self.run_dir / "config.json", cfg.to_dict())
         sparsity = self.check_sparsity()
         if self.start_epoch:
@@ -530,7 +592,16 @@ class Trainer:
             write_json(self.run_dir / "results.json", results)
             from .plots import plot_history
 
-            plot_history(self.history, self.run_dir / "loss.png", self.run_dir / "accuracy.png")
+            what = (
+                "dense" if cfg.method == "dense" else f"{cfg.method} at {cfg.sparsity:.0%} sparsity"
+            )
+            plot_history(
+                self.history,
+                self.run_dir / "loss.png",
+                self.run_dir / "accuracy.png",
+                lr_path=self.run_dir / "lr.png",
+                title=f"{cfg.model} on {cfg.dataset}, {what} (seed {cfg.seed})",
+            )
         return results
 
     def results(self, complete: bool) -> dict[str, Any]:
@@ -554,6 +625,12 @@ class Trainer:
             "remaining_parameters": n_params - self.pruned_count,
             "prune_time_s": self.prune_time_s,
             "train_time_s": self.elapsed_s,
+            # Training images per second over the whole run (evaluation not counted).
+            "images_per_s": (
+                sum(h["images_per_s"] * h["epoch_time_s"] for h in self.history) / self.elapsed_s
+                if self.elapsed_s
+                else 0.0
+            ),
             "device": str(self.device),
             "world_size": self.ctx.world_size,
             "amp_bf16": self.amp,
