@@ -38,9 +38,7 @@ def test_auto_picks_the_first_available_of_the_default_order(monkeypatch):
         chosen = registry.select(op, "cpu")
         order = registry.DEFAULT_ORDER[op]["cpu"]
         runnable = [
-            b
-            for b in order
-            if (op, b) in registry._KERNELS and registry.get(op, b).available()
+            b for b in order if (op, b) in registry._KERNELS and registry.get(op, b).available()
         ]
         assert chosen.backend == runnable[0]
         assert registry.select(op, "mps").backend == "reference"  # no order for mps
@@ -132,5 +130,5 @@ def test_missing_cuda_build_says_how_to_build(monkeypatch):
     with pytest.raises(RuntimeError, match="rebuild on a machine with nvcc"):
         _native.cuda_lib()
     monkeypatch.setattr(_native, "_C", None)
-    with pytest.raises(RuntimeError, match="pip install -e ."):
+    with pytest.raises(RuntimeError, match=r"pip install -e \."):
         _native.lib()
