@@ -8,7 +8,8 @@ O(checkpoint)). ONG factorises |W| of every pruned tensor with nmf_batched's str
 (groups that fit ``--memory-budget`` on ``--device``), keeps only the factors, and allocates
 with pruning.stream.stream_masks: exactly the masks prune() would give for the same weights
 (round(sparsity * N) pruned, ties by position). Masks are written bit-packed in the format of
-pruning.io.save_masks (numpy.packbits order, shapes in the metadata): load_masks reads them.
+pruning.io.save_masks (format version 2: _bitmask's bit order, shapes in the metadata):
+load_masks reads them.
 
 What is pruned by default: every tensor of 2 or more dimensions with a floating dtype whose
 name does not match DEFAULT_EXCLUDE (embeddings and norms). 1-D tensors (biases, norm scales)
@@ -28,7 +29,6 @@ import sys
 import time
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -175,6 +175,7 @@ def run(args) -> int:
     if not args.output:
         print("ong-mask: error: -o/--output is required (or --dry-run)", file=sys.stderr)
         return 2
+    from ong_kernels._bitmask import pack_mask
     from ong_kernels.pruning import stream
     from ong_kernels.pruning.io import FORMAT, VERSION
 
@@ -216,11 +217,12 @@ def run(args) -> int:
         packed, rows = {}, []
         t0 = time.perf_counter()
         for name, shape, mask in zip(names, shapes, masks, strict=True):
-            flat = mask.reshape(-1).cpu().numpy()
-            packed[name] = torch.from_numpy(np.packbits(flat))  # pruning.io's bit order
-            kept = int(np.count_nonzero(flat))
+            mask = mask.cpu().contiguous()
+            packed[name] = pack_mask(mask)  # pruning.io's codec (format version 2)
+            kept = int(mask.sum())
+            flat = mask.reshape(-1)
             t1 = time.perf_counter()
-            rows.append((name, shape, flat.size, kept, t1 - t0, _peak_mib()))
+            rows.append((name, shape, flat.numel(), kept, t1 - t0, _peak_mib()))
             t0 = t1
     except (ValueError, TypeError, RuntimeError) as exc:
         print(f"ong-mask: error: {exc}", file=sys.stderr)
@@ -228,6 +230,7 @@ def run(args) -> int:
     metadata = {
         "format": FORMAT,
         "version": VERSION,
+        "bit_order": "little",
         "shapes": json.dumps({n: list(s) for n, s in zip(names, shapes, strict=True)}),
     }
     save_file(packed, args.output, metadata=metadata)
