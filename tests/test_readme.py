@@ -19,7 +19,11 @@ def test_readme_snippet_runs(index, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    namespace: dict = {}
     try:
-        exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), {})
+        exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
+    # The snippet ran to its end: every name it binds exists (its own asserts ran too).
+    bound = set(re.findall(r"^(\w+)\s*=", SNIPPETS[index], flags=re.M))
+    assert bound <= set(namespace), f"snippet {index} did not bind {bound - set(namespace)}"

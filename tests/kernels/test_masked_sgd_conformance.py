@@ -112,7 +112,8 @@ def test_op_passes_opcheck(backend, device):
 
 
 def run_both(backend, params, grads, bufs, masks, hyper, scale=None):
-    """The op with `backend` and with the reference on clones; compare and check pruned 0."""
+    """The op with `backend` and with the reference on clones; compare and check pruned 0.
+    Returns the number of tensors compared."""
     expected = [t.clone() for t in params], [t.clone() for t in bufs]
     bits = [None if m is None else pack_mask(m) for m in masks]
     _ops.masked_sgd_step_(expected[0], grads, expected[1], bits, *hyper, "reference")
@@ -126,6 +127,7 @@ def run_both(backend, params, grads, bufs, masks, hyper, scale=None):
             assert not bool(p[~masks[i]].any())
             if bufs:
                 assert not bool(bufs[i][~masks[i]].any())
+    return len(params)
 
 
 HYPER = (0.05, 0.9, 0.0, 5e-4, True, False, False)
@@ -150,7 +152,9 @@ def test_sizes_and_densities(backend, device, name, sizes, density):
     params, grads, bufs, masks = poisoned_inputs(sizes, device, torch.float32, 0.9, density, gen)
     if name == "all-kept":
         masks = [None if m is None else torch.ones_like(m) for m in masks]
-    run_both(backend, params, grads, bufs, masks, HYPER)
+    assert run_both(backend, params, grads, bufs, masks, HYPER) == len(sizes)
+    # the poisoned inputs (NaN gradients, 1e30 weights at pruned positions) left no trace
+    assert all(bool(torch.isfinite(p).all()) for p in params)
 
 
 @pytest.mark.parametrize(("backend", "device"), CASES)
@@ -164,7 +168,9 @@ def test_mixed_dtypes_in_one_call(backend, device):
         grads += g
         bufs += b
         masks += [m[0]]
-    run_both(backend, params, grads, bufs, masks, HYPER)
+    assert run_both(backend, params, grads, bufs, masks, HYPER) == len(dtypes)
+    assert [p.dtype for p in params] == dtypes and [b.dtype for b in bufs] == dtypes
+    assert all(bool(torch.isfinite(p).all()) for p in params)
 
 
 @pytest.mark.parametrize(("backend", "device"), CASES)
