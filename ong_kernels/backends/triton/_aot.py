@@ -10,14 +10,22 @@ module's `aot_configs()`); the reports go into benchmarks/RESULTS.md:
 
 prints that table (Markdown) for every module of this package, and exits non-zero when a
 configuration fails to compile, spills, or needs more shared memory than SHARED_LIMIT.
+
+Compiling needs a process whose Triton is not interpreting: under TRITON_INTERPRET=1 Triton's
+own library functions (tl.cdiv, tl.sum, ...) are interpreter objects, and the first compile
+that calls one patches triton.language for the interpreter, so every later compile in that
+process fails (measured with triton 3.9: sm_90 compiled, then sm_80 of the same kernel
+raised InterpreterError). `reports()` therefore compiles in a child process with the
+interpreter off whenever the calling process interprets (the test suite does).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import importlib
-import importlib.util
+import json
+import os
 import pkgutil
 import re
 import subprocess
@@ -39,6 +47,10 @@ class Report:
     stack: int
     local: int
     shared: int
+    # The SM the PTX names (".target sm_90") and the cubin's size: proof the kernel lowered
+    # for the requested target (the interpreter checks neither).
+    ptx_target: str = ""
+    cubin_bytes: int = 0
 
     @property
     def spills(self) -> bool:
@@ -57,26 +69,11 @@ def _tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
-@functools.cache
-def _compiled_module(name: str):
-    """A fresh copy of kernel module `name` whose @triton.jit functions are real JITFunctions,
-    imported with the interpreter off (under TRITON_INTERPRET=1 the module's kernels are
-    InterpretedFunctions, which triton.compile cannot lower)."""
+def interpreting() -> bool:
+    """Whether this process's Triton runs kernels in its interpreter (TRITON_INTERPRET=1)."""
     import triton
 
-    spec = importlib.util.find_spec(name)
-    module = importlib.util.module_from_spec(spec)
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = False
-        spec.loader.exec_module(module)
-    return module
-
-
-def compilable(fn):
-    """`fn` itself, or its compiled-mode twin when the interpreter wrapped it."""
-    if hasattr(fn, "cache_key"):  # a JITFunction
-        return fn
-    return getattr(_compiled_module(fn.fn.__module__), fn.__name__)
+    return bool(triton.knobs.runtime.interpret)
 
 
 def compile_report(
@@ -89,12 +86,18 @@ def compile_report(
     num_stages: int = 2,
     maxnreg: int | None = None,
 ) -> Report:
-    """Compile `fn` (a @triton.jit function, not interpreted) for sm_`arch` and report."""
+    """Compile `fn` (a @triton.jit function) for sm_`arch` and report. Needs a process that
+    does not interpret (see the module docstring); `reports()` arranges one."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = compilable(fn)
+    if interpreting():
+        raise RuntimeError(
+            "compile_report: this process runs Triton's interpreter (TRITON_INTERPRET=1), "
+            "whose library functions cannot be compiled; use _aot.reports(), which compiles "
+            "in a child process, or unset TRITON_INTERPRET"
+        )
     source = ASTSource(fn, signature, constexprs=constexprs)
     compiled = triton.compile(
         source,
@@ -127,6 +130,8 @@ def compile_report(
         local=int(fields.get("LOCAL", 0)),
         # static shared memory from the cubin + the dynamic amount Triton launches with
         shared=int(fields.get("SHARED", 0)) + int(compiled.metadata.shared),
+        ptx_target=(re.findall(r"^\.target\s+(sm_\w+)", compiled.asm["ptx"], re.M) or [""])[0],
+        cubin_bytes=len(compiled.asm["cubin"]),
     )
 
 
@@ -150,6 +155,54 @@ def configs(module: str) -> list[dict]:
     return importlib.import_module(f"ong_kernels.backends.triton.{module}").aot_configs()
 
 
+def is_default(config: dict) -> bool:
+    """What the op runs unless asked otherwise: no string constexpr other than "ieee" (no
+    TF32 opt-in) and no dtype constexpr other than float32 (no half-precision inputs)."""
+    import triton.language as tl
+
+    for value in config["constexprs"].values():
+        if isinstance(value, str) and value != "ieee":
+            return False
+        if isinstance(value, tl.dtype) and value != tl.float32:
+            return False
+    return True
+
+
+Case = tuple[str, int, int]  # (module, index into its aot_configs(), arch)
+
+
+def _compile_cases(cases: list[Case]) -> dict[Case, Report | str]:
+    """Compile in this process: a Report per case, or the compile error's text."""
+    out: dict[Case, Report | str] = {}
+    for module, index, arch in cases:
+        try:
+            out[(module, index, arch)] = compile_report(arch=arch, **configs(module)[index])
+        except Exception as error:  # a compile error is a result of this check
+            out[(module, index, arch)] = f"{type(error).__name__}: {error}"
+    return out
+
+
+def reports(cases: list[Case]) -> dict[Case, Report | str]:
+    """A Report (or a compile error's text) per (module, config index, arch), compiled in a
+    child process with the interpreter off when this process interprets."""
+    if not interpreting():
+        return _compile_cases(cases)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cases.json"
+        path.write_text(json.dumps(cases))
+        subprocess.run(
+            [sys.executable, "-m", __name__, "--cases-json", str(path)], env=env, check=True
+        )
+        rows = json.loads(path.read_text())
+    return {
+        (r["module"], r["index"], r["arch"]): (
+            r["error"] if "error" in r else Report(**r["report"])
+        )
+        for r in rows
+    }
+
+
 def problems(report: Report) -> list[str]:
     """Why a report fails the AOT check (empty when it passes)."""
     out = []
@@ -164,24 +217,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[80, 90])
     parser.add_argument("--module", nargs="+", help="modules of ong_kernels.backends.triton")
+    parser.add_argument(
+        "--cases-json",
+        metavar="FILE",
+        help="compile the [module, index, arch] cases listed in FILE and write the reports "
+        "back into it (how reports() compiles for an interpreting process)",
+    )
     args = parser.parse_args(argv)
+    if args.cases_json:
+        path = Path(args.cases_json)
+        cases = [tuple(c) for c in json.loads(path.read_text())]
+        rows = [
+            {"module": m, "index": i, "arch": a}
+            | ({"error": r} if isinstance(r, str) else {"report": dataclasses.asdict(r)})
+            for (m, i, a), r in _compile_cases(cases).items()
+        ]
+        path.write_text(json.dumps(rows))
+        return 0
     header = "| kernel | arch | config | registers | stack | local | shared (B) |"
     print(header + "\n|---|---|---|---|---|---|---|")
     failed = 0
-    for module in args.module or kernel_modules():
-        for arch in args.arch:
-            for config in configs(module):
-                try:
-                    report = compile_report(arch=arch, **config)
-                except Exception as error:  # a compile error is a result of this check
-                    failed += 1
-                    name = config["fn"].__name__
-                    print(f"| {name} | sm_{arch} | {_config_label(config['constexprs'])} | "
-                          f"COMPILE ERROR: {type(error).__name__} | | | |")  # fmt: skip
-                    continue
-                why = problems(report)
-                failed += bool(why)
-                print(report.row() + (f" **{'; '.join(why)}**" if why else ""), flush=True)
+    cases = [
+        (module, index, arch)
+        for module in args.module or kernel_modules()
+        for arch in args.arch
+        for index in range(len(configs(module)))
+    ]
+    for (module, index, arch), report in reports(cases).items():
+        if isinstance(report, str):
+            failed += 1
+            config = configs(module)[index]
+            print(f"| {config['fn'].__name__} | sm_{arch} | {_config_label(config['constexprs'])} "
+                  f"| COMPILE ERROR: {report.splitlines()[0]} | | | |")  # fmt: skip
+            continue
+        why = problems(report)
+        failed += bool(why)
+        print(report.row() + (f" **{'; '.join(why)}**" if why else ""), flush=True)
     print(f"\n{failed} failing configuration(s)", file=sys.stderr)
     return 1 if failed else 0
 
