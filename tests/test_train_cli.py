@@ -1,5 +1,6 @@
 """Configuration, schedules, tables, and the ong-train / ong-sweep command lines."""
 
+import dataclasses
 import json
 import math
 
@@ -153,6 +154,41 @@ def test_every_option_has_help():
         for action in parser._actions:
             assert action.help, f"{parser.prog} {action.option_strings} has no help"
         parser.format_help()  # %-formatting in help strings must not break
+
+
+# A value per option, different from the field's default, written as on a command line.
+NON_DEFAULT = {
+    "model": ["resnet32"], "dataset": ["synthetic"], "data_dir": ["/data"],
+    "train_subset": ["100"], "test_subset": ["50"], "synthetic_shape": ["8", "4", "1", "6"],
+    "width": ["0.5"], "method": ["snip"], "sparsity": ["0.8"], "scope": ["erk"],
+    "prune_batches": ["3"], "method_kwargs": ['{"rank": 4}'], "epochs": ["12"],
+    "batch_size": ["64"], "eval_batch_size": ["100"], "lr": ["0.05"], "momentum": ["0.5"],
+    "nesterov": [], "weight_decay": ["0.001"], "schedule": ["multistep"],
+    "milestones": ["4", "8"], "gamma": ["0.5"], "warmup_epochs": ["1"], "seed": ["7"],
+    "device": ["cpu"], "amp": ["off"], "channels_last": ["on"], "compile": [], "progress": [],
+}  # fmt: skip
+
+
+def test_options_are_generated_from_every_config_field():
+    # Every TrainConfig field but run_dir (ong-train's own --run-dir) is an option of
+    # ong-train, and of ong-sweep unless swept; each parses to a value TrainConfig takes.
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "run_dir"]
+    assert {f.name for f in fields} == set(NON_DEFAULT)
+    defaults = TrainConfig().to_dict()
+    argv = []
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(defaults[f.name], bool):  # --no-X flips a True default, --X a False one
+            flag = flag if not defaults[f.name] else "--no-" + flag[2:]
+        argv += [flag, *NON_DEFAULT[f.name]]
+    given = vars(cli.build_train_parser().parse_args(argv))
+    config = TrainConfig.from_dict({**defaults, **{f.name: given[f.name] for f in fields}})
+    for f in fields:
+        value = getattr(config, f.name)
+        assert value != defaults[f.name], f"{f.name}: parsed {value!r}, the default"
+    sweep_dests = {a.dest for a in cli.build_sweep_parser()._actions}
+    swept = {"method", "sparsity", "seed"}
+    assert {f.name for f in fields} - swept <= sweep_dests and not swept & sweep_dests
 
 
 def test_train_cli_runs_resumes_and_prints_table(tmp_path, capsys):

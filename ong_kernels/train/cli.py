@@ -3,7 +3,7 @@
 Option values combine in this order, later winning: TrainConfig's defaults, then a
 ``--preset``, then the options given on the command line. With ``--resume`` the saved
 config of the run is the starting point instead, and options given must not change it
-(except --data-dir, --no-progress and --compile, which do not change the result).
+(except --data-dir, --progress and --compile, which do not change the result).
 
 Both entry points take ``argv`` (None: ``sys.argv[1:]``) and return an exit code:
 0 success, 1 a runtime failure (missing data, bad checkpoint, broken sparsity,
@@ -13,16 +13,18 @@ divergence), 2 a usage error, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunFolderError
-from .config import METHODS, PRESET_SPARSITIES, PRESETS, SCHEDULES, SCOPES, TrainConfig, preset
-from .data import DATASETS, DatasetError
-from .models import MODELS
+from .config import METHODS, PRESET_SPARSITIES, PRESETS, Option, TrainConfig, option_of, preset
+from .data import DatasetError
 from .report import format_table
 from .sweep import ChangedRunsError, check_workers, plan_runs, run_sweep
 from .trainer import SparsityError, Trainer
@@ -30,12 +32,6 @@ from .trainer import SparsityError, Trainer
 __all__ = ["build_sweep_parser", "build_train_parser", "sweep_main", "train_main"]
 
 _DEFAULTS = TrainConfig().to_dict()
-# Options that pick *which* runs happen: ong-sweep takes lists of them instead.
-_SWEPT = ("method", "sparsity", "seed")
-
-
-def _d(name: str) -> str:
-    return f" (default: {_DEFAULTS[name]})"
 
 
 def _json_dict(text: str) -> dict[str, Any]:
@@ -48,166 +44,60 @@ def _json_dict(text: str) -> dict[str, Any]:
     return value
 
 
+def _argparse_kwargs(annotation: Any, option: Option) -> dict[str, Any]:
+    """argparse's type/action/nargs for a field annotated ``annotation``."""
+    kind = annotation
+    if isinstance(annotation, types.UnionType):  # X | None -> X
+        (kind,) = (a for a in typing.get_args(annotation) if a is not type(None))
+    origin = typing.get_origin(kind) or kind
+    if origin is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is dict:
+        return {"type": _json_dict}
+    if origin is list:
+        return {"type": typing.get_args(kind)[0], "nargs": option.nargs}
+    return {} if origin is str else {"type": origin}
+
+
+def _default_text(name: str, option: Option) -> str:
+    if option.default_text is not None:
+        return option.default_text
+    value = _DEFAULTS[name]
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _add_config_options(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
-    """Every TrainConfig field as an option whose default is 'not given' (SUPPRESS)."""
-    S = argparse.SUPPRESS
-    add = parser.add_argument
-    add(
+    """Every TrainConfig field that has an :class:`~.config.Option` as a command-line option
+    (generated from the fields, so the two cannot drift apart). Defaults are 'not given'
+    (SUPPRESS): what was given is told apart from TrainConfig's defaults and a preset's."""
+    parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default=S,
+        default=argparse.SUPPRESS,
         help="the paper's settings for a model/dataset pair (200 epochs, batch 128, nesterov "
         "SGD lr 0.1 cosine, weight decay 1e-4 on CIFAR-10 / 5e-4 on CIFAR-100); other "
         "options override it",
     )
-
-    g = parser.add_argument_group("model and data")
-    g.add_argument("--model", choices=MODELS, default=S, help="network" + _d("model"))
-    g.add_argument("--dataset", choices=DATASETS, default=S, help="dataset" + _d("dataset"))
-    g.add_argument(
-        "--data-dir",
-        default=S,
-        metavar="DIR",
-        help="folder with the dataset files (Fashion-MNIST: the four IDX .gz files, "
-        "default /usr/share/datasets/fashion-mnist; CIFAR: the extracted "
-        "python-version folder or its parent)",
-    )
-    g.add_argument(
-        "--train-subset",
-        type=int,
-        default=S,
-        metavar="N",
-        help="train on the first N training examples, 0 for all (default: all)",
-    )
-    g.add_argument(
-        "--test-subset",
-        type=int,
-        default=S,
-        metavar="N",
-        help="evaluate on the first N test examples, 0 for all (default: all)",
-    )
-    g.add_argument(
-        "--synthetic-shape",
-        type=int,
-        nargs=4,
-        default=S,
-        metavar=("TRAIN", "TEST", "CHANNELS", "SIZE"),
-        help="size of --dataset synthetic" + _d("synthetic_shape"),
-    )
-    g.add_argument(
-        "--width",
-        type=float,
-        default=S,
-        help="channel-width multiplier of the network" + _d("width"),
-    )
-
-    g = parser.add_argument_group("pruning")
-    if not sweep:
-        g.add_argument(
-            "--method",
-            choices=METHODS,
-            default=S,
-            help="pruning method at initialisation, or dense" + _d("method"),
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        option = option_of(f)
+        if option is None or (sweep and option.swept):
+            continue
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        kwargs = {k: v for k, v in _argparse_kwargs(hints[f.name], option).items() if v}
+        if option.choices is not None:
+            kwargs["choices"] = option.choices
+        if option.metavar is not None:
+            kwargs["metavar"] = option.metavar
+        groups[option.group].add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=f"{option.help} (default: {_default_text(f.name, option)})",
+            **kwargs,
         )
-        g.add_argument(
-            "--sparsity",
-            type=float,
-            default=S,
-            help="fraction of prunable weights removed" + _d("sparsity"),
-        )
-    g.add_argument(
-        "--scope",
-        choices=SCOPES,
-        default=S,
-        help="how sparsity is spread over layers" + _d("scope"),
-    )
-    g.add_argument(
-        "--prune-batches",
-        type=int,
-        default=S,
-        metavar="N",
-        help="training batches scored by data-driven methods (snip, grasp, synflow)"
-        + _d("prune_batches"),
-    )
-    g.add_argument(
-        "--method-kwargs",
-        type=_json_dict,
-        default=S,
-        metavar="JSON",
-        help="extra keyword arguments for ong_kernels.pruning.prune, as a JSON object "
-        "(e.g. '{\"rank\": 8}')",
-    )
-
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=S, help="training epochs" + _d("epochs"))
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=S,
-        help="global batch size, split evenly over processes" + _d("batch_size"),
-    )
-    g.add_argument(
-        "--eval-batch-size",
-        type=int,
-        default=S,
-        help="batch size for evaluation" + _d("eval_batch_size"),
-    )
-    g.add_argument("--lr", type=float, default=S, help="peak learning rate" + _d("lr"))
-    g.add_argument("--momentum", type=float, default=S, help="SGD momentum" + _d("momentum"))
-    g.add_argument(
-        "--nesterov",
-        action=argparse.BooleanOptionalAction,
-        default=S,
-        help="Nesterov momentum" + _d("nesterov"),
-    )
-    g.add_argument(
-        "--weight-decay", type=float, default=S, help="L2 weight decay" + _d("weight_decay")
-    )
-    g.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=S,
-        help="learning-rate schedule, stepped per batch" + _d("schedule"),
-    )
-    g.add_argument(
-        "--milestones",
-        type=int,
-        nargs="+",
-        default=S,
-        metavar="EPOCH",
-        help="multistep: epochs where the lr is multiplied by --gamma "
-        "(default: 50%% and 75%% of --epochs)",
-    )
-    g.add_argument("--gamma", type=float, default=S, help="multistep factor" + _d("gamma"))
-    g.add_argument(
-        "--warmup-epochs",
-        type=int,
-        default=S,
-        help="linear lr warm-up epochs" + _d("warmup_epochs"),
-    )
-
-    g = parser.add_argument_group("execution")
-    if not sweep:
-        g.add_argument("--seed", type=int, default=S, help="seed of everything" + _d("seed"))
-    g.add_argument(
-        "--device", default=S, help="cpu, cuda, cuda:N or auto (cuda when available)" + _d("device")
-    )
-    g.add_argument(
-        "--amp",
-        choices=("auto", "bf16", "off"),
-        default=S,
-        help="bf16 autocast; auto = on for CUDA, off on CPU" + _d("amp"),
-    )
-    g.add_argument(
-        "--channels-last",
-        choices=("auto", "on", "off"),
-        default=S,
-        help="channels_last memory format; auto = on for CUDA" + _d("channels_last"),
-    )
-    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
-    g.add_argument(
-        "--no-progress", dest="progress", action="store_false", default=S, help="no progress bars"
-    )
 
 
 def build_train_parser() -> argparse.ArgumentParser:

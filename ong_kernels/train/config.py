@@ -33,6 +33,7 @@ __all__ = [
 # "dense" trains without pruning; the rest are ong_kernels.prune methods.
 METHODS = ("dense", *PRUNE_METHODS)
 _TRISTATE = ("auto", "on", "off")
+AMP_MODES = ("auto", "bf16", "off")
 
 # Fields that may differ when a run is resumed: they do not change what is computed.
 RESUMABLE_OVERRIDES = frozenset({"data_dir", "run_dir", "progress", "compile"})
@@ -90,43 +91,130 @@ def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differences.items())
 
 
+@dataclass(frozen=True)
+class Option:
+    """How a :class:`TrainConfig` field appears on the command line (``ong-train``,
+    ``ong-sweep``): the options are generated from these, so a field and its flag cannot
+    drift apart. Types come from the field's annotation; ``choices`` are also what
+    :meth:`TrainConfig.validate` accepts."""
+
+    group: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | tuple[str, ...] | None = None
+    nargs: int | str | None = None
+    # Text for the help's "(default: ...)"; None: the field's default value.
+    default_text: str | None = None
+    # ong-sweep takes lists of these instead (--methods, --sparsities, --seeds).
+    swept: bool = False
+
+
+def _field(default: Any, group: str, help: str, **option: Any) -> Any:
+    """A dataclass field whose metadata carries its :class:`Option`."""
+    meta = {"option": Option(group, help, **option)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def option_of(f: dataclasses.Field) -> Option | None:
+    """The :class:`Option` of a TrainConfig field (None: no command-line option)."""
+    return f.metadata.get("option")
+
+
+_DATA, _PRUNE, _OPTIM, _EXEC = "model and data", "pruning", "optimisation", "execution"
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines a training run. See ``ong-train --help`` for each field."""
 
-    model: str = "resnet20"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
-    # (num_train, num_test, channels, size) of the synthetic dataset.
-    synthetic_shape: list[int] = field(default_factory=lambda: [512, 256, 3, 16])
-    width: float = 1.0
+    model: str = _field("resnet20", _DATA, "network", choices=MODELS)
+    dataset: str = _field("fashion-mnist", _DATA, "dataset", choices=DATASETS)
+    data_dir: str | None = _field(
+        None,
+        _DATA,
+        "folder with the dataset files (Fashion-MNIST: the four IDX .gz files; CIFAR: the "
+        "extracted python-version folder or its parent)",
+        metavar="DIR",
+        default_text="/usr/share/datasets/fashion-mnist for Fashion-MNIST",
+    )
+    train_subset: int | None = _field(
+        None,
+        _DATA,
+        "train on the first N training examples, 0 for all",
+        metavar="N",
+        default_text="all",
+    )
+    test_subset: int | None = _field(
+        None,
+        _DATA,
+        "evaluate on the first N test examples, 0 for all",
+        metavar="N",
+        default_text="all",
+    )
+    synthetic_shape: list[int] = _field(
+        [512, 256, 3, 16],
+        _DATA,
+        "size of --dataset synthetic",
+        nargs=4,
+        metavar=("TRAIN", "TEST", "CHANNELS", "SIZE"),
+    )
+    width: float = _field(1.0, _DATA, "channel-width multiplier of the network")
 
-    method: str = "ong"
-    sparsity: float = 0.9
-    scope: str = "global"
-    prune_batches: int = 1
-    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    method: str = _field(
+        "ong", _PRUNE, "pruning method at initialisation, or dense", choices=METHODS, swept=True
+    )
+    sparsity: float = _field(0.9, _PRUNE, "fraction of prunable weights removed", swept=True)
+    scope: str = _field("global", _PRUNE, "how sparsity is spread over layers", choices=SCOPES)
+    prune_batches: int = _field(
+        1,
+        _PRUNE,
+        "training batches scored by data-driven methods (snip, grasp, synflow)",
+        metavar="N",
+    )
+    method_kwargs: dict[str, Any] = _field(
+        {},
+        _PRUNE,
+        "extra keyword arguments for ong_kernels.pruning.prune, as a JSON object "
+        "(e.g. '{\"rank\": 8}')",
+        metavar="JSON",
+        default_text="{}",
+    )
 
-    epochs: int = 200
-    batch_size: int = 128
-    eval_batch_size: int = 1000
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    milestones: list[int] | None = None
-    gamma: float = 0.1
-    warmup_epochs: int = 0
+    epochs: int = _field(200, _OPTIM, "training epochs")
+    batch_size: int = _field(128, _OPTIM, "global batch size, split evenly over processes")
+    eval_batch_size: int = _field(1000, _OPTIM, "batch size for evaluation")
+    lr: float = _field(0.1, _OPTIM, "peak learning rate")
+    momentum: float = _field(0.9, _OPTIM, "SGD momentum")
+    nesterov: bool = _field(True, _OPTIM, "Nesterov momentum")
+    weight_decay: float = _field(1e-4, _OPTIM, "L2 weight decay")
+    schedule: str = _field(
+        "cosine", _OPTIM, "learning-rate schedule, stepped per batch", choices=SCHEDULES
+    )
+    milestones: list[int] | None = _field(
+        None,
+        _OPTIM,
+        "multistep: epochs where the lr is multiplied by --gamma",
+        nargs="+",
+        metavar="EPOCH",
+        default_text="50%% and 75%% of --epochs",
+    )
+    gamma: float = _field(0.1, _OPTIM, "multistep factor")
+    warmup_epochs: int = _field(0, _OPTIM, "linear lr warm-up epochs")
 
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    channels_last: str = "auto"
-    compile: bool = False
-    progress: bool = True
+    seed: int = _field(0, _EXEC, "seed of everything", swept=True)
+    device: str = _field("auto", _EXEC, "cpu, cuda, cuda:N or auto (cuda when available)")
+    amp: str = _field(
+        "auto", _EXEC, "bf16 autocast; auto = on for CUDA, off on CPU", choices=AMP_MODES
+    )
+    channels_last: str = _field(
+        "auto", _EXEC, "channels_last memory format; auto = on for CUDA", choices=_TRISTATE
+    )
+    compile: bool = _field(False, _EXEC, "torch.compile the model")
+    progress: bool = _field(True, _EXEC, "progress bars (only when writing to a terminal)")
+    # No Option: ong-train's --run-dir defaults to a folder named after the run, and
+    # ong-sweep names one folder per run itself.
     run_dir: str | None = None
 
     def __post_init__(self):
@@ -141,8 +229,14 @@ class TrainConfig:
                 raise exc(f"{name}: {what}, got {getattr(self, name)!r}")
 
         is_num = is_finite_real
-        check(self.model in MODELS, "model", f"expected one of {', '.join(MODELS)}")
-        check(self.dataset in DATASETS, "dataset", f"expected one of {', '.join(DATASETS)}")
+        for f in dataclasses.fields(self):
+            choices = getattr(option_of(f), "choices", None)
+            if choices is not None:
+                check(
+                    getattr(self, f.name) in choices,
+                    f.name,
+                    f"expected one of {', '.join(choices)}",
+                )
         check(
             self.data_dir is None or isinstance(self.data_dir, str), "data_dir", "expected a path"
         )
@@ -160,13 +254,11 @@ class TrainConfig:
         self.synthetic_shape = list(s)
         check(is_num(self.width) and self.width > 0, "width", "expected a positive number")
 
-        check(self.method in METHODS, "method", f"expected one of {', '.join(METHODS)}")
         check(is_num(self.sparsity) and 0 <= self.sparsity < 1, "sparsity", "expected in [0, 1)")
         if self.method == "dense":
             self.sparsity = 0.0
         else:
             check(self.sparsity > 0, "sparsity", f"method {self.method!r} needs sparsity > 0")
-        check(self.scope in SCOPES, "scope", f"expected one of {', '.join(SCOPES)}")
         check(
             is_int(self.prune_batches) and self.prune_batches > 0, "prune_batches", "expected > 0"
         )
@@ -194,7 +286,6 @@ class TrainConfig:
         check(isinstance(self.nesterov, bool), "nesterov", "expected a bool", TypeError)
         check(not self.nesterov or self.momentum > 0, "nesterov", "nesterov needs momentum > 0")
         check(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "expected >= 0")
-        check(self.schedule in SCHEDULES, "schedule", f"expected one of {', '.join(SCHEDULES)}")
         if self.milestones is not None:
             m = self.milestones
             check(
@@ -218,8 +309,6 @@ class TrainConfig:
             "device",
             "expected cpu, cuda, cuda:N or auto",
         )
-        check(self.amp in ("auto", "bf16", "off"), "amp", "expected auto, bf16 or off")
-        check(self.channels_last in _TRISTATE, "channels_last", "expected auto, on or off")
         check(isinstance(self.compile, bool), "compile", "expected a bool", TypeError)
         check(isinstance(self.progress, bool), "progress", "expected a bool", TypeError)
         check(self.run_dir is None or isinstance(self.run_dir, str), "run_dir", "expected a path")
