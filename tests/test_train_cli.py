@@ -209,14 +209,23 @@ def test_train_cli_runs_resumes_and_prints_table(tmp_path, capsys):
     assert "| method" in out and "| magnitude | 0.8" in out and str(run) in out
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "magnitude" and config["sparsity"] == 0.8 and config["epochs"] == 1
-    # Running again into the same folder is refused; --resume with more epochs is refused
-    # too (the schedule would change); --resume as is reports the finished run.
+    # Running again into the same folder is refused; --resume as is reports the finished
+    # run; --resume with another setting is refused, with more epochs it extends the run
+    # and says what that does to the schedule.
     assert cli.train_main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert cli.train_main(["--resume", "--run-dir", str(run), "--epochs", "2"]) == 1
-    assert "different config" in capsys.readouterr().err
     assert cli.train_main(["--resume", "--run-dir", str(run), "--no-progress"]) == 0
     assert "| magnitude" in capsys.readouterr().out
+    assert cli.train_main(["--resume", "--run-dir", str(run), "--lr", "0.2"]) == 1
+    assert "different config (lr: saved" in capsys.readouterr().err
+    assert cli.train_main(["--resume", "--run-dir", str(run), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 1 -> 2: the cosine lr schedule is re-planned" in out
+    assert (
+        "| magnitude | 0.8" in out and json.loads((run / "config.json").read_text())["epochs"] == 2
+    )
+    assert cli.train_main(["--resume", "--run-dir", str(run), "--epochs", "1"]) == 2
+    assert "completed 2 epochs" in capsys.readouterr().err
 
 
 def test_train_cli_default_run_dir_and_preset_override(tmp_path, capsys, monkeypatch):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import re
 
@@ -181,6 +182,58 @@ def test_resume_with_changed_config_is_refused(finished):
     changed = trainer.config.replace(lr=0.2)
     with pytest.raises(CheckpointError, match=r"different config.*lr: saved 0\.05, now 0\.2"):
         Trainer(changed, dataset=DATA, resume=True, log=None)
+
+
+def test_extending_a_finished_run_equals_the_longer_run_when_the_schedule_is_constant(tmp_path):
+    # The schedule does not depend on the length, so 2 epochs then 3 more must be the
+    # 5-epoch run bit for bit: the extension continues the same RNG streams and state.
+    whole = Trainer(make_config(tmp_path, "whole", schedule="constant", epochs=5), dataset=DATA,
+                    log=None)  # fmt: skip
+    whole.fit()
+    short = make_config(tmp_path, "short", schedule="constant", epochs=2)
+    assert Trainer(short, dataset=DATA, log=None).fit()["complete"]
+    messages = []
+    extended = Trainer(short.replace(epochs=5), dataset=DATA, resume=True, log=messages.append)
+    results = extended.fit()
+    assert results["complete"] and results["epochs_completed"] == 5
+    assert_bit_identical(all_state(extended), all_state(whole))
+    assert [r["test_acc"] for r in extended.history] == [r["test_acc"] for r in whole.history]
+    assert results["epoch_changes"] == [{"after_epoch": 2, "epochs_before": 2, "epochs": 5}]
+    assert any("epochs: 2 -> 5" in m and "does not depend" in m for m in messages), messages
+    run = tmp_path / "short"
+    assert json.loads((run / "results-2-epochs.json").read_text())["epochs_completed"] == 2
+    assert json.loads((run / "results.json").read_text())["epochs_completed"] == 5
+    assert json.loads((run / "config.json").read_text())["epochs"] == 5
+
+
+def test_extending_a_cosine_run_replans_the_schedule_from_the_next_step(finished, tmp_path):
+    trainer, _, run_dir = finished
+    target = tmp_path / "run"
+    target.mkdir()
+    for name in ("config.json", CHECKPOINT_NAME, "results.json"):
+        (target / name).write_bytes((run_dir / name).read_bytes())
+    messages = []
+    config = trainer.config.replace(run_dir=str(target), epochs=4)
+    extended = Trainer(config, dataset=DATA, resume=True, log=messages.append)
+    extended.setup()
+    steps = extended.steps_per_epoch
+    schedule = extended.scheduler.lr_lambdas[0]
+    assert schedule.total_steps == 4 * steps  # the new plan, not the checkpoint's 2 epochs
+    # The first step after the resume (step 2 * steps of 4 * steps) runs at the new plan's lr.
+    expected = SMALL["lr"] * 0.5 * (1 + math.cos(math.pi * 2 / 4))
+    assert extended.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    assert extended.scheduler.get_last_lr() == [extended.optimizer.param_groups[0]["lr"]]
+    assert any("re-planned for 4 epochs from epoch 3" in m for m in messages), messages
+    results = extended.fit()
+    assert results["epochs_completed"] == 4
+    assert extended.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine's end
+    assert extended.history[:2] == trainer.history
+
+
+def test_resume_cannot_end_before_the_epochs_already_trained(finished):
+    trainer, _, _ = finished
+    with pytest.raises(ValueError, match=r"epochs: .*completed 2 epochs.*--epochs 1"):
+        Trainer(trainer.config.replace(epochs=1), dataset=DATA, resume=True, log=None)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "code"])

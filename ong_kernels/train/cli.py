@@ -3,7 +3,9 @@
 Option values combine in this order, later winning: TrainConfig's defaults, then a
 ``--preset``, then the options given on the command line. With ``--resume`` the saved
 config of the run is the starting point instead, and options given must not change it
-(except --data-dir, --progress and --compile, which do not change the result).
+(except --data-dir, --progress and --compile, which do not change the result, and --epochs:
+a run, finished or not, can be extended; the trainer re-plans the lr schedule for the new
+length from the next step on and says so, and results.json records the change).
 
 Both entry points take ``argv`` (None: ``sys.argv[1:]``) and return an exit code:
 0 success, 1 a runtime failure (missing data, bad checkpoint, broken sparsity,
@@ -128,7 +130,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run saved in --run-dir from its last checkpoint",
+        help="continue the run saved in --run-dir from its last checkpoint; with --epochs, "
+        "extend it (the lr schedule is re-planned for the new length from the next step)",
     )
     return parser
 

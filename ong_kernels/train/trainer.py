@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -164,8 +165,9 @@ class Trainer:
         self._resume_state = load_checkpoint(checkpoint_path) if resume else None
         if resume:
             remove_stale_temp_files(self.run_dir)
+        self._epochs_change: tuple[int, int] | None = None
         if self._resume_state is not None:
-            self._check_resumable(self._resume_state["config"], checkpoint_path)
+            self._check_resumable(self._resume_state, checkpoint_path)
         # All checks above run before any process group exists or any file is written.
         # A context handed in belongs to the caller (e.g. a sweep reusing one process group).
         self._owns_ctx = dist_ctx is None
@@ -178,13 +180,24 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ setup
-    def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        differ = config_differences(saved, self.config.to_dict())
+    def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
+        """The config may differ from the checkpoint's only in what does not change the
+        result, and in ``epochs``: a run (finished or not) can be extended, or shortened
+        down to the epochs it has completed; :meth:`_restore` re-plans the lr schedule."""
+        differ = config_differences(state["config"], self.config.to_dict())
+        epochs = differ.pop("epochs", None)
         if differ:
             raise CheckpointError(
                 f"{path}: the run was started with a different config "
                 f"({describe_differences(differ)})"
             )
+        done = int(state["epoch"])
+        if epochs is not None and self.config.epochs < done:
+            raise ValueError(
+                f"epochs: the run in {self.run_dir} has completed {done} epochs; "
+                f"--epochs {self.config.epochs} would end before that (pass {done} or more)"
+            )
+        self._epochs_change = epochs  # (saved, now) or None
 
     def _resolve_flags(self) -> None:
         cuda = self.device.type == "cuda"
@@ -299,6 +312,8 @@ class Trainer:
         self.generator.manual_seed(self.config.seed)
         self.start_epoch = 0
         self.elapsed_s = 0.0
+        # Resumes that changed `epochs`: [{"after_epoch", "epochs_before", "epochs"}].
+        self.epoch_changes: list[dict[str, int]] = []
 
     def _build_train_model(self) -> None:
         """The module the steps call: DDP-wrapped under torchrun, torch.compiled on request."""
@@ -400,12 +415,17 @@ class Trainer:
             "rng": self._rng_state(),
             "history": self.history,
             "elapsed_s": self.elapsed_s,
+            "epoch_changes": self.epoch_changes,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        planned = [dict(vars(f)) for f in self.scheduler.lr_lambdas]  # for config.epochs
+        self.scheduler.load_state_dict(state["scheduler"])  # restores the saved run's plan
+        self.epoch_changes = list(state.get("epoch_changes", []))
+        if self._epochs_change is not None:
+            self._replan_schedule(planned, int(state["epoch"]))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.generator.set_state(rng["data"])
@@ -414,6 +434,31 @@ class Trainer:
         self.history = list(state["history"])
         self.start_epoch = int(state["epoch"])
         self.elapsed_s = float(state["elapsed_s"])
+
+    def _replan_schedule(self, planned: list[dict[str, Any]], done: int) -> None:
+        """Continue with the lr schedule planned for the new ``epochs`` from the next step on
+        (the steps already taken followed the old plan), and record the change."""
+        saved, now = self._epochs_change
+        for schedule, attributes in zip(self.scheduler.lr_lambdas, planned, strict=True):
+            vars(schedule).update(attributes)
+        step = self.scheduler.last_epoch
+        for group, base, schedule in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas,
+            strict=True,
+        ):  # fmt: skip
+            group["lr"] = base * schedule(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.epoch_changes.append({"after_epoch": done, "epochs_before": saved, "epochs": now})
+        cfg = self.config
+        if cfg.schedule == "constant" or (cfg.schedule == "multistep" and cfg.milestones):
+            effect = f"the {cfg.schedule} lr schedule does not depend on the run's length"
+        else:
+            effect = (
+                f"the {cfg.schedule} lr schedule is re-planned for {now} epochs from epoch "
+                f"{done + 1} on (epochs 1-{done} followed the {saved}-epoch plan), so the "
+                f"result differs from an uninterrupted {now}-epoch run"
+            )
+        self._log(f"epochs: {saved} -> {now}: {effect}")
 
     # ------------------------------------------------------------------ steps
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -559,6 +604,7 @@ class Trainer:
             except OSError as err:
                 raise RunFolderError(f"{self.run_dir}: cannot create ({err.strerror})") from err
             write_json(self.run_dir / "config.json", cfg.to_dict())
+            self._set_aside_stale_results()
         sparsity = self.check_sparsity()
         if self.start_epoch:
             self._log(f"resuming {self.run_dir} after epoch {self.start_epoch}")
@@ -604,6 +650,16 @@ class Trainer:
             )
         return results
 
+    def _set_aside_stale_results(self) -> None:
+        """A finished run extended with more epochs is no longer finished: its results.json
+        (which a sweep would reuse) moves to results-<N>-epochs.json, kept, not deleted."""
+        done = self.run_dir / "results.json"
+        if self._epochs_change is None or not done.is_file():
+            return
+        epochs = json.loads(done.read_text())["epochs_completed"]
+        if epochs < self.config.epochs:
+            done.replace(done.with_name(f"results-{epochs}-epochs.json"))
+
     def results(self, complete: bool) -> dict[str, Any]:
         """A JSON-able summary of the run so far."""
         cfg = self.config
@@ -637,6 +693,7 @@ class Trainer:
             "channels_last": self.channels_last,
             "torch": torch.__version__,
             "pruning_report": self.pruning_report,
+            "epoch_changes": self.epoch_changes,
         }
 
 
