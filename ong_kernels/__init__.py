@@ -5,29 +5,11 @@ masks and the methods they are compared with, and a reference CIFAR ResNet train
 """
 
 from ong_kernels import _ops  # noqa: F401  (registers the torch.library ops)
+from ong_kernels import pruning as _pruning
 from ong_kernels.backends import registry as _registry
 from ong_kernels.nmf import nmf_batched
 from ong_kernels.optim import FusedMaskedSGD
-from ong_kernels.pruning import (
-    METHODS,
-    SCOPES,
-    LayerReport,
-    PruneResult,
-    grasp_scores,
-    load_masks,
-    magnitude_scores,
-    mask_overlap,
-    masks_for,
-    masks_from_scores,
-    ong_masks,
-    ong_scores,
-    prunable_parameters,
-    prune,
-    random_scores,
-    save_masks,
-    snip_scores,
-    synflow_scores,
-)
+from ong_kernels.pruning import *  # noqa: F403  (the pruning API: ong_kernels.pruning.__all__)
 
 __version__ = "0.1.0"
 
@@ -40,26 +22,4 @@ def backends_available(op: str | None = None) -> dict[str, bool]:
     return _registry.backends_available(op)
 
 
-__all__ = [
-    "METHODS",
-    "SCOPES",
-    "FusedMaskedSGD",
-    "LayerReport",
-    "PruneResult",
-    "backends_available",
-    "grasp_scores",
-    "load_masks",
-    "magnitude_scores",
-    "mask_overlap",
-    "masks_for",
-    "masks_from_scores",
-    "nmf_batched",
-    "ong_masks",
-    "ong_scores",
-    "prunable_parameters",
-    "prune",
-    "random_scores",
-    "save_masks",
-    "snip_scores",
-    "synflow_scores",
-]
+__all__ = ["FusedMaskedSGD", "backends_available", "nmf_batched", *_pruning.__all__]

@@ -137,7 +137,6 @@ class TablePlan:
         *,
         supported_dtypes: Sequence[torch.dtype],
         launch: Callable,
-        fallback: Callable,
         finish_table: Callable[[torch.Tensor, list[list[int]]], torch.Tensor] | None = None,
     ) -> None:
         self.parts = partition(params, grads, momentum_buffers, mask_bits, supported_dtypes)
@@ -145,7 +144,12 @@ class TablePlan:
         self.params = [p.detach() for p in params]
         self.bufs = [b.detach() for b in momentum_buffers]
         self.bits = list(mask_bits)
-        self.launch, self.fallback = launch, fallback
+        self.launch = launch
+        # Tensors no fused kernel takes (partition's fallback) go through the reference
+        # (imported here: reference -> _bitmask -> this module).
+        from ong_kernels.backends import reference
+
+        self.fallback = reference_scaled(reference.masked_sgd_step_)
         self.tables: list[tuple[torch.dtype, torch.Tensor, int]] = []
         for dtype, idx in self.parts.by_dtype.items():
             rows = [

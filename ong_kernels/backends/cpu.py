@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ong_kernels.backends import _native, reference
-from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel, reference_scaled
+from ong_kernels.backends import _native
+from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel
 from ong_kernels.backends.registry import register
 
 # float16/bfloat16 parameters on the CPU are rare; they take the reference path.
@@ -35,17 +37,8 @@ def _scalar_ptr(t: torch.Tensor | None, name: str) -> int:
     return t.data_ptr()
 
 
-def prepare(params, grads, momentum_buffers, mask_bits) -> TablePlan:
-    """The cached form of the step (FusedMaskedSGD keeps it while the layouts hold)."""
-    return TablePlan(
-        params,
-        grads,
-        momentum_buffers,
-        mask_bits,
-        supported_dtypes=SUPPORTED_DTYPES,
-        launch=_launch,
-        fallback=reference_scaled(reference.masked_sgd_step_),
-    )
+# The cached form of the step (FusedMaskedSGD keeps it while the layouts hold).
+prepare = functools.partial(TablePlan, supported_dtypes=SUPPORTED_DTYPES, launch=_launch)
 
 
 masked_sgd_step_ = register(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ong_kernels.backends import _native, reference
-from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel, reference_scaled
+from ong_kernels.backends import _native
+from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel
 from ong_kernels.backends.registry import register
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -37,14 +37,15 @@ def device_table(chunk: int):
     return finish
 
 
-def prepare(params, grads, momentum_buffers, mask_bits) -> TablePlan:
+def prepare(params, *lists) -> TablePlan:
+    """This backend's TablePlan; `lists`: grads, momentum_buffers, mask_bits (the op's order)."""
     lib = _native.cuda_lib()
     device = params[0].device
     refuse_capture(device)
     chunk = lib.masked_sgd_chunk_size_cuda()
     finish = device_table(chunk)
 
-    def finish_on_device(table, rows):
+    def on_device(table, rows):
         host = finish(table, rows)
         n_chunks = int(host[-1])
         return host.to(device), n_chunks
@@ -65,14 +66,7 @@ def prepare(params, grads, momentum_buffers, mask_bits) -> TablePlan:
         )
 
     return TablePlan(
-        params,
-        grads,
-        momentum_buffers,
-        mask_bits,
-        supported_dtypes=SUPPORTED_DTYPES,
-        launch=launch,
-        fallback=reference_scaled(reference.masked_sgd_step_),
-        finish_table=finish_on_device,
+        params, *lists, supported_dtypes=SUPPORTED_DTYPES, launch=launch, finish_table=on_device
     )
 
 

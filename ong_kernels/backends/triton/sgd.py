@@ -16,8 +16,7 @@ from functools import cache
 
 import torch
 
-from ong_kernels.backends import reference
-from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel, reference_scaled
+from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel
 from ong_kernels.backends.registry import register
 from ong_kernels.backends.triton import _common
 
@@ -75,7 +74,8 @@ def aot_configs() -> list[dict]:
     return out
 
 
-def prepare(params, grads, momentum_buffers, mask_bits) -> TablePlan:
+def prepare(params, *lists) -> TablePlan:
+    """This backend's TablePlan; `lists`: grads, momentum_buffers, mask_bits (the op's order)."""
     device = params[0].device
     if device.type == "cuda":
         from ong_kernels.backends.cuda import refuse_capture
@@ -115,14 +115,7 @@ def prepare(params, grads, momentum_buffers, mask_bits) -> TablePlan:
         )
 
     return TablePlan(
-        params,
-        grads,
-        momentum_buffers,
-        mask_bits,
-        supported_dtypes=SUPPORTED_DTYPES,
-        launch=launch,
-        fallback=reference_scaled(reference.masked_sgd_step_),
-        finish_table=chunk_table,
+        params, *lists, supported_dtypes=SUPPORTED_DTYPES, launch=launch, finish_table=chunk_table
     )
 
 
