@@ -28,6 +28,8 @@ import torch
 
 # scikit-learn checks convergence every 10 iterations (NMF(solver="mu")).
 CHECK_EVERY = 10
+# A ragged batch: one tensor per matrix (V_i, W_i or H_i), the op's list arguments.
+Matrices = Sequence[torch.Tensor]
 # scikit-learn's EPSILON (np.finfo(np.float32).eps): an exactly-zero MU denominator becomes this.
 EPS = float(torch.finfo(torch.float32).eps)
 # Columns of `matrix_table`.

@@ -8,22 +8,17 @@ nmf_plan.stop_rule per matrix, with the error from the trace identity in float64
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from ong_kernels import nmf_plan
 from ong_kernels.backends import _native
 from ong_kernels.backends.registry import register
+from ong_kernels.nmf_plan import Matrices
 
 
 @register("nmf_mu", "cpu", devices=("cpu",), available=_native.has_cpu, hint=_native.BUILD_HINT)
 def nmf_mu_(
-    v_list: Sequence[torch.Tensor],
-    w_list: Sequence[torch.Tensor],
-    h_list: Sequence[torch.Tensor],
-    max_iter: int,
-    tol: float,
+    v_list: Matrices, w_list: Matrices, h_list: Matrices, max_iter: int, tol: float
 ) -> torch.Tensor:
     """W_i, H_i updated in place; returns n_iter per matrix (int64). V_i is read in its own
     dtype (float16/bfloat16/float64 converted one matrix at a time inside the call)."""

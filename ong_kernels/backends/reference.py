@@ -14,6 +14,7 @@ from ong_kernels import nmf_plan
 from ong_kernels._batching import group_indices
 from ong_kernels._bitmask import unpack_mask
 from ong_kernels.backends.registry import ANY_DEVICE, register
+from ong_kernels.nmf_plan import Matrices
 
 # ----------------------------------------------------------------------------- masked SGD
 
@@ -131,11 +132,7 @@ class _BucketStepper:
 
 @register("nmf_mu", "reference", devices=(ANY_DEVICE,))
 def nmf_mu_(
-    v_list: Sequence[torch.Tensor],
-    w_list: Sequence[torch.Tensor],
-    h_list: Sequence[torch.Tensor],
-    max_iter: int,
-    tol: float,
+    v_list: Matrices, w_list: Matrices, h_list: Matrices, max_iter: int, tol: float
 ) -> torch.Tensor:
     """Multiplicative-update NMF of a ragged batch, W and H updated in place; returns n_iter
     per matrix (int64, on the matrices' device). Batched PyTorch matmuls per shape bucket."""

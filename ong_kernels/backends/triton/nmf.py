@@ -35,6 +35,7 @@ import torch
 from ong_kernels import nmf_plan
 from ong_kernels.backends.registry import register
 from ong_kernels.backends.triton import _common
+from ong_kernels.nmf_plan import Matrices
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 # Columns of the device table: nmf_plan.matrix_table's six, then the float32 scratch offsets
@@ -372,9 +373,9 @@ def check_precision(precision: str) -> str:
 @register("nmf_mu", "triton", devices=_common.devices(), available=_common.available,
           hint=_common.HINT)  # fmt: skip
 def nmf_mu_(
-    v_list: Sequence[torch.Tensor],
-    w_list: Sequence[torch.Tensor],
-    h_list: Sequence[torch.Tensor],
+    v_list: Matrices,
+    w_list: Matrices,
+    h_list: Matrices,
     max_iter: int,
     tol: float,
     precision: str = "ieee",
