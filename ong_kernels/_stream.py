@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ong_kernels import _ops
 from ong_kernels._validate import FLOAT_DTYPES, check_int, check_nonnegative_finite, check_tensor
 from ong_kernels.backends import registry
+
+if TYPE_CHECKING:
+    from ong_kernels import nmf
 
 # Share of the compute device's free memory the default budget takes: the rest is headroom for
 # the allocator's fragmentation, the caller's own tensors and (on the CPU) the page cache.
@@ -130,26 +134,31 @@ def check_budget(memory_budget, device: torch.device) -> int:
     return check_int(memory_budget, "memory_budget", 1)
 
 
+@dataclass(frozen=True)
+class Streaming:
+    """nmf_batched's streaming settings (documented there): where to compute, the bytes a
+    group may use there, and a progress bar. The default is one in-place call."""
+
+    device: str | torch.device | None = None
+    memory_budget: int | None = None
+    progress: bool = False
+
+    def requested(self) -> bool:
+        return self.device is not None or self.memory_budget is not None or self.progress
+
+    def check(self) -> None:
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"progress must be a bool, got {type(self.progress).__name__}")
+
+
 def stream_factors(
-    weights,
-    rank,
-    *,
-    max_iter: int,
-    tol: float,
-    init,
-    seed: int,
-    backend: str,
-    device=None,
-    memory_budget=None,
-    progress: bool = False,
-    total: int | None = None,
-    precision: str = "ieee",
+    weights, rank, solver: nmf.Solver, streaming: Streaming, total: int | None = None
 ) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]]:
     """Yield ([(W_i, H_i)], [n_iter_i]) per group, in input order (nmf_batched's streaming).
 
-    Scalar arguments must already be checked (nmf.check_solver_args). A sequence of weights is
-    checked whole (values included) and sized before the first group is solved. `total`
-    (weights in all matrices) gives an iterator's progress bar its length.
+    `solver` must already be checked (Solver.checked). A sequence of weights is checked whole
+    (values included) and sized before the first group is solved. `total` (weights in all
+    matrices) gives an iterator's progress bar its length.
     """
     from ong_kernels import nmf  # nmf imports this module
 
@@ -173,13 +182,14 @@ def stream_factors(
             raise ValueError("weights is empty: pass at least one tensor")
         first = _check_one(first, 0, None)
         source = _chain(first, source)
+    init = solver.init
     if not isinstance(init, str) and is_sequence and len(init) != len(tensors):
         raise ValueError(f"init has {len(init)} (W, H) pairs but there are {len(tensors)} matrices")
     home = first.device
-    compute = home if device is None else torch.device(device)
+    compute = home if streaming.device is None else torch.device(streaming.device)
     # The kernel choice (and an unavailable explicit backend's error) before any work.
-    registry.select("nmf_mu", compute.type, backend)
-    budget = check_budget(memory_budget, compute)
+    registry.select("nmf_mu", compute.type, solver.backend)
+    budget = check_budget(streaming.memory_budget, compute)
 
     def sized(items: Iterable[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor, int, int]]:
         for i, t in enumerate(items):
@@ -193,8 +203,8 @@ def stream_factors(
     else:
         items = sized(source)
 
-    solve_args = (init, seed, max_iter, tol, backend, compute, home, is_sequence, precision)
-    bar = _progress_bar(progress, total)
+    solve_args = (solver, compute, home, is_sequence)
+    bar = _progress_bar(streaming.progress, total)
     group: list[tuple[int, torch.Tensor, int, int]] = []
     used = 0
     count = 0
@@ -224,9 +234,10 @@ def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.
     yield from rest
 
 
-def _solve_group(group, init, seed, max_iter, tol, backend, compute, home, checked, precision):
+def _solve_group(group, solver: nmf.Solver, compute, home, checked: bool):
     from ong_kernels import nmf
 
+    init = solver.init
     indices = [i for i, _, _, _ in group]
     ranks = [r for _, _, r, _ in group]
     tensors = [t for _, t, _, _ in group]
@@ -242,13 +253,9 @@ def _solve_group(group, init, seed, max_iter, tol, backend, compute, home, check
         raise ValueError(f"init has {len(init)} (W, H) pairs but weights has more matrices")
     mats = [nmf.as_kernel_input(t.to(compute)) for t in tensors]
     group_init = init if isinstance(init, str) else [init[i] for i in indices]
-    factors = nmf.initial_factors(mats, ranks, group_init, seed)
-    w_list = [w for w, _ in factors]
-    h_list = [h for _, h in factors]
-    n_iter = _ops.nmf_mu_(mats, w_list, h_list, max_iter, tol, backend, precision)
+    factors, n_iter = nmf.solve(mats, ranks, group_init, solver)
     del mats
-    out = [(w.to(home), h.to(home)) for w, h in zip(w_list, h_list, strict=True)]
-    return out, n_iter.tolist()
+    return [(w.to(home), h.to(home)) for w, h in factors], n_iter.tolist()
 
 
 def _progress_bar(progress: bool, total: int | None):

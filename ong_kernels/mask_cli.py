@@ -176,6 +176,8 @@ def run(args) -> int:
         print("ong-mask: error: -o/--output is required (or --dry-run)", file=sys.stderr)
         return 2
     from ong_kernels._bitmask import pack_mask
+    from ong_kernels._stream import Streaming
+    from ong_kernels.nmf import Solver
     from ong_kernels.pruning import stream
     from ong_kernels.pruning.io import FORMAT, VERSION
 
@@ -188,19 +190,9 @@ def run(args) -> int:
 
     try:
         if args.method == "ong":
-            factors = stream.ong_factors(
-                weights(),
-                rank=args.rank,
-                max_iter=args.max_iter,
-                tol=args.tol,
-                init=args.init,
-                seed=args.seed,
-                backend=args.backend,
-                device=args.device,
-                memory_budget=args.memory_budget,
-                progress=progress,
-                total=total,
-            )
+            solver = Solver(args.max_iter, args.tol, args.init, args.seed, args.backend)
+            streaming = Streaming(args.device, args.memory_budget, progress)
+            factors = stream.ong_factors(weights(), args.rank, solver, streaming, total)
             passes = stream.ong_score_passes(factors, shapes)
             dtype = torch.float32
         else:

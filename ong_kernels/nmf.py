@@ -6,8 +6,10 @@ run in one op (ong_kernels::nmf_mu_) over the whole ragged batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -96,14 +98,31 @@ def check_init(init) -> None:
         )
 
 
-def check_solver_args(max_iter, tol, init, seed, backend) -> float:
-    """The scalar arguments of nmf_batched (shared with ong_masks); returns tol as a float."""
-    check_int(max_iter, "max_iter", 1)
-    tol = check_real(tol, "tol", minimum=0.0)
-    check_seed(seed)
-    check_init(init)
-    registry.check_backend_name(backend)
-    return tol
+@dataclass(frozen=True)
+class Solver:
+    """nmf_batched's solver settings (documented there), passed along whole from the public
+    entry points (nmf_batched, ong_scores, ong-mask) to the streaming and the op."""
+
+    max_iter: int = 200
+    tol: float = 1e-4
+    init: str | Sequence[Factors] = "random"
+    seed: int = 0
+    backend: str = "auto"
+    precision: str = "ieee"
+
+    def checked(self) -> Solver:
+        """Self with tol as a float; a ValueError/TypeError naming the first bad setting."""
+        check_int(self.max_iter, "max_iter", 1)
+        tol = check_real(self.tol, "tol", minimum=0.0)
+        check_seed(self.seed)
+        check_init(self.init)
+        registry.check_backend_name(self.backend)
+        check_choice(self.precision, "precision", NMF_PRECISIONS)
+        return dataclasses.replace(self, tol=tol)
+
+    def kwargs(self) -> dict:
+        """The settings as nmf_batched's keyword arguments (init pairs not copied)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def _check_custom_init(init, mats: list[torch.Tensor], ranks: list[int]) -> list[Factors]:
@@ -230,46 +249,28 @@ def as_kernel_input(t: torch.Tensor) -> torch.Tensor:
     return mat.contiguous()
 
 
-def _run(
-    weights,
-    rank,
-    *,
-    max_iter,
-    tol,
-    init,
-    seed,
-    backend,
-    device=None,
-    memory_budget=None,
-    progress=False,
-    precision="ieee",
-) -> tuple[list[Factors], list[int]]:
-    tol = check_solver_args(max_iter, tol, init, seed, backend)
-    check_choice(precision, "precision", NMF_PRECISIONS)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
-    streamed = (
-        device is not None
-        or memory_budget is not None
-        or progress
-        or (isinstance(weights, Iterable) and not isinstance(weights, (Sequence, torch.Tensor)))
+def solve(mats: list[torch.Tensor], ranks: list[int], init, solver: Solver):
+    """One op call over kernel-input matrices: ([(W_i, H_i)], n_iter tensor)."""
+    factors = initial_factors(mats, ranks, init, solver.seed)
+    w_list = [w for w, _ in factors]
+    h_list = [h for _, h in factors]
+    n_iter = _ops.nmf_mu_(
+        mats, w_list, h_list, solver.max_iter, solver.tol, solver.backend, solver.precision
     )
-    if streamed:
+    return list(zip(w_list, h_list, strict=True)), n_iter
+
+
+def _run(
+    weights, rank, solver: Solver, streaming: _stream.Streaming
+) -> tuple[list[Factors], list[int]]:
+    solver = solver.checked()
+    streaming.check()
+    if streaming.requested() or (
+        isinstance(weights, Iterable) and not isinstance(weights, (Sequence, torch.Tensor))
+    ):
         factors: list[Factors] = []
         n_iter: list[int] = []
-        for group_factors, group_iter in _stream.stream_factors(
-            weights,
-            rank,
-            max_iter=max_iter,
-            tol=tol,
-            init=init,
-            seed=seed,
-            backend=backend,
-            device=device,
-            memory_budget=memory_budget,
-            progress=progress,
-            precision=precision,
-        ):
+        for group_factors, group_iter in _stream.stream_factors(weights, rank, solver, streaming):
             factors.extend(group_factors)
             n_iter.extend(group_iter)
         return factors, n_iter
@@ -277,14 +278,13 @@ def _run(
     mats = [as_kernel_input(t) for t in tensors]
     ranks = _ranks(rank, [tuple(m.shape) for m in mats])
     # The kernel choice is made (and an unavailable explicit backend refused) before any work.
-    kernel = registry.select("nmf_mu", mats[0].device.type, backend)
-    if precision != "ieee" and kernel.backend != "triton":
-        raise ValueError(f"precision={precision!r} needs backend='triton', not {kernel.backend!r}")
-    factors = initial_factors(mats, ranks, init, seed)
-    w_list = [w for w, _ in factors]
-    h_list = [h for _, h in factors]
-    n_iter = _ops.nmf_mu_(mats, w_list, h_list, max_iter, tol, backend, precision)
-    return list(zip(w_list, h_list, strict=True)), n_iter.tolist()
+    kernel = registry.select("nmf_mu", mats[0].device.type, solver.backend)
+    if solver.precision != "ieee" and kernel.backend != "triton":
+        raise ValueError(
+            f"precision={solver.precision!r} needs backend='triton', not {kernel.backend!r}"
+        )
+    factors, n_iter = solve(mats, ranks, solver.init, solver)
+    return factors, n_iter.tolist()
 
 
 def nmf_batched(
@@ -340,24 +340,15 @@ def nmf_batched(
     W <- W * (V H^T) / (W H H^T), then H <- H * (W^T V) / (W^T W H), and a denominator that is
     exactly 0 becomes float32 eps. All matrices advance together in one op call.
     """
-    factors, _ = _run(
-        weights,
-        rank,
-        max_iter=max_iter,
-        tol=tol,
-        init=init,
-        seed=seed,
-        backend=backend,
-        device=device,
-        memory_budget=memory_budget,
-        progress=progress,
-        precision=precision,
-    )
+    solver = Solver(max_iter, tol, init, seed, backend, precision)
+    factors, _ = _run(weights, rank, solver, _stream.Streaming(device, memory_budget, progress))
     return factors
 
 
-def nmf_batched_with_info(weights, rank, **kwargs) -> tuple[list[Factors], list[int]]:
-    """nmf_batched that also returns the number of iterations each matrix ran."""
-    defaults = dict(max_iter=200, tol=1e-4, init="random", seed=0, backend="auto")
-    defaults.update(kwargs)
-    return _run(weights, rank, **defaults)
+def nmf_batched_with_info(weights, rank, **settings) -> tuple[list[Factors], list[int]]:
+    """nmf_batched (the same keyword arguments) that also returns the number of iterations
+    each matrix ran."""
+    streamed = {f.name for f in dataclasses.fields(_stream.Streaming)}
+    streaming = _stream.Streaming(**{k: v for k, v in settings.items() if k in streamed})
+    return _run(weights, rank, Solver(**{k: v for k, v in settings.items() if k not in streamed}),
+                streaming)  # fmt: skip

@@ -204,7 +204,10 @@ def test_ong_scores_are_one_nmf_batched_call(monkeypatch):
     assert all(torch.equal(g, w.abs()) for g, w in zip(got_weights, weights, strict=True))
     mins = [min(w.shape[0], w[0].numel()) for w in weights]
     assert ranks == [max(1, round(0.3 * m)) for m in mins]
-    assert kw == {"max_iter": 40, "tol": 0.0, "init": "nndsvda", "seed": 0, "backend": "auto"}
+    assert kw == {
+        "max_iter": 40, "tol": 0.0, "init": "nndsvda", "seed": 0, "backend": "auto",
+        "precision": "ieee",
+    }  # fmt: skip
     # score = W_f @ H_f of a reference factorisation with the same arguments.
     factors = real([w.abs() for w in weights], ranks, max_iter=40, tol=0.0, init="nndsvda")
     for (_name, score), w, (wf, hf) in zip(scores.items(), weights, factors, strict=True):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 from ong_kernels import nmf_batched, prune
-from ong_kernels._stream import solve_bytes
+from ong_kernels._stream import Streaming, solve_bytes
 from ong_kernels.pruning import stream
 from ong_kernels.pruning.allocation import allocate
 
@@ -148,11 +149,13 @@ def test_streamed_ong_masks_equal_prune(as_generator):
     params = dict(model.named_parameters())
     ws = [params[n] for n in names]
     source = (w for w in ws) if as_generator else ws
-    factors = stream.ong_factors(source, rank=4, max_iter=20, memory_budget=70_000)
+    solver = dataclasses.replace(stream.ONG_SOLVER, max_iter=20)
+    budget = Streaming(memory_budget=70_000)
+    factors = stream.ong_factors(source, 4, solver, budget)
     shapes = [w.shape for w in ws]
     masks = list(stream.stream_masks(stream.ong_score_passes(factors, shapes), shapes, 0.6))
     for name, mask in zip(names, masks, strict=True):
         assert torch.equal(result.masks[name], mask), name
-    scores = list(stream.stream_ong_scores(ws, rank=4, max_iter=20, memory_budget=70_000))
+    scores = list(stream.stream_ong_scores(ws, 4, solver, budget))
     for (w, h), s, shape in zip(factors, scores, shapes, strict=True):
         assert s.shape == shape and torch.equal(s, (w @ h).reshape(shape))

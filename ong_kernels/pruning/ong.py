@@ -36,7 +36,7 @@ from ong_kernels._validate import check_int, check_real
 from ong_kernels.pruning.distributed import run_sharded
 from ong_kernels.pruning.targets import Target, resolve_targets
 
-__all__ = ["DEFAULT_RANK", "ong_scores", "resolve_ranks"]
+__all__ = ["DEFAULT_RANK", "ONG_SOLVER", "ong_scores", "resolve_ranks"]
 
 DEFAULT_RANK = 0.25
 
@@ -56,6 +56,11 @@ def resolve_ranks(rank, shapes: Sequence[torch.Size]) -> list[int]:
     return [min(rank, *_matrix_shape(s)) for s in shapes]
 
 
+# ONG's NMF settings (the defaults of ong_scores and prune("ong")): nmf_batched's, with the
+# deterministic nndsvda start.
+ONG_SOLVER = nmf.Solver(init="nndsvda")
+
+
 def _ong(
     model,
     targets: Sequence[Target],
@@ -69,11 +74,13 @@ def _ong(
     group=None,
     distributed: bool = True,
 ) -> list[torch.Tensor]:
+    # Keyword-only: prune() passes the options a scorer declares (api._method_kwargs).
     shapes = [t.shape for _, t in targets]
     ranks = resolve_ranks(rank, shapes)
     # nmf_batched checks these too; checking first means every rank of a process group fails
     # the same way before any communication.
-    nmf.check_solver_args(max_iter, tol, init, seed, backend)
+    solver = nmf.Solver(max_iter, tol, init, seed, backend).checked()
+    init = solver.init
     if not isinstance(init, str) and len(init) != len(targets):
         raise ValueError(
             f"init has {len(init)} (W0, H0) pairs but there are {len(targets)} weights"
@@ -82,15 +89,9 @@ def _ong(
 
     def compute(indices: list[int]) -> list[torch.Tensor]:
         mats = [targets[i][1].detach().abs().to(device) for i in indices]
-        factors = nmf.nmf_batched(
-            mats,
-            [ranks[i] for i in indices],
-            max_iter=max_iter,
-            tol=tol,
-            init=init if isinstance(init, str) else [init[i] for i in indices],
-            seed=seed,
-            backend=backend,
-        )
+        group_init = init if isinstance(init, str) else [init[i] for i in indices]
+        settings = {**solver.kwargs(), "init": group_init}
+        factors = nmf.nmf_batched(mats, [ranks[i] for i in indices], **settings)
         # One (m, r) @ (r, n) per matrix: ~1/(2 * max_iter) of the NMF's own matmul work.
         return [(w @ h).reshape(shapes[i]) for i, (w, h) in zip(indices, factors, strict=True)]
 

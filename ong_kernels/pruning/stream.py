@@ -27,12 +27,15 @@ keeping factors.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from ong_kernels._stream import Streaming
+from ong_kernels.nmf import Solver
 from ong_kernels.pruning.allocation import (
     check_floors,
     check_min_density,
@@ -42,7 +45,7 @@ from ong_kernels.pruning.allocation import (
     kept_counts,
     select_top,
 )
-from ong_kernels.pruning.ong import DEFAULT_RANK, resolve_ranks
+from ong_kernels.pruning.ong import DEFAULT_RANK, ONG_SOLVER, resolve_ranks
 
 __all__ = [
     "ong_factors",
@@ -52,6 +55,8 @@ __all__ = [
 ]
 
 Passes = Callable[[], Iterable[torch.Tensor]]
+# Raw weights: a sequence, or an iterator such as a checkpoint reader.
+Weights = Sequence[torch.Tensor] | Iterable[torch.Tensor]
 
 _DIGIT = 16
 _BINS = 1 << _DIGIT
@@ -297,14 +302,12 @@ class _LazyRanks(Sequence):
         return resolve_ranks(self.rank, [self.shapes[i]])[0]
 
 
-def _factor_groups(
-    weights, rank, max_iter, tol, init, seed, backend, device, memory_budget, progress, total
-):
+def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total: int | None):
     """nmf_batched's streamed groups of NMF(|W|) factors for raw weights (never all |W| at
     once); a sequence's sizes are checked against the budget before any work."""
-    from ong_kernels import _stream, nmf
+    from ong_kernels import _stream
 
-    tol = nmf.check_solver_args(max_iter, tol, init, seed, backend)
+    solver = solver.checked()
     shapes: list = []
     if isinstance(weights, Sequence) and not isinstance(weights, torch.Tensor):
         if len(weights) == 0:
@@ -313,59 +316,37 @@ def _factor_groups(
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
         ranks: Sequence[int] = resolve_ranks(rank, [t.shape for t in weights])
+        device = streaming.device
         compute = weights[0].device if device is None else torch.device(device)
-        memory_budget = _stream.check_budget(memory_budget, compute)
+        budget = _stream.check_budget(streaming.memory_budget, compute)
         for i, t in enumerate(weights):
-            _stream.check_fits(i, t.shape, ranks, t.element_size(), memory_budget)
+            _stream.check_fits(i, t.shape, ranks, t.element_size(), budget)
+        streaming = dataclasses.replace(streaming, memory_budget=budget)
         total = sum(t.numel() for t in weights)
     else:
         resolve_ranks(rank, [])  # the rank's type and range, before any work
         ranks = _LazyRanks(rank, shapes)
-    return _stream.stream_factors(
-        _abs(weights, shapes),
-        ranks,
-        max_iter=max_iter,
-        tol=tol,
-        init=init,
-        seed=seed,
-        backend=backend,
-        device=device,
-        memory_budget=memory_budget,
-        progress=progress,
-        total=total,
-    )
+    return _stream.stream_factors(_abs(weights, shapes), ranks, solver, streaming, total)
 
 
 def ong_factors(
-    weights: Sequence[torch.Tensor] | Iterable[torch.Tensor],
-    *,
+    weights: Weights,
     rank=DEFAULT_RANK,
-    max_iter: int = 200,
-    tol: float = 1e-4,
-    init="nndsvda",
-    seed: int = 0,
-    backend: str = "auto",
-    device=None,
-    memory_budget: int | None = None,
-    progress: bool = False,
+    solver: Solver = ONG_SOLVER,
+    streaming: Streaming = Streaming(),
     total: int | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """NMF factors (W_i, H_i) of |weight_i|, streamed: the ONG part of prune("ong").
 
     `weights` are raw weights (a sequence, or an iterator such as a checkpoint reader: only
-    one group's |W| exists at a time). `rank`, `max_iter`, `tol`, `init`, `seed`, `backend`
-    are ONG's (pruning/ong.py; rank an int or a fraction of min(m, n)); `device`,
-    `memory_budget`, `progress` nmf_batched's streaming (ong_kernels/_stream.py); `total` the
-    number of weights, for an iterator's progress bar. The factors equal prune()'s: the
-    same ONG matrices factorised by the same op, grouping aside.
+    one group's |W| exists at a time). `rank` (an int or a fraction of min(m, n)) and
+    `solver` (max_iter, tol, init, seed, backend: default ONG's) are ong_scores' settings;
+    `streaming` (device, memory_budget, progress) nmf_batched's (ong_kernels/_stream.py);
+    `total` the number of weights, for an iterator's progress bar. The factors equal
+    prune()'s: the same ONG matrices factorised by the same op, grouping aside.
     """
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
-    groups = _factor_groups(
-        weights, rank, max_iter, tol, init, seed, backend, device, memory_budget, progress, total
-    )
-    for factors, _ in groups:
-        out.extend(factors)
-    return out
+    groups = _factor_groups(weights, rank, solver, streaming, total)
+    return [pair for factors, _ in groups for pair in factors]
 
 
 def ong_score_passes(
@@ -384,17 +365,10 @@ def ong_score_passes(
 
 
 def stream_ong_scores(
-    weights: Sequence[torch.Tensor] | Iterable[torch.Tensor],
-    *,
+    weights: Weights,
     rank=DEFAULT_RANK,
-    max_iter: int = 200,
-    tol: float = 1e-4,
-    init="nndsvda",
-    seed: int = 0,
-    backend: str = "auto",
-    device=None,
-    memory_budget: int | None = None,
-    progress: bool = False,
+    solver: Solver = ONG_SOLVER,
+    streaming: Streaming = Streaming(),
     total: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each weight's ONG score W H (float32, in the weight's shape, on its device) as
@@ -404,24 +378,10 @@ def stream_ong_scores(
     shapes: list = []
 
     def run() -> Iterator[torch.Tensor]:
-        index = 0
-        groups = _factor_groups(
-            _record(weights, shapes),
-            rank,
-            max_iter,
-            tol,
-            init,
-            seed,
-            backend,
-            device,
-            memory_budget,
-            progress,
-            total,
-        )
-        for factors, _ in groups:
-            for w, h in factors:
-                yield (w @ h).reshape(shapes[index])
-                index += 1
+        groups = _factor_groups(_record(weights, shapes), rank, solver, streaming, total)
+        pairs = (pair for factors, _ in groups for pair in factors)
+        for index, (w, h) in enumerate(pairs):
+            yield (w @ h).reshape(shapes[index])
 
     return run()
 
