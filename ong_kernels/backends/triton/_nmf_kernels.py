@@ -79,7 +79,10 @@ def _gram_tile(x, s_i, s_k, size_k, r, gi, gj, g, RB: tl.constexpr, BK: tl.const
 @triton.jit
 def _den_chunk(x, x_sr, x_sc, g, r, rows, rmask, c0, BR: tl.constexpr, BK: tl.constexpr,
                RB: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """(X G)[rows, c0:c0+RB] from the current X (G symmetric, row-major r x r)."""
+    """(X G)[rows, c0:c0+RB] from the current X (G symmetric, row-major r x r). Not folded
+    into _num_chunk (X as A, G as B): that one's int64 offsets for V cost this one 8 B of
+    stack on sm_80 (_update_kernel SIDE=0 BR=16 RB=64 w8, the AOT check); here only the
+    row offsets need int64, the rank-axis and G offsets stay below r * r."""
     cols = c0 + tl.arange(0, RB)
     cmask = cols < r
     den = tl.zeros([BR, RB], dtype=tl.float32)
