@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ong_kernels._stream import Streaming
+from ong_kernels._stream import Streaming, check_budget, check_fits, stream_factors
 from ong_kernels.nmf import Solver
 from ong_kernels.pruning.allocation import (
     check_floors,
@@ -305,8 +305,6 @@ class _LazyRanks(Sequence):
 def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total: int | None):
     """nmf_batched's streamed groups of NMF(|W|) factors for raw weights (never all |W| at
     once); a sequence's sizes are checked against the budget before any work."""
-    from ong_kernels import _stream
-
     solver = solver.checked()
     shapes: list = []
     if isinstance(weights, Sequence) and not isinstance(weights, torch.Tensor):
@@ -318,15 +316,15 @@ def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total: i
         ranks: Sequence[int] = resolve_ranks(rank, [t.shape for t in weights])
         device = streaming.device
         compute = weights[0].device if device is None else torch.device(device)
-        budget = _stream.check_budget(streaming.memory_budget, compute)
+        budget = check_budget(streaming.memory_budget, compute)
         for i, t in enumerate(weights):
-            _stream.check_fits(i, t.shape, ranks, t.element_size(), budget)
+            check_fits(i, t.shape, ranks, t.element_size(), budget)
         streaming = dataclasses.replace(streaming, memory_budget=budget)
         total = sum(t.numel() for t in weights)
     else:
         resolve_ranks(rank, [])  # the rank's type and range, before any work
         ranks = _LazyRanks(rank, shapes)
-    return _stream.stream_factors(_abs(weights, shapes), ranks, solver, streaming, total)
+    return stream_factors(_abs(weights, shapes), ranks, solver, streaming, total)
 
 
 def ong_factors(
