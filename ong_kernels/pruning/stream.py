@@ -47,7 +47,12 @@ from ong_kernels.pruning.allocation import (
 )
 from ong_kernels.pruning.ong import DEFAULT_RANK, ONG_SOLVER, resolve_ranks
 
+# Solver and Streaming are re-exported: they are the settings ong_factors and
+# stream_ong_scores take.
 __all__ = [
+    "ONG_SOLVER",
+    "Solver",
+    "Streaming",
     "ong_factors",
     "ong_score_passes",
     "stream_masks",
