@@ -120,16 +120,6 @@ def ong_scores(
     `exclude`) or an iterable of (name, tensor) pairs, all scored.
     """
     model, targets = resolve_targets(model_or_named, include, exclude)
-    scores = _ong(
-        model,
-        targets,
-        seed=seed,
-        rank=rank,
-        max_iter=max_iter,
-        tol=tol,
-        init=init,
-        backend=backend,
-        group=group,
-        distributed=distributed,
-    )
+    solver = dict(rank=rank, max_iter=max_iter, tol=tol, init=init, seed=seed, backend=backend)
+    scores = _ong(model, targets, group=group, distributed=distributed, **solver)
     return {name: s for (name, _), s in zip(targets, scores, strict=True)}

@@ -126,16 +126,8 @@ def snip_scores(
     rank must make the call; ``distributed=False`` keeps to this process's data).
     """
     targets = prunable_parameters(model, include, exclude)
-    scores = _snip(
-        model,
-        targets,
-        data=data,
-        loss_fn=loss_fn,
-        seed=seed,
-        group=group,
-        distributed=distributed,
-    )
-    return _named(targets, scores)
+    options = dict(loss_fn=loss_fn, seed=seed, group=group, distributed=distributed)
+    return _named(targets, _snip(model, targets, data=data, **options))
 
 
 # ----------------------------------------------------------------------------- GraSP
@@ -211,17 +203,8 @@ def grasp_scores(
     must make the call; ``distributed=False`` keeps to this process's data).
     """
     targets = prunable_parameters(model, include, exclude)
-    scores = _grasp(
-        model,
-        targets,
-        data=data,
-        loss_fn=loss_fn,
-        seed=seed,
-        temperature=temperature,
-        group=group,
-        distributed=distributed,
-    )
-    return _named(targets, scores)
+    options = dict(loss_fn=loss_fn, seed=seed, group=group, distributed=distributed)
+    return _named(targets, _grasp(model, targets, data=data, temperature=temperature, **options))
 
 
 # ----------------------------------------------------------------------------- SynFlow

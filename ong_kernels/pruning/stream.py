@@ -333,11 +333,7 @@ def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total: i
 
 
 def ong_factors(
-    weights: Weights,
-    rank=DEFAULT_RANK,
-    solver: Solver = ONG_SOLVER,
-    streaming: Streaming = Streaming(),
-    total: int | None = None,
+    weights: Weights, rank=DEFAULT_RANK, solver=ONG_SOLVER, streaming=Streaming(), total=None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """NMF factors (W_i, H_i) of |weight_i|, streamed: the ONG part of prune("ong").
 
@@ -368,11 +364,7 @@ def ong_score_passes(
 
 
 def stream_ong_scores(
-    weights: Weights,
-    rank=DEFAULT_RANK,
-    solver: Solver = ONG_SOLVER,
-    streaming: Streaming = Streaming(),
-    total: int | None = None,
+    weights: Weights, rank=DEFAULT_RANK, solver=ONG_SOLVER, streaming=Streaming(), total=None
 ) -> Iterator[torch.Tensor]:
     """Yield each weight's ONG score W H (float32, in the weight's shape, on its device) as
     its group is solved; neither the factors nor earlier scores are kept. Arguments as
