@@ -77,51 +77,50 @@ def _gram_tile(x, s_i, s_k, size_k, r, gi, gj, g, RB: tl.constexpr, BK: tl.const
 
 
 @triton.jit
-def _den_chunk(x, x_sr, x_sc, g, r, rows, rmask, c0, BR: tl.constexpr, BK: tl.constexpr,
-               RB: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """(X G)[rows, c0:c0+RB] from the current X (G symmetric, row-major r x r). Not folded
-    into _num_chunk (X as A, G as B): that one's int64 offsets for V cost this one 8 B of
-    stack on sm_80 (_update_kernel SIDE=0 BR=16 RB=64 w8, the AOT check); here only the
-    row offsets need int64, the rank-axis and G offsets stay below r * r."""
+def _mm_chunk(a, a_sr, a_sk, b, b_sk, b_sc, size_k, r, rows, rmask, c0, BR: tl.constexpr,
+              BK: tl.constexpr, RB: tl.constexpr, PRECISION: tl.constexpr,
+              WIDE_K: tl.constexpr):  # fmt: skip
+    """(A B)[rows, c0:c0+RB], accumulated in float32; A is converted to float32 in the load.
+    WIDE_K: int64 offsets along k (the numerators: k runs over V's m or n); the denominators
+    (A = X, B = the r x r Gram, k < r) keep int32 ones, which cost _update_kernel SIDE=0 BR=16
+    RB=64 w8 8 B of stack on sm_80 when made int64 (the AOT check)."""
     cols = c0 + tl.arange(0, RB)
     cmask = cols < r
-    den = tl.zeros([BR, RB], dtype=tl.float32)
-    for q0 in range(0, r, BK):
-        q = q0 + tl.arange(0, BK)
-        qmask = q < r
-        xt = tl.load(
-            x + rows[:, None].to(tl.int64) * x_sr + q[None, :] * x_sc,
-            mask=rmask[:, None] & qmask[None, :],
+    acc = tl.zeros([BR, RB], dtype=tl.float32)
+    for k0 in range(0, size_k, BK):
+        ok = k0 + tl.arange(0, BK)
+        kmask = ok < size_k
+        if WIDE_K:
+            ko = ok.to(tl.int64)
+        else:
+            ko = ok
+        at = tl.load(
+            a + rows[:, None].to(tl.int64) * a_sr + ko[None, :] * a_sk,
+            mask=rmask[:, None] & kmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        bt = tl.load(
+            b + ko[:, None] * b_sk + cols[None, :] * b_sc,
+            mask=kmask[:, None] & cmask[None, :],
             other=0.0,
         )
-        gt = tl.load(g + q[:, None] * r + cols[None, :], mask=qmask[:, None] & cmask[None, :],
-                     other=0.0)  # fmt: skip
-        den = tl.dot(xt, gt, den, input_precision=PRECISION)
-    return den
+        acc = tl.dot(at, bt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _den_chunk(x, x_sr, x_sc, g, r, rows, rmask, c0, BR: tl.constexpr, BK: tl.constexpr,
+               RB: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """(X G)[rows, c0:c0+RB] from the current X (G symmetric, row-major r x r)."""
+    return _mm_chunk(x, x_sr, x_sc, g, r, 1, r, r, rows, rmask, c0, BR, BK, RB, PRECISION, False)
 
 
 @triton.jit
 def _num_chunk(a, a_sr, a_sk, b, b_sk, b_sc, size_k, r, rows, rmask, c0, BR: tl.constexpr,
                BK: tl.constexpr, RB: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """(A B)[rows, c0:c0+RB], A = V or V^T in V's dtype (converted here), B float32."""
-    cols = c0 + tl.arange(0, RB)
-    cmask = cols < r
-    num = tl.zeros([BR, RB], dtype=tl.float32)
-    for k0 in range(0, size_k, BK):
-        ok = k0 + tl.arange(0, BK)
-        kmask = ok < size_k
-        at = tl.load(
-            a + rows[:, None].to(tl.int64) * a_sr + ok[None, :].to(tl.int64) * a_sk,
-            mask=rmask[:, None] & kmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        bt = tl.load(
-            b + ok[:, None].to(tl.int64) * b_sk + cols[None, :] * b_sc,
-            mask=kmask[:, None] & cmask[None, :],
-            other=0.0,
-        )
-        num = tl.dot(at, bt, num, input_precision=PRECISION)
-    return num
+    return _mm_chunk(a, a_sr, a_sk, b, b_sk, b_sc, size_k, r, rows, rmask, c0, BR, BK, RB,
+                     PRECISION, True)  # fmt: skip
 
 
 @triton.jit
