@@ -176,8 +176,8 @@ def run(args) -> int:
         print("ong-mask: error: -o/--output is required (or --dry-run)", file=sys.stderr)
         return 2
     from ong_kernels._bitmask import pack_mask
-    from ong_kernels._stream import Streaming
     from ong_kernels.nmf import Solver
+    from ong_kernels.nmf_groups import Streaming
     from ong_kernels.pruning import stream
     from ong_kernels.pruning.io import FORMAT, VERSION
 

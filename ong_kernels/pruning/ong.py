@@ -33,6 +33,7 @@ import torch
 
 from ong_kernels import nmf  # module reference: tests spy on nmf.nmf_batched
 from ong_kernels._validate import check_int, check_real
+from ong_kernels.nmf_rules import matrix_shape
 from ong_kernels.pruning.distributed import run_sharded
 from ong_kernels.pruning.targets import Target, resolve_targets
 
@@ -41,19 +42,14 @@ __all__ = ["DEFAULT_RANK", "ONG_SOLVER", "ong_scores", "resolve_ranks"]
 DEFAULT_RANK = 0.25
 
 
-def _matrix_shape(shape: torch.Size) -> tuple[int, int]:
-    # nmf's own view of a weight as a matrix, applied to a shape-only (meta) tensor.
-    return tuple(nmf.as_matrix(torch.empty(shape, device="meta")).shape)
-
-
 def resolve_ranks(rank, shapes: Sequence[torch.Size]) -> list[int]:
     """Per-matrix NMF ranks: an int clipped to min(m, n), or a fraction of min(m, n)."""
     if isinstance(rank, float):
         fraction = check_real(rank, "rank (a fraction of min(m, n))", minimum=0.0, maximum=1.0,
                               min_open=True)  # fmt: skip
-        return [max(1, round(fraction * min(_matrix_shape(s)))) for s in shapes]
+        return [max(1, round(fraction * min(matrix_shape(s)))) for s in shapes]
     check_int(rank, "rank", 1)  # bool, str, ...: TypeError naming rank
-    return [min(rank, *_matrix_shape(s)) for s in shapes]
+    return [min(rank, *matrix_shape(s)) for s in shapes]
 
 
 # ONG's NMF settings (the defaults of ong_scores and prune("ong")): nmf_batched's, with the
@@ -91,11 +87,12 @@ def _ong(
         mats = [targets[i][1].detach().abs().to(device) for i in indices]
         group_init = init if isinstance(init, str) else [init[i] for i in indices]
         settings = {**solver.kwargs(), "init": group_init}
-        factors = nmf.nmf_batched(mats, [ranks[i] for i in indices], **settings)
+        names = [targets[i][0] for i in indices]  # errors name the parameter
+        factors = nmf.nmf_batched(mats, [ranks[i] for i in indices], **settings, names=names)
         # One (m, r) @ (r, n) per matrix: ~1/(2 * max_iter) of the NMF's own matmul work.
         return [(w @ h).reshape(shapes[i]) for i, (w, h) in zip(indices, factors, strict=True)]
 
-    costs = [math.prod(_matrix_shape(s)) * r for s, r in zip(shapes, ranks, strict=True)]
+    costs = [math.prod(matrix_shape(s)) * r for s, r in zip(shapes, ranks, strict=True)]
     scores = run_sharded(compute, costs, shapes, device, group, distributed)
     return [s.to(t.device) for s, (_, t) in zip(scores, targets, strict=True)]
 

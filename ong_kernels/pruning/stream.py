@@ -34,8 +34,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ong_kernels._stream import Streaming, check_budget, check_fits, stream_factors
-from ong_kernels.nmf import Solver
+from ong_kernels._validate import check_device
+from ong_kernels.backends import registry
+from ong_kernels.nmf_groups import Item, Streaming, check_budget, check_fits, run
+from ong_kernels.nmf_rules import Solver
 from ong_kernels.pruning.allocation import (
     check_floors,
     check_min_density,
@@ -319,17 +321,19 @@ def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total: i
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
         ranks: Sequence[int] = resolve_ranks(rank, [t.shape for t in weights])
+        streaming.check()
         device = streaming.device
-        compute = weights[0].device if device is None else torch.device(device)
+        compute = weights[0].device if device is None else check_device(device)
         budget = check_budget(streaming.memory_budget, compute)
+        kernel = registry.select("nmf_mu", compute.type, solver.backend)
         for i, t in enumerate(weights):
-            check_fits(i, t.shape, ranks, t.element_size(), budget)
+            check_fits(Item(i, t, ranks[i]), budget, kernel, solver.init)
         streaming = dataclasses.replace(streaming, memory_budget=budget)
         total = sum(t.numel() for t in weights)
     else:
         resolve_ranks(rank, [])  # the rank's type and range, before any work
         ranks = _LazyRanks(rank, shapes)
-    return stream_factors(_abs(weights, shapes), ranks, solver, streaming, total)
+    return run(_abs(weights, shapes), ranks, solver, streaming, total=total)
 
 
 def ong_factors(
@@ -340,7 +344,7 @@ def ong_factors(
     `weights` are raw weights (a sequence, or an iterator such as a checkpoint reader: only
     one group's |W| exists at a time). `rank` (an int or a fraction of min(m, n)) and
     `solver` (max_iter, tol, init, seed, backend: default ONG's) are ong_scores' settings;
-    `streaming` (device, memory_budget, progress) nmf_batched's (ong_kernels/_stream.py);
+    `streaming` (device, memory_budget, progress) nmf_batched's (ong_kernels/nmf_groups.py);
     `total` the number of weights, for an iterator's progress bar. The factors equal
     prune()'s: the same ONG matrices factorised by the same op, grouping aside.
     """
