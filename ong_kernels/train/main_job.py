@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from .checkpoint import CheckpointError, RunFolderError, atomic_write
 from .config import TrainConfig
 from .data import DatasetError, load_dataset
 from .distributed import resolve_device
@@ -209,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as err:  # bad sparsities/methods, changed run folders
         print(f"main_job: error: {err}", file=sys.stderr)
         return 2
-    except DatasetError as err:
+    except (DatasetError, CheckpointError, RunFolderError) as err:
         print(f"main_job: error: {err}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - start
@@ -217,10 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     heading = f"ResNet-20 on Fashion-MNIST ({train}, {args.epochs} epochs; {test}):"
     print(f"\n{heading}\n\n{table}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "main_job.md").write_text(f"{heading}\n\n{table}\n\nwall time: {wall:.0f} s\n")
+    text = f"{heading}\n\n{table}\n\n{summary.coverage}\n\nwall time: {wall:.0f} s\n"
+    atomic_write(out_dir / "main_job.md", lambda f: f.write(text.encode()))
+    plot = f", plot in {summary.plot_path}" if summary.plot_path else " (no plot: see above)"
     print(
-        f"\nwall time: {wall:.0f} s (budget {BUDGET_S} s); table in {out_dir / 'main_job.md'}, "
-        f"plot in {summary.plot_path}"
+        f"\nwall time: {wall:.0f} s (budget {BUDGET_S} s); table in {out_dir / 'main_job.md'}{plot}"
     )
     return 0
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +46,9 @@ from .checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     RunFolderError,
+    check_writable_folder,
     load_checkpoint,
+    read_json_object,
     remove_stale_temp_files,
     save_checkpoint,
     write_csv,
@@ -152,6 +154,8 @@ class Trainer:
         self.run_dir = Path(config.run_dir) if config.run_dir is not None else None
         if self.run_dir is not None and self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"run_dir: {self.run_dir} exists and is not a folder")
+        if self.run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+            check_writable_folder(self.run_dir)  # only rank 0 writes
         checkpoint_path = self.run_dir / CHECKPOINT_NAME if self.run_dir else None
         if resume and checkpoint_path is None:
             raise ValueError("resume: needs config.run_dir (the folder of the run to continue)")
@@ -636,19 +640,26 @@ class Trainer:
         results = self.results(complete=True)
         if ctx.is_main and self.run_dir is not None:
             write_json(self.run_dir / "results.json", results)
-            from .plots import plot_history
-
-            what = (
-                "dense" if cfg.method == "dense" else f"{cfg.method} at {cfg.sparsity:.0%} sparsity"
-            )
-            plot_history(
-                self.history,
-                self.run_dir / "loss.png",
-                self.run_dir / "accuracy.png",
-                lr_path=self.run_dir / "lr.png",
-                title=f"{cfg.model} on {cfg.dataset}, {what} (seed {cfg.seed})",
-            )
+            self._plot()
         return results
+
+    def _plot(self) -> None:
+        """loss.png, accuracy.png and lr.png; without matplotlib, one line saying so."""
+        from .plots import missing_matplotlib, plot_history
+
+        no_plot = missing_matplotlib()
+        if no_plot:
+            self._log(f"{no_plot}; loss.png, accuracy.png and lr.png not drawn")
+            return
+        cfg = self.config
+        what = "dense" if cfg.method == "dense" else f"{cfg.method} at {cfg.sparsity:.0%} sparsity"
+        plot_history(
+            self.history,
+            self.run_dir / "loss.png",
+            self.run_dir / "accuracy.png",
+            lr_path=self.run_dir / "lr.png",
+            title=f"{cfg.model} on {cfg.dataset}, {what} (seed {cfg.seed})",
+        )
 
     def _set_aside_stale_results(self) -> None:
         """A finished run extended with more epochs is no longer finished: its results.json
@@ -656,7 +667,7 @@ class Trainer:
         done = self.run_dir / "results.json"
         if self._epochs_change is None or not done.is_file():
             return
-        epochs = json.loads(done.read_text())["epochs_completed"]
+        epochs = read_json_object(done).get("epochs_completed", 0)
         if epochs < self.config.epochs:
             done.replace(done.with_name(f"results-{epochs}-epochs.json"))
 
