@@ -134,3 +134,20 @@ def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, ca
     err = capsys.readouterr().err
     assert f"{blocker} is not a folder" in err and len(err.strip().splitlines()) == 1
     assert blocker.read_text() == "x"
+
+
+def test_main_job_refuses_an_out_dir_it_cannot_write_before_loading_data(
+    tmp_path, capsys, monkeypatch
+):
+    from ong_kernels.train import main_job
+
+    def load(*args, **kwargs):
+        raise AssertionError("loaded data before refusing")
+
+    monkeypatch.setattr(main_job, "load_dataset", load)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    args = ["--workers", "1", "--no-progress", "--out-dir", str(blocker / "job")]
+    assert main_job.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{blocker} is not a folder" in err and len(err.strip().splitlines()) == 1

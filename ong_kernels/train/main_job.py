@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from .checkpoint import CheckpointError, RunFolderError, atomic_write
+from .checkpoint import CheckpointError, RunFolderError, atomic_write, check_writable_folder
 from .config import TrainConfig
 from .data import DatasetError, load_dataset
 from .distributed import resolve_device
@@ -172,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"main_job: error: {err}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir or f"runs/main-job-{datetime.now():%Y%m%d-%H%M%S}")
+    try:
+        check_writable_folder(out_dir)  # before the data is loaded: nothing is lost later
+    except RunFolderError as err:
+        print(f"main_job: error: {err}", file=sys.stderr)
+        return 1
     try:
         # Loaded here for the counts it prints; in-process runs (workers=1) reuse it.
         dataset = load_dataset(base.dataset, base.data_dir)
