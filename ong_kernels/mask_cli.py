@@ -190,6 +190,17 @@ def _check_device(text: str) -> str | None:
     return None
 
 
+def _check_sparsity(value: float) -> str | None:
+    """The allocation's own check, here before the scoring instead of after it."""
+    from ong_kernels.pruning.allocation import check_sparsity
+
+    try:
+        check_sparsity(value)
+    except (TypeError, ValueError) as err:
+        return f"--sparsity: {err}"
+    return None
+
+
 def run(args) -> int:
     path = args.checkpoint
     if not os.path.isfile(path):
@@ -198,7 +209,11 @@ def run(args) -> int:
     if not args.output and not args.dry_run:
         print("ong-mask: error: -o/--output is required (or --dry-run)", file=sys.stderr)
         return 2
-    problem = _check_device(args.device) or (args.output and _check_output(args.output, path))
+    problem = (
+        _check_sparsity(args.sparsity)
+        or _check_device(args.device)
+        or (args.output and _check_output(args.output, path))
+    )
     if problem:
         print(f"ong-mask: error: {problem}", file=sys.stderr)
         return 2

@@ -127,6 +127,12 @@ def test_bad_device_is_one_line(checkpoint, capsys, monkeypatch, no_work, device
     _one_line_error(capsys, message)
 
 
+@pytest.mark.parametrize("sparsity", ["1.5", "nan", "-0.1"])
+def test_bad_sparsity_is_refused_before_the_scoring(checkpoint, capsys, no_work, sparsity):
+    assert mask_cli.main(_args(checkpoint, "m.safetensors", "--sparsity", sparsity)) == 2
+    _one_line_error(capsys, "--sparsity: sparsity must be")
+
+
 def test_progress_bar_only_on_a_terminal(checkpoint, capfd, monkeypatch):
     # pytest's captured stderr is not a terminal: no bar, even without --no-progress.
     assert mask_cli.main(_args(checkpoint, "m.safetensors")) == 0
