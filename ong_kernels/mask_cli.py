@@ -201,6 +201,22 @@ def _check_sparsity(value: float) -> str | None:
     return None
 
 
+def _show_progress(off: bool) -> bool:
+    """A bar only on a terminal, as in the trainer (in a log file tqdm's redraws pile up),
+    and only with tqdm (the [train] extra) installed; without it, a note."""
+    if off or not sys.stderr.isatty():
+        return False
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        print(
+            "note: no progress bar: it needs tqdm (pip install 'ong_kernels[train]')",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
 def run(args) -> int:
     path = args.checkpoint
     if not os.path.isfile(path):
@@ -254,8 +270,7 @@ def run(args) -> int:
     from ong_kernels.pruning import stream
     from ong_kernels.pruning.io import write_mask_file
 
-    # Bars only on a terminal, as in the trainer: in a log file tqdm's redraws pile up.
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = _show_progress(args.no_progress)
     start = time.perf_counter()
 
     def weights() -> Iterator[torch.Tensor]:

@@ -152,3 +152,13 @@ def test_progress_bar_only_on_a_terminal(checkpoint, capfd, monkeypatch):
     monkeypatch.setattr(stream, "ong_factors", spy)
     assert mask_cli.main(_args(checkpoint, "m.safetensors")) == 0
     assert shown == [True]
+
+
+def test_on_a_terminal_without_tqdm_there_is_a_note_not_a_traceback(
+    checkpoint, capsys, monkeypatch
+):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert mask_cli.main(_args(checkpoint, "m.safetensors")) == 0
+    assert "no progress bar: it needs tqdm" in capsys.readouterr().err

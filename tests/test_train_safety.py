@@ -151,3 +151,12 @@ def test_main_job_refuses_an_out_dir_it_cannot_write_before_loading_data(
     assert main_job.main(args) == 1
     err = capsys.readouterr().err
     assert f"{blocker} is not a folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_on_a_terminal_without_tqdm_a_run_trains_without_bars(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    args = [a for a in TINY if a != "--no-progress"]
+    assert cli.train_main([*args, "--run-dir", str(tmp_path / "run")]) == 0
+    assert "progress bars need tqdm: pip install 'ong_kernels[train]'" in capsys.readouterr().out

@@ -213,6 +213,14 @@ class Trainer:
             )
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        # Bars only on a terminal: in a log file tqdm's \r redraws pile up as fragments.
+        self.show_bars = cfg.progress and self.ctx.is_main and sys.stderr.isatty()
+        if self.show_bars:
+            try:
+                import tqdm  # noqa: F401  (the [train] extra)
+            except ImportError:
+                self.show_bars = False  # said now, before the pruning and training
+                self._log("progress bars need tqdm: pip install 'ong_kernels[train]'; no bars")
 
     def setup(self) -> None:
         """Load data, build and prune the model, create optimizer and scheduler (idempotent).
@@ -484,8 +492,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
         start = time.perf_counter()
         order = torch.randperm(len(data.train_y), generator=self.generator, device=self.device)
-        # Bars only on a terminal: in a log file tqdm's \r redraws pile up as fragments.
-        show = cfg.progress and ctx.is_main and sys.stderr.isatty()
+        show = self.show_bars
         bar = _tqdm(show)(
             range(self.steps_per_epoch),
             desc=f"epoch {epoch}/{cfg.epochs}",
