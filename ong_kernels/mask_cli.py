@@ -201,6 +201,34 @@ def _check_sparsity(value: float) -> str | None:
     return None
 
 
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def _check_budget(pruned, args) -> str | None:
+    """The first tensor whose NMF cannot fit --memory-budget, named, before any tensor is
+    read: the streaming finds it only when it gets there, after scoring all before it."""
+    from ong_kernels import _stream
+
+    if args.method != "ong":
+        return None
+    device = torch.device(args.device)
+    try:
+        budget = args.memory_budget or _stream.default_budget(device)
+    except ValueError:
+        return None  # no default budget on this device type: the streaming says so
+    for name, shape, dtype in pruned:
+        m, n = shape[0], math.prod(shape[1:])
+        r = min(args.rank, m, n)
+        need = _stream.solve_bytes(m, n, r, _ITEMSIZE[dtype])
+        if need > budget:
+            return (
+                f"{name} (shape {list(shape)}, rank {r}) needs {_stream.format_bytes(need)} "
+                f"on {device} for its NMF, more than the memory budget "
+                f"{_stream.format_bytes(budget)}: raise --memory-budget or lower --rank"
+            )
+    return None
+
+
 def _show_progress(off: bool) -> bool:
     """A bar only on a terminal, as in the trainer (in a log file tqdm's redraws pile up),
     and only with tqdm (the [train] extra) installed; without it, a note."""
@@ -264,6 +292,10 @@ def run(args) -> int:
         for name, reason in skipped:
             print(f"  skip  {name:50s} {reason}")
         return 0
+    problem = _check_budget(pruned, args)
+    if problem:
+        print(f"ong-mask: error: {problem}", file=sys.stderr)
+        return 2
     from ong_kernels._bitmask import pack_mask
     from ong_kernels._stream import Streaming
     from ong_kernels.nmf import Solver
