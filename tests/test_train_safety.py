@@ -160,3 +160,16 @@ def test_on_a_terminal_without_tqdm_a_run_trains_without_bars(tmp_path, capsys, 
     args = [a for a in TINY if a != "--no-progress"]
     assert cli.train_main([*args, "--run-dir", str(tmp_path / "run")]) == 0
     assert "progress bars need tqdm: pip install 'ong_kernels[train]'" in capsys.readouterr().out
+
+
+def test_a_finished_run_whose_checkpoint_was_deleted_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [*TINY, "--method", "random", "--sparsity", "0.5", "--run-dir", str(run)]
+    assert cli.train_main(args) == 0
+    (run / "checkpoint.pt").unlink()  # e.g. to save space once the run is done
+    results = (run / "results.json").read_bytes()
+    capsys.readouterr()
+    assert cli.train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (results.json, metrics.csv)" in err and "cannot be resumed" in err
+    assert (run / "results.json").read_bytes() == results

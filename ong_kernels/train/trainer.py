@@ -61,6 +61,9 @@ from .schedule import make_scheduler
 
 __all__ = ["Callback", "SparsityError", "StopTraining", "Trainer"]
 
+# What a run folder holds once an epoch has finished; a new run never writes over them.
+_RUN_FILES = (CHECKPOINT_NAME, "results.json", "metrics.csv")
+
 
 def _tqdm(show: bool):
     """tqdm (the [train] extra) when bars are shown; imported only then."""
@@ -159,11 +162,18 @@ class Trainer:
         checkpoint_path = self.run_dir / CHECKPOINT_NAME if self.run_dir else None
         if resume and checkpoint_path is None:
             raise ValueError("resume: needs config.run_dir (the folder of the run to continue)")
-        if not resume and checkpoint_path is not None and checkpoint_path.exists():
-            raise ValueError(
-                f"run_dir: {self.run_dir} already holds a run ({CHECKPOINT_NAME}); pass "
-                "--resume to continue it, or choose another --run-dir"
-            )
+        if not resume and self.run_dir is not None:
+            # config.json alone is a run killed in its first epoch: running again is safe.
+            held = [n for n in _RUN_FILES if (self.run_dir / n).exists()]
+            if held:
+                advice = (
+                    "pass --resume to continue it, or choose another --run-dir"
+                    if CHECKPOINT_NAME in held
+                    else "its checkpoint is gone, so it cannot be resumed: choose another --run-dir"
+                )
+                raise ValueError(
+                    f"run_dir: {self.run_dir} already holds a run ({', '.join(held)}); {advice}"
+                )
         self.config = config
         self.callbacks = list(callbacks)
         self._resume_state = load_checkpoint(checkpoint_path) if resume else None
