@@ -61,8 +61,10 @@ from .schedule import make_scheduler
 
 __all__ = ["Callback", "SparsityError", "StopTraining", "Trainer"]
 
-# What a run folder holds once an epoch has finished; a new run never writes over them.
-_RUN_FILES = (CHECKPOINT_NAME, "results.json", "metrics.csv")
+# A run folder holding one of these holds a run a new one must not write over. Not
+# metrics.csv nor config.json: without a checkpoint they are a run killed in its first epoch
+# (metrics.csv is written just before the checkpoint), which running again may replace.
+_RUN_FILES = (CHECKPOINT_NAME, "results.json")
 
 
 def _tqdm(show: bool):
@@ -163,7 +165,6 @@ class Trainer:
         if resume and checkpoint_path is None:
             raise ValueError("resume: needs config.run_dir (the folder of the run to continue)")
         if not resume and self.run_dir is not None:
-            # config.json alone is a run killed in its first epoch: running again is safe.
             held = [n for n in _RUN_FILES if (self.run_dir / n).exists()]
             if held:
                 advice = (
