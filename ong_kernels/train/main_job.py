@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
     table = format_table([table_row(r) for r in summary.runs], COLUMNS)
     heading = f"ResNet-20 on Fashion-MNIST ({train}, {args.epochs} epochs; {test}):"
-    print(f"\n{heading}\n\n{table}")
+    print(f"\n{heading}\n\n{table}\n\n{summary.coverage}")
     out_dir.mkdir(parents=True, exist_ok=True)
     text = f"{heading}\n\n{table}\n\n{summary.coverage}\n\nwall time: {wall:.0f} s\n"
     atomic_write(out_dir / "main_job.md", lambda f: f.write(text.encode()))

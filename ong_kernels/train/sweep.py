@@ -458,7 +458,6 @@ def run_sweep(
             plot_path = out_dir / "accuracy_vs_sparsity.png"
             title = f"{base.model} on {base.dataset}, {len(all_seeds)} seed(s)"
             plot_sweep(rows, plot_path, title=title)
-        say(coverage)
     return SweepSummary(rows, table_runs, markdown, md_path, plot_path, wall, coverage)
 
 
