@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 import torch
@@ -57,6 +58,7 @@ def test_save_is_atomic_and_never_touches_the_old_file_on_failure(tmp_path, monk
     path = tmp_path / "m.safetensors"
     mask = torch.rand(3, 5) > 0.5
     save_masks(path, {"w": mask})
+    assert stat.S_IMODE(os.stat(path).st_mode) == io._FILE_MODE  # not mkstemp's 0600
     before = path.read_bytes()
 
     def torn(tensors, filename, metadata=None):

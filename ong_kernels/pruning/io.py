@@ -29,6 +29,17 @@ __all__ = ["load_masks", "save_masks", "write_mask_file"]
 FORMAT = "ong_kernels.masks"
 VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; a mask file gets the usual 0666 & ~umask (read once, at import:
+# os.umask can only be read by setting it).
+_FILE_MODE = 0o666 & ~_read_umask()
 _V1_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -71,12 +82,6 @@ def save_masks(path: str | os.PathLike, masks) -> None:
     write_mask_file(path, tensors, shapes)
 
 
-def _file_mode() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask  # mkstemp creates 0600; a mask file gets the usual mode
-
-
 def write_mask_file(path, packed: Mapping[str, torch.Tensor], shapes: Mapping[str, list]) -> None:
     """Write packed masks (name -> uint8 bytes of ``pack_mask``) and their shapes as a masks
     file: into a temporary file in the target folder, renamed over ``path`` once complete, so
@@ -103,7 +108,7 @@ def write_mask_file(path, packed: Mapping[str, torch.Tensor], shapes: Mapping[st
         save_file(dict(packed), tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         # Also on KeyboardInterrupt: never leave the temporary file behind.
