@@ -169,24 +169,13 @@ def _check_output(output: str, checkpoint: str) -> str | None:
 
 
 def _check_device(text: str) -> str | None:
-    """Why ``--device`` cannot run the NMF here, or None (the trainer's checks, one line)."""
+    """Why ``--device`` cannot run the NMF here, or None (one line)."""
+    from ong_kernels._validate import check_device
+
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        return f"--device {text!r} is not a device; expected e.g. cpu, cuda, cuda:1"
-    if device.type == "meta":
-        return f"--device {text!r} holds no data; expected e.g. cpu, cuda, cuda:1"
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"--device {text!r} requested but CUDA is not available (use --device cpu)"
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            return f"--device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-    elif device.type != "cpu":
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            return f"--device {text!r} is not available here ({first})"
+        check_device(text, "--device")
+    except ValueError as err:
+        return str(err)
     return None
 
 
@@ -201,30 +190,34 @@ def _check_sparsity(value: float) -> str | None:
     return None
 
 
-_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-
-
 def _check_budget(pruned, args) -> str | None:
     """The first tensor whose NMF cannot fit --memory-budget, named, before any tensor is
-    read: the streaming finds it only when it gets there, after scoring all before it."""
-    from ong_kernels import _stream
+    read (the streaming finds it only when it gets there, after scoring all before it), by the
+    streaming's own cost model (nmf_groups.group_bytes with the selected kernel's workspace)."""
+    from ong_kernels.backends import registry
+    from ong_kernels.nmf_groups import Item, check_budget, format_bytes, group_bytes
+    from ong_kernels.pruning.ong import resolve_ranks
 
     if args.method != "ong":
         return None
     device = torch.device(args.device)
     try:
-        budget = args.memory_budget or _stream.default_budget(device)
+        budget = check_budget(args.memory_budget, device)
     except ValueError:
         return None  # no default budget on this device type: the streaming says so
-    for name, shape, dtype in pruned:
-        m, n = shape[0], math.prod(shape[1:])
-        r = min(args.rank, m, n)
-        need = _stream.solve_bytes(m, n, r, _ITEMSIZE[dtype])
+    try:
+        kernel = registry.select("nmf_mu", device.type, args.backend)
+    except (ValueError, RuntimeError) as err:
+        return str(err)
+    ranks = resolve_ranks(args.rank, [shape for _, shape, _ in pruned])
+    for i, ((name, shape, dtype), r) in enumerate(zip(pruned, ranks, strict=True)):
+        item = Item(i, torch.empty(shape, dtype=_FLOAT[dtype], device="meta"), r)
+        need = group_bytes([item], kernel, args.init)
         if need > budget:
             return (
-                f"{name} (shape {list(shape)}, rank {r}) needs {_stream.format_bytes(need)} "
-                f"on {device} for its NMF, more than the memory budget "
-                f"{_stream.format_bytes(budget)}: raise --memory-budget or lower --rank"
+                f"{name} (shape {list(shape)}, rank {r}) needs {format_bytes(need)} on {device} "
+                f"for its NMF with the {kernel.backend} kernel, more than the memory budget "
+                f"{format_bytes(budget)}: raise --memory-budget or lower --rank"
             )
     return None
 

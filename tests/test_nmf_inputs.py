@@ -68,8 +68,12 @@ def test_a_mapping_says_what_to_pass():
 
 @pytest.mark.parametrize(
     ("device", "message"),
-    [("bogus", "device='bogus' is not a device"), (3.5, "device must be a str or torch.device")]
-    + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available here")]),
+    [
+        ("bogus", "device 'bogus' is not a device"),
+        (3.5, "device must be a str or torch.device"),
+        ("meta", "device 'meta' holds no data"),
+    ]
+    + ([] if torch.cuda.is_available() else [("cuda", "'cuda' requested but CUDA is not")]),
 )
 def test_a_device_that_is_not_there_is_a_one_line_error(device, message):
     with pytest.raises((ValueError, TypeError), match=message):
