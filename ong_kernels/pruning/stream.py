@@ -223,8 +223,8 @@ def _layer_counts(passes, shapes, names, dtype, free: set[int], threshold: float
         counts = torch.zeros(2, len(shapes), dtype=torch.int64)
         for i, flat in _scores(passes, shapes, names, dtype, False, _owned(shard, shapes)):
             if i in free:
-                counts[0, i] = torch.count_nonzero(flat > threshold)
-                counts[1, i] = torch.count_nonzero(flat == threshold)
+                counts[0, i] = int(torch.count_nonzero(flat > threshold))
+                counts[1, i] = int(torch.count_nonzero(flat == threshold))
         return counts
 
     counts = _summed(shard, local, 2 * len(shapes)).view(2, len(shapes))
