@@ -324,7 +324,8 @@ class _Dist:
         self.rank, self.world = rank, world
         self.local_rank, self.local_world = local_rank, local_world
         self.names: list[str] = []  # the pruned tensors
-        self.costs: list[int] = []  # their MU cost per iteration
+        self.costs: list[int] = []  # what each costs: MU flops / iteration, or weights
+        self.cost = "MU cost"  # the summary's name for it
         self.owner: list[int] = []  # rank of each
         self.share: list[int] = []  # the tensors this rank reads and scores
         self.close = False  # whether this process started the process group
@@ -332,10 +333,9 @@ class _Dist:
 
     @classmethod
     def from_env(cls) -> _Dist:
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
+        started = dist.is_available() and dist.is_initialized()
         env = os.environ
-        if "RANK" not in env or "WORLD_SIZE" not in env:
+        if not started and ("RANK" not in env or "WORLD_SIZE" not in env):
             return cls()
         try:
             values = [int(env.get(k, d)) for k, d in _ENV]
@@ -344,6 +344,8 @@ class _Dist:
                 "RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (torchrun "
                 "sets them)"
             ) from None
+        if started:
+            values[:2] = dist.get_rank(), dist.get_world_size()
         return cls(*values) if values[1] > 1 else cls()
 
     @contextlib.contextmanager
@@ -429,7 +431,7 @@ class _Dist:
     def summary(self) -> None:
         if self.world == 1:
             return
-        print(f"\n{'rank':>4s} {'tensors':>8s} {'MU cost':>8s} {'scoring s':>10s} {'total s':>8s} "
+        print(f"\n{'rank':>4s} {'tensors':>8s} {self.cost:>8s} {'scoring s':>10s} {'total s':>8s} "
               f"{'peak MiB':>9s}")  # fmt: skip
         for r, (count, cost, scored, total, peak) in enumerate(self.stats):
             print(f"{r:4d} {count:8d} {cost:8.1%} {scored:10.2f} {total:8.2f} {peak:9.0f}")
@@ -453,7 +455,11 @@ def _naming(fn: Callable, names: list[str]) -> Callable:
             )
             if text == str(exc):
                 raise
-            raise type(exc)(text) from exc
+            try:
+                renamed = type(exc)(text)
+            except Exception:  # an error type that takes other arguments: keep it as it is
+                raise exc from None
+            raise renamed from exc
 
     return call
 
@@ -464,7 +470,7 @@ def _rank_share(ctx: _Dist, args, entries, names, shapes) -> list[int]:
     Under torchrun: first the checks every rank makes alike (before any communication), then
     the process group, then one comparison of every rank's command and checkpoint header (a
     rank given other arguments or another file makes all fail alike); the tensors are shared
-    by distributed.balance over their cost per MU iteration, m n r (bytes read for magnitude).
+    by distributed.balance over their cost per MU iteration, m n r (for magnitude, m n).
     """
     if ctx.world == 1:
         ctx.share = list(range(len(shapes)))
@@ -481,6 +487,7 @@ def _rank_share(ctx: _Dist, args, entries, names, shapes) -> list[int]:
         ranks = resolve_ranks(args.rank, shapes)
     else:
         ranks = [1] * len(shapes)
+        ctx.cost = "weights"
     ctx.costs = [n * r for n, r in zip(numels, ranks, strict=True)]
     ctx.owner = balance(ctx.costs, ctx.world)
     ctx.share = [i for i, r in enumerate(ctx.owner) if r == ctx.rank]

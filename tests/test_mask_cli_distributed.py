@@ -165,6 +165,11 @@ FAILING = {  # a NaN that rank 1 alone reads: in its NMF (ong), in its mask pass
     "nan-ong": ["--sparsity", "0.5"],
     "nan-magnitude-layer": ["--sparsity", "0.5", "--method", "magnitude", "--scope", "layer"],
 }
+REFUSED = {  # every rank refuses alike: a bad argument (before any communication), or ranks
+    # given different commands (found by the one comparison after the group starts)
+    "bad-sparsity": (["--sparsity", "1.5"], ["--sparsity", "1.5"], "sparsity"),
+    "other-args": (["--sparsity", "0.5"], ["--sparsity", "0.6"], "other arguments"),
+}
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -182,6 +187,12 @@ def _worker(rank: int, port: int, folder: str) -> None:
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
                 code = main([ckpt, *args, *SOLVE, "-o", f"{folder}/{case}.two.safetensors"])
+            Path(f"{folder}/{case}.{rank}.txt").write_text(f"{code}\n{err.getvalue()}")
+        for case, (*per_rank, _) in REFUSED.items():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                out = f"{folder}/{case}.two.safetensors"
+                code = main([f"{folder}/model.safetensors", *per_rank[rank], *SOLVE, "-o", out])
             Path(f"{folder}/{case}.{rank}.txt").write_text(f"{code}\n{err.getvalue()}")
     finally:
         dist.destroy_process_group()
@@ -218,6 +229,11 @@ def test_two_gloo_ranks_scopes_methods_and_failures(tmp_path):
         assert failed.startswith("2\n") and told.startswith("2\n"), (failed, told)
         assert bad in failed and "NaN" in failed
         assert "failed on another rank (rank 1)" in told and bad in told
+        assert not (tmp_path / f"{case}.two.safetensors").exists()
+    for case, (*_, message) in REFUSED.items():
+        for rank in range(2):
+            text = (tmp_path / f"{case}.{rank}.txt").read_text()
+            assert text.startswith("2\n") and message in text, (case, rank, text)
         assert not (tmp_path / f"{case}.two.safetensors").exists()
 
 
