@@ -26,13 +26,14 @@ from benchmarks.shapes import prunable as prunable_specs
 from ong_kernels import nmf_init
 from ong_kernels.nmf import nmf_batched
 from ong_kernels.nmf_init import initial_factors, randomized_svd, use_exact_svd
-from ong_kernels.nmf_rules import check_values, kernel_input
+from ong_kernels.nmf_rules import as_matrix, check_values, kernel_input
 
 SETS = {
     "resnet20": resnet20,
     "resnet56": resnet56,
     "resnet18": resnet18,
     "bert_base": bert_base_encoder,
+    "bert_2layers": lambda: bert_base_encoder(layers=2),
     "llama_layer": llama_block,
 }
 
@@ -159,7 +160,8 @@ def _solve_with(ws, ranks, exact: bool, power: int | None):
 
 
 def _error(ws, factors) -> float:
-    return sum(float((v - w @ h).norm() ** 2) for v, (w, h) in zip(ws, factors, strict=True)) ** 0.5
+    pairs = zip(ws, factors, strict=True)
+    return sum(float((as_matrix(v) - w @ h).norm() ** 2) for v, (w, h) in pairs) ** 0.5
 
 
 def cmd_quality(args) -> None:
