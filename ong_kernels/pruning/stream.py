@@ -329,7 +329,7 @@ def stream_masks(
     numels = [math.prod(s) for s in shapes]
     check_floors(numels, sparsity, scope, min_density)
     shard = _shard(owned, group, len(shapes))
-    return _stream(passes, shapes, names, dtype, sparsity, scope, min_density, numels, shard)
+    return _yield_masks(passes, shapes, names, dtype, sparsity, scope, min_density, numels, shard)
 
 
 def _shard(owned, group, count: int) -> _Shard | None:
@@ -365,7 +365,7 @@ def _shard(owned, group, count: int) -> _Shard | None:
     return None if world_size == 1 else _Shard(tuple(owned), group)
 
 
-def _stream(passes, shapes, names, dtype, sparsity, scope, min_density, numels, shard):
+def _yield_masks(passes, shapes, names, dtype, sparsity, scope, min_density, numels, shard):
     if scope == "global":
         floors = floor_counts(numels, min_density)
         plan = _global_plan(passes, shapes, names, dtype, sparsity, floors, shard)
