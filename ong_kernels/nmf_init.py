@@ -89,25 +89,31 @@ def randomized_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U (m, r), S (r,), Vh (r, n)): the leading r singular triplets of the float32 matrix v,
     approximately (Halko et al. 2011, Algorithm 4.4: a Gaussian sketch of r + OVERSAMPLES
-    columns, `power_iters` subspace iterations re-orthonormalised by QR after every product).
+    vectors of the short side, `power_iters` subspace iterations re-orthonormalised by QR
+    after every product).
 
-    The sketch is drawn from a CPU generator seeded with `seed`, so the result is the same for
-    a seed on every device and whatever else is in the batch.
+    Every product takes v as it is stored (v @ X or X^T @ v), never v^T @ X: measured 2.2x
+    slower for a row-major 11008 x 4096 v (0.13 s against 0.06 s at 26 columns). The sketch is
+    drawn from a CPU generator seeded with `seed`, so the result is the same for a seed on
+    every device and whatever else is in the batch.
     """
     m, n = v.shape
-    a = v.T if m < n else v  # the sketch spans the short side: rows >= cols
-    cols = a.shape[1]
-    width = min(r + OVERSAMPLES, cols)
+    tall = m >= n
+    width = min(r + OVERSAMPLES, min(m, n))
     gen = torch.Generator().manual_seed(seed)
-    omega = torch.randn(cols, width, generator=gen).to(device=v.device, dtype=v.dtype)
-    q = _orthonormal(a @ omega)
+    omega = torch.randn(min(m, n), width, generator=gen).to(device=v.device, dtype=v.dtype)
+    if tall:  # q: an orthonormal basis (m, width) of v's column space
+        q = _orthonormal(v @ omega)
+        for _ in range(power_iters):
+            q = _orthonormal(v @ _orthonormal((q.T @ v).T))
+        ub, s, vh = torch.linalg.svd(q.T @ v, full_matrices=False)  # (width, n)
+        return q @ ub[:, :r], s[:r], vh[:r]
+    # wide: q, an orthonormal basis (n, width) of v's row space
+    q = _orthonormal((omega.T @ v).T)
     for _ in range(power_iters):
-        q = _orthonormal(a @ _orthonormal(a.T @ q))
-    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
-    u, s, vh = q @ ub[:, :r], s[:r], vh[:r]
-    if m < n:
-        return vh.T, s, u.T
-    return u, s, vh
+        q = _orthonormal((_orthonormal(v @ q).T @ v).T)
+    u, s, vbh = torch.linalg.svd(v @ q, full_matrices=False)  # (m, width)
+    return u[:, :r], s[:r], vbh[:r] @ q.T
 
 
 def gram_svd(v: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
