@@ -15,6 +15,7 @@ import ong_kernels
 from ong_kernels import _ops
 from ong_kernels._bitmask import pack_mask
 from ong_kernels.backends import cpu as cpu_backend
+from ong_kernels.backends._sgd_args import SgdHyper
 
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
 
@@ -100,7 +101,7 @@ def test_op_refuses_mixed_devices_naming_the_tensor():
     # Defect 4: the op took params[0]'s device for every tensor.
     params = [torch.randn(3), torch.randn(3, device="meta")]
     grads = [torch.randn(3), torch.randn(3, device="meta")]
-    with pytest.raises(RuntimeError, match=r"params\[1\] is on meta"):
+    with pytest.raises(ValueError, match=r"params\[1\] is on meta"):
         _ops.masked_sgd_step_(params, grads, [], [None, None], 0.1, 0, 0, 0, False, False, False)
 
 
@@ -122,7 +123,8 @@ def test_native_backend_validates_without_the_op(what, mutate):
     mutate(params, grads, bufs, bits)
     before = [p.clone() for p in params if p.device.type == "cpu"]
     with pytest.raises(ValueError, match=what.replace("[", r"\[").replace("]", r"\]")):
-        cpu_backend.masked_sgd_step_(params, grads, bufs, bits, 0.1, 0.9, 0, 0, False, False, False)
+        hyper = SgdHyper(0.1, 0.9, 0.0, 0.0, False, False, False)
+        cpu_backend.masked_sgd_step_(params, grads, bufs, bits, hyper, None, None)
     after = [p for p in params if p.device.type == "cpu"]
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 

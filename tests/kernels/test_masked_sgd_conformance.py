@@ -175,11 +175,9 @@ def test_mixed_dtypes_in_one_call(backend, device):
 
 @pytest.mark.parametrize(("backend", "device"), CASES)
 @pytest.mark.parametrize("inf", [False, True])
-def test_grad_scaler_values_through_the_prepared_step(backend, device, inf):
+def test_grad_scaler_values_through_the_op(backend, device, inf):
     """GradScaler's fused path: scaled gradients and the scale give the unscaled step; a
     nonzero found_inf changes nothing (read by the kernel)."""
-    from ong_kernels.backends import registry
-
     gen = torch.Generator().manual_seed(5)
     sizes = [1000, 33, 4096]
     params, grads, bufs, masks = poisoned_inputs(sizes, device, torch.float32, 0.9, 0.5, gen)
@@ -190,8 +188,7 @@ def test_grad_scaler_values_through_the_prepared_step(backend, device, inf):
     scale = torch.full((1,), 1024.0, device=device)
     found = torch.full((1,), 1.0 if inf else 0.0, device=device)
     scaled = [g * 1024.0 for g in grads]
-    prepare = registry.get("masked_sgd_step", backend).fn.prepare
-    prepare(params, scaled, bufs, bits).run(scaled, HYPER, scale, found)
+    _ops.masked_sgd_step_(params, scaled, bufs, bits, *HYPER, backend, scale, found)
     for i in range(len(sizes)):
         assert_close(params[i], expected[0][i], atol=1e-6, rtol=1e-5, what=f"param {i}")
         assert_close(bufs[i], expected[1][i], atol=1e-6, rtol=1e-5, what=f"buf {i}")
