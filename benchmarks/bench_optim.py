@@ -446,8 +446,103 @@ def test_bandwidth(measure, op, device):
     assert torch.equal(dst, expected)
 
 
+def isa_table(pairs: int = 7, total: int = 20_000_000) -> list[dict]:
+    """Issue 17's ISA x density x layout table on this CPU: for each ISA the CPU kernel can
+    run (``_C.set_isa``), kept fraction and layout (tensor count x size, `total` weights),
+    the dense-state and the compact-state step timed alternately (`pairs` pairs, 2 threads),
+    with the minimum of each and the median of the per-pair ratios. Public API plus set_isa
+    only, so the same function times an older checkout (``python -m benchmarks.bench_optim
+    isa``). Floors: bytes a step must move (``floor_bytes``) over the measured bandwidth."""
+    from ong_kernels.backends import _native
+
+    lib = _native.lib()
+    best = lib.best_isa()
+    isas = [i for i in (lib.Isa.avx512, lib.Isa.avx2, lib.Isa.portable) if i.value <= best.value]
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for count in (20, 200):
+        size = total // count
+        params = [torch.nn.Parameter(torch.randn(size, generator=gen) * 0.05) for _ in range(count)]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for p, q in zip(params, twins, strict=True):
+            p.grad = torch.randn(size, generator=gen) * 1e-2
+            q.grad = p.grad.clone()
+        for kept in (0.1, 0.5):
+            masks = [torch.rand(size, generator=gen) < kept for _ in params]
+            dense = ong_kernels.FusedMaskedSGD(
+                params, lr=1e-3, momentum=0.9, masks=dict(zip(params, masks, strict=True))
+            )
+            comp = ong_kernels.FusedMaskedSGD(
+                twins,
+                lr=1e-3,
+                momentum=0.9,
+                masks=dict(zip(twins, masks, strict=True)),
+                compact_state=True,
+            )
+            for isa in isas:
+                lib.set_isa(isa)
+                dense.step()
+                comp.step()
+                t_d, t_c, ratios = [], [], []
+                for k in range(pairs):
+                    order = (dense, comp) if k % 2 else (comp, dense)
+                    times = {}
+                    for opt in order:
+                        t0 = time.perf_counter()
+                        opt.step()
+                        times[opt is comp] = time.perf_counter() - t0
+                    t_d.append(times[False])
+                    t_c.append(times[True])
+                    ratios.append(times[True] / times[False])
+                rows.append(
+                    dict(
+                        isa=isa.name,
+                        layout=f"{count} x {size:,}",
+                        kept=kept,
+                        dense_ms=1e3 * min(t_d),
+                        compact_ms=1e3 * min(t_c),
+                        compact_over_dense=float(np.median(ratios)),
+                    )
+                )
+                print(rows[-1], flush=True)
+            lib.set_isa(best)
+            del dense, comp
+    return rows
+
+
+def resnet_pairs(pairs: int = 30) -> dict:
+    """ResNet-18 at 90% masks (nesterov config): ours, ours_compact and SGD(fused=True)
+    without masks, timed in rotation step by step; median ratios to the fused peer and of
+    compact to dense. Run under ONG_KERNELS_ISA / ATEN_CPU_CAPABILITY to pair the ISAs."""
+    cpu = torch.device("cpu")
+    cfg = CONFIGS["nesterov"]
+    steps = {}
+    for provider in ("ours", "ours_compact", "torch_fused_nomask"):
+        params, masks = make_problem(cpu, masked=provider != "torch_fused_nomask")
+        steps[provider] = build_step(provider, params, masks, cfg)[1]
+        for _ in range(WARMUP_STEPS):
+            steps[provider]()
+    names = list(steps)
+    times = {n: [] for n in names}
+    for k in range(pairs):
+        for n in names[k % 3 :] + names[: k % 3]:
+            t0 = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - t0)
+    t = {n: np.array(v) for n, v in times.items()}
+    return {
+        "ours_over_fused": float(np.median(t["ours"] / t["torch_fused_nomask"])),
+        "compact_over_ours": float(np.median(t["ours_compact"] / t["ours"])),
+        "ms": {n: 1e3 * float(v.min()) for n, v in t.items()},
+    }
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] == ["host"]:
         print(host_time_pairs())
+    elif sys.argv[1:] == ["isa"]:
+        isa_table()
+    elif sys.argv[1:] == ["resnet"]:
+        print(resnet_pairs())

@@ -44,9 +44,17 @@ void update_avx512(float* __restrict p, const float* __restrict grad, float* __r
 }
 
 // compact_state, 16 weights at a time: p and the gradient are loaded at kept lanes only,
-// the compact momentum is expand-loaded into the kept lanes and compress-stored back; a group
-// of 16 pruned weights is skipped (18.5% of the groups at 90% random sparsity). Same
+// the compact momentum of the n kept weights is loaded packed (first n lanes) and expanded
+// into the kept lanes in a register, and compressed in a register before a masked store; a
+// group of 16 pruned weights is skipped (18.5% of the groups at 90% random sparsity). Same
 // operations as update_avx512, so the trajectory is dense mode's bit for bit.
+//
+// Why register forms: vexpandps / vcompressps with a memory operand are microcoded on AMD
+// Zen 4; issue 17 measured this step (then written with _mm512_mask_compressstoreu_ps and
+// _mm512_maskz_expandloadu_ps) 2.4x slower than the dense step there at 10% kept, while the
+// register forms are single fast instructions on Zen 4 and on Intel. Only the Intel side
+// could be measured for this change (benchmarks/RESULTS.md, issue 17); the AMD one is the
+// documented instruction cost, not a measurement.
 template <bool kMomentum, bool kNesterov, bool kFirst>
 void compact_avx512(float* __restrict p, const float* __restrict grad, float* __restrict cbuf,
                     const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
@@ -73,11 +81,13 @@ void compact_avx512(float* __restrict p, const float* __restrict grad, float* __
     const __m512 w = _mm512_maskz_loadu_ps(keep, p + i);
     if (use_wd) g = _mm512_fmadd_ps(wd, w, g);
     if constexpr (kMomentum) {
-      const __m512 b =
-          kFirst ? g
-                 : _mm512_fmadd_ps(mom, _mm512_maskz_expandloadu_ps(keep, cbuf + k),
-                                   _mm512_mul_ps(damp, g));
-      _mm512_mask_compressstoreu_ps(cbuf + k, keep, b);
+      const __mmask16 first = static_cast<__mmask16>((1u << n) - 1u);
+      __m512 b = g;
+      if constexpr (!kFirst) {
+        const __m512 packed = _mm512_maskz_loadu_ps(first, cbuf + k);
+        b = _mm512_fmadd_ps(mom, _mm512_maskz_expand_ps(keep, packed), _mm512_mul_ps(damp, g));
+      }
+      _mm512_mask_storeu_ps(cbuf + k, first, _mm512_maskz_compress_ps(keep, b));
       g = kNesterov ? _mm512_fmadd_ps(mom, b, g) : b;
     }
     _mm512_mask_storeu_ps(p + i, keep, _mm512_fnmadd_ps(lr, g, w));

@@ -94,6 +94,13 @@ void masked_sgd_compact_f32_avx512(float* p, const float* grad, float* cbuf,
 void masked_sgd_span_f32_avx512(float* p, const float* grad, float* buf,
                                 const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
                                 const SgdHyper& h);
+// The same two spans with AVX2 + FMA (csrc/cpu/masked_sgd_avx2.cpp); active_isa() >= kAvx2.
+void masked_sgd_span_f32_avx2(float* p, const float* grad, float* buf, const std::uint8_t* bits,
+                              std::int64_t begin, std::int64_t end, const SgdHyper& h);
+void masked_sgd_compact_f32_avx2(float* p, const float* grad, float* cbuf,
+                                 const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
+                                 std::int64_t buf_begin, std::int64_t buf_numel,
+                                 const SgdHyper& h);
 
 #ifdef ONG_WITH_CUDA
 // CUDA: ONE launch for every tensor of one dtype. `table` is a device address holding the
