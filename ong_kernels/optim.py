@@ -1,7 +1,7 @@
 """FusedMaskedSGD: torch.optim.SGD on masked gradients, one fused kernel per step.
 
 The optimizer's shape is torch's optim/sgd.py: `step()` gathers each group's lists
-(`_init_group`) and calls one op, torch.ops.ong_kernels.masked_sgd_step_ (or
+(`_gather_group`) and calls one op, torch.ops.ong_kernels.masked_sgd_step_ (or
 masked_sgd_compact_step_ for compact_state), eager and compiled alike. The op's kernel keeps
 the prepared pointer tables (backends/_multi_tensor.py PlanCache); the optimizer keeps only
 its state and, per group, the lists it hands the op while its parameters' addresses and
@@ -427,7 +427,7 @@ class FusedMaskedSGD(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One fused masked SGD step: per group, `_init_group` and one op call per (device,
+        """One fused masked SGD step: per group, `_gather_group` and one op call per (device,
         format). Every group's hyper-parameters are validated before any tensor is touched."""
         loss = None
         if closure is not None:
@@ -437,7 +437,7 @@ class FusedMaskedSGD(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for index, (group, hyper) in enumerate(zip(self.param_groups, hypers, strict=True)):
-            grads, calls = self._init_group(index, group, hyper.momentum)
+            grads, calls = self._gather_group(index, group, hyper.momentum)
             for call in calls:
                 gs = grads if call.indices is None else [grads[i] for i in call.indices]
                 scale, inf = _on(grad_scale, found_inf, call.device)
@@ -454,11 +454,12 @@ class FusedMaskedSGD(Optimizer):
                     )
         return loss
 
-    def _init_group(self, index: int, group: dict, momentum: float) -> tuple[list, list[_Call]]:
-        """(the gradients of the group's parameters that have one, the op calls). The calls
-        are reused while those parameters' addresses and strides, and the state, stay the
-        same (a mask or state change clears them); under torch.compile they are built fresh
-        (tracing has no addresses)."""
+    def _gather_group(self, index: int, group: dict, momentum: float) -> tuple[list, list[_Call]]:
+        """torch's `_init_group` (not named so: dynamo runs a method of that name eagerly and
+        wants a constant back): the gradients of the group's parameters that have one, and
+        the op calls. The calls are reused while those parameters' addresses and strides and
+        the state stay the same (a mask or state change clears them); under torch.compile
+        they are built fresh (tracing has no addresses)."""
         params = group["params"]
         grads = [p.grad for p in params]
         if id(None) in set(map(id, grads)):
