@@ -411,11 +411,12 @@ class FusedMaskedSGD(Optimizer):
             group["nesterov"],
             group["maximize"],
         )
-        if self._hyper_ok.get(index) != values:
-            _check_hyper(group, f"param_groups[{index}]")
-            self._hyper_ok[index] = values
+        cached = self._hyper_ok.get(index)
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        _check_hyper(group, f"param_groups[{index}]")
         lr, momentum, dampening, weight_decay, nesterov, maximize = values
-        return SgdHyper(
+        hyper = SgdHyper(
             lr=float(lr),
             momentum=float(momentum),
             dampening=float(dampening),
@@ -424,6 +425,8 @@ class FusedMaskedSGD(Optimizer):
             maximize=bool(maximize),
             first_step=False,
         )
+        self._hyper_ok[index] = (values, hyper)
+        return hyper
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -440,7 +443,9 @@ class FusedMaskedSGD(Optimizer):
             grads, calls = self._gather_group(index, group, hyper.momentum)
             for call in calls:
                 gs = grads if call.indices is None else [grads[i] for i in call.indices]
-                scale, inf = _on(grad_scale, found_inf, call.device)
+                scale, inf = grad_scale, found_inf
+                if scale is not None or inf is not None:
+                    scale, inf = _on(scale, inf, call.device)
                 # the op's schema lists SgdHyper's fields in order (_sgd_args.HYPER_SCHEMA)
                 h = hyper._replace(first_step=True) if call.first else hyper
                 if call.compact:

@@ -238,8 +238,7 @@ def planned_kernel(prepare: Callable, doc: str, *, compact: bool = False) -> Cal
     check = check_compact_args if compact else check_step_args
     kind = "compact" if compact else "dense"
 
-    def kernel(params, grads, bufs, bits, *rest) -> None:
-        *lists, hyper, grad_scale, found_inf = rest  # compact: offsets first
+    def step(params, grads, bufs, bits, lists, hyper, grad_scale, found_inf) -> None:
         if not params:
             return
         try:
@@ -254,6 +253,16 @@ def planned_kernel(prepare: Callable, doc: str, *, compact: bool = False) -> Cal
             if key is not None:
                 cache.put(slot, key, plan, [params[0]])
         plan.run(grads, hyper, grad_scale, found_inf)
+
+    if compact:
+
+        def kernel(params, grads, bufs, bits, offsets, hyper, grad_scale=None, found_inf=None):
+            step(params, grads, bufs, bits, (offsets,), hyper, grad_scale, found_inf)
+
+    else:
+
+        def kernel(params, grads, bufs, bits, hyper, grad_scale=None, found_inf=None):
+            step(params, grads, bufs, bits, (), hyper, grad_scale, found_inf)
 
     kernel.__doc__ = doc
     kernel.prepare = prepare
