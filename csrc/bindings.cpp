@@ -76,6 +76,11 @@ void bind_masked_sgd(py::module_& m) {
         scale and inf flag (0: none); a nonzero flag skips the step. Runs with the GIL released.
       )pbdoc");
 
+  m.def("masked_sgd_compact_path_cpu", &ong::masked_sgd_compact_path_cpu,
+        "Which AVX-512 compact_state span runs: 'vector' (expand/compress) or 'setbits' "
+        "(the set-bit loop), chosen by timing both at first use.");
+  m.def("set_masked_sgd_compact_path_cpu", &ong::set_masked_sgd_compact_path_cpu,
+        py::arg("name"), "Override that choice (tests, benchmarks): 'vector' or 'setbits'.");
   m.def("masked_sgd_chunk_size_cpu", &ong::masked_sgd_chunk_size_cpu,
         "Elements per chunk of the CPU kernels (the unit of the compact offsets table).");
   m.def(

@@ -271,3 +271,35 @@ def test_every_cpu_isa_dense_and_compact(cpu_isa, dtype, hyper, density):
         if bufs:
             got = expand(cbufs[i], masks[i])
             assert torch.equal(got, bufs[i]), f"{cpu_isa} {dtype}: compact momentum {i}"
+
+
+@pytest.mark.parametrize("path", ["vector", "setbits"])
+@pytest.mark.parametrize("hyper", CPU_HYPERS[:3], ids=["nesterov", "first", "damp-max"])
+def test_both_avx512_compact_spans_are_dense_mode(path, hyper):
+    """The AVX-512 compact span is chosen by timing at first use (vector expand/compress or
+    the set-bit loop); each one, forced, is the dense step bit for bit."""
+    from ong_kernels._bitmask import expand
+    from ong_kernels.backends import _native
+
+    if not _native.has_cpu() or _native.lib().best_isa() != _native.lib().Isa.avx512:
+        pytest.skip("needs the compiled CPU kernels on an AVX-512 CPU")
+    lib = _native.lib()
+    chosen = lib.masked_sgd_compact_path_cpu()
+    gen = torch.Generator().manual_seed(11)
+    sizes = [70, 16_449, 40_001]  # 64-weight blocks, 16-lane groups and scalar tails
+    masks = [torch.rand(n, generator=gen) < 0.3 for n in sizes]
+    params = [torch.randn(n, generator=gen) * m for n, m in zip(sizes, masks, strict=True)]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    bufs = [torch.randn(n, generator=gen) * m for n, m in zip(sizes, masks, strict=True)]
+    twins = [p.clone() for p in params]
+    cbufs, offsets = _compact_inputs(twins, bufs, masks)
+    bits = [pack_mask(m) for m in masks]
+    try:
+        lib.set_masked_sgd_compact_path_cpu(path)
+        _ops.masked_sgd_step_(params, grads, bufs, bits, *hyper, "cpu")
+        _ops.masked_sgd_compact_step_(twins, grads, cbufs, bits, offsets, *hyper, "cpu")
+    finally:
+        lib.set_masked_sgd_compact_path_cpu(chosen)
+    for i in range(len(sizes)):
+        assert torch.equal(twins[i], params[i]), f"{path}: param {i}"
+        assert torch.equal(expand(cbufs[i], masks[i]), bufs[i]), f"{path}: momentum {i}"
