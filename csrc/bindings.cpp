@@ -20,10 +20,17 @@ namespace py = pybind11;
 
 namespace {
 
-ong::SgdHyper make_hyper(double lr, double momentum, double dampening, double weight_decay,
-                         bool nesterov, bool maximize, bool first_step,
-                         std::uintptr_t grad_scale, std::uintptr_t found_inf) {
-  return {lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, grad_scale,
+// ong_kernels.backends._sgd_args.SgdHyper (any object with these fields), read by name: the
+// Python type mirrors struct SgdHyper field for field, so no call site orders them by hand.
+ong::SgdHyper hyper_from(py::handle h, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
+  return {h.attr("lr").cast<double>(),
+          h.attr("momentum").cast<double>(),
+          h.attr("dampening").cast<double>(),
+          h.attr("weight_decay").cast<double>(),
+          h.attr("nesterov").cast<bool>(),
+          h.attr("maximize").cast<bool>(),
+          h.attr("first_step").cast<bool>(),
+          grad_scale,
           found_inf};
 }
 
@@ -47,21 +54,21 @@ void bind_common(py::module_& m) {
 void bind_masked_sgd(py::module_& m) {
   m.def(
       "masked_sgd_step_cpu",
-      [](std::uintptr_t table, std::int64_t n_tensors, ong::DType dtype, double lr,
-         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-         bool first_step, int num_threads, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
-        const auto h = make_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize,
-                                  first_step, grad_scale, found_inf);
+      [](std::uintptr_t table, std::int64_t n_tensors, ong::DType dtype, py::handle hyper,
+         int num_threads, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
+        const auto h = hyper_from(hyper, grad_scale, found_inf);
         py::gil_scoped_release release;
         ong::masked_sgd_step_cpu(reinterpret_cast<const ong::SgdTensor*>(table), n_tensors,
                                  dtype, h, num_threads);
       },
-      py::arg("table"), py::arg("n_tensors"), py::arg("dtype"), py::arg("lr"),
-      py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
-      py::arg("maximize"), py::arg("first_step"), py::arg("num_threads"),
+      py::arg("table"), py::arg("n_tensors"), py::arg("dtype"), py::arg("hyper"),
+      py::arg("num_threads"),
       py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
       R"pbdoc(
         One fused masked SGD step over dense CPU tensors of one dtype (float32 or float64).
+
+        hyper: an object with the fields of csrc/include/ong_sgd.h SgdHyper (lr, momentum,
+        dampening, weight_decay, nesterov, maximize, first_step), read by name.
 
         table: host address of an int64 table [n_tensors x (param, grad, buf, mask, numel)]
         (buf: 0 when momentum == 0; mask: 0 for a dense tensor, else its bit-packed mask, see
@@ -69,22 +76,24 @@ void bind_masked_sgd(py::module_& m) {
         scale and inf flag (0: none); a nonzero flag skips the step. Runs with the GIL released.
       )pbdoc");
 
+  m.def("masked_sgd_compact_path_cpu", &ong::masked_sgd_compact_path_cpu,
+        "Which AVX-512 compact_state span runs: 'vector' (expand/compress) or 'setbits' "
+        "(the set-bit loop), chosen by timing both at first use.");
+  m.def("set_masked_sgd_compact_path_cpu", &ong::set_masked_sgd_compact_path_cpu,
+        py::arg("name"), "Override that choice (tests, benchmarks): 'vector' or 'setbits'.");
   m.def("masked_sgd_chunk_size_cpu", &ong::masked_sgd_chunk_size_cpu,
         "Elements per chunk of the CPU kernels (the unit of the compact offsets table).");
   m.def(
       "masked_sgd_step_compact_cpu",
-      [](std::uintptr_t table, std::int64_t n_tensors, ong::DType dtype, double lr,
-         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-         bool first_step, int num_threads, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
-        const auto h = make_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize,
-                                  first_step, grad_scale, found_inf);
+      [](std::uintptr_t table, std::int64_t n_tensors, ong::DType dtype, py::handle hyper,
+         int num_threads, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
+        const auto h = hyper_from(hyper, grad_scale, found_inf);
         py::gil_scoped_release release;
         ong::masked_sgd_step_compact_cpu(reinterpret_cast<const ong::SgdCompactTensor*>(table),
                                          n_tensors, dtype, h, num_threads);
       },
-      py::arg("table"), py::arg("n_tensors"), py::arg("dtype"), py::arg("lr"),
-      py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
-      py::arg("maximize"), py::arg("first_step"), py::arg("num_threads"),
+      py::arg("table"), py::arg("n_tensors"), py::arg("dtype"), py::arg("hyper"),
+      py::arg("num_threads"),
       py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
       R"pbdoc(
         compact_state step: table rows (param, grad, compact buf, mask, numel, offsets), see
@@ -96,18 +105,15 @@ void bind_masked_sgd(py::module_& m) {
         "Elements per thread block of the CUDA masked SGD kernel (the table's chunk unit).");
   m.def(
       "masked_sgd_step_cuda",
-      [](std::uintptr_t table, int n_tensors, std::int64_t n_chunks, ong::DType dtype, double lr,
-         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-         bool first_step, int device, std::uintptr_t stream, std::uintptr_t grad_scale,
+      [](std::uintptr_t table, int n_tensors, std::int64_t n_chunks, ong::DType dtype,
+         py::handle hyper, int device, std::uintptr_t stream, std::uintptr_t grad_scale,
          std::uintptr_t found_inf) {
-        const auto h = make_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize,
-                                  first_step, grad_scale, found_inf);
+        const auto h = hyper_from(hyper, grad_scale, found_inf);
         py::gil_scoped_release release;
         ong::masked_sgd_step_cuda(table, n_tensors, n_chunks, dtype, h, device, stream);
       },
-      py::arg("table"), py::arg("n_tensors"), py::arg("n_chunks"), py::arg("dtype"), py::arg("lr"),
-      py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
-      py::arg("maximize"), py::arg("first_step"), py::arg("device"), py::arg("stream"),
+      py::arg("table"), py::arg("n_tensors"), py::arg("n_chunks"), py::arg("dtype"),
+      py::arg("hyper"), py::arg("device"), py::arg("stream"),
       py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
       R"pbdoc(
         One fused masked SGD step for every tensor of a group in ONE kernel launch on `stream`.

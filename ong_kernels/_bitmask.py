@@ -1,28 +1,29 @@
-"""Bit-packed masks for the fused optimizer kernels.
+"""Bit-packed masks and the compact momentum format of the fused optimizer kernels.
 
 A bool mask costs 1 byte per weight; the masked SGD step otherwise moves 20 bytes per float32
 weight (param r/w, grad r, momentum r/w), so the mask alone adds 5% to a memory-bound step.
 Packed 8 per byte it adds 0.6%. Bit order is little-endian (bit j of byte k is element
 8k + j), which is the lane order of AVX-512 mask registers, so the CPU kernel loads 16 mask
 bits straight into a __mmask16. Elements are taken in the parameter's memory order (see
-`memory_order_view`), which is what the elementwise kernels walk.
+`_layout.memory_order_view`), which is what the elementwise kernels walk.
+
+compact_state keeps a masked parameter's momentum for its kept elements only: `compact`
+gives them in memory order, and `block_offsets` says how many kept elements precede each
+block of COMPACT_BLOCK elements, so a kernel that cuts a tensor into blocks finds where each
+block's momentum starts without a scan.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ong_kernels.backends._multi_tensor import dense_layout
+from ong_kernels._layout import Layout, dense_layout, kept_view, memory_order_view
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
-
-def memory_order_view(t: torch.Tensor) -> torch.Tensor:
-    """A flat view of `t` in memory order when it is dense (contiguous or channels_last);
-    otherwise a flat copy in logical (row-major) order."""
-    if dense_layout(t):
-        return t.as_strided((t.numel(),), (1,), t.storage_offset())
-    return t.reshape(-1)
+# Elements per block of the compact format: the CPU kernel's chunk (masked_sgd_chunk_size_cpu,
+# checked when it loads). 16K float32 = 64 KiB per array, a multiple of 64 (a mask word).
+COMPACT_BLOCK = 1 << 14
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -35,23 +36,38 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
 
 
-def pack_mask_like(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`pack_mask` of the bool `mask` taken in `like`'s memory order, on `like`'s device.
-
-    The bits a kernel reads must follow the parameter's layout *now*: a mask packed for a
-    contiguous weight selects other weights once the weight is channels_last.
-    """
-    if mask.device == like.device and mask.stride() == like.stride() and dense_layout(like):
-        return pack_mask(mask)
-    return pack_mask(torch.empty_like(like, dtype=torch.bool).copy_(mask))
-
-
-def unpack_mask(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The bool mask of `like`'s shape and layout that `pack_mask` packed into `bits`."""
-    flat = (bits.unsqueeze(1) & _BIT_WEIGHTS.to(bits.device)).ne(0).reshape(-1)[: like.numel()]
-    out = torch.empty_like(like, dtype=torch.bool)
+def unpack_mask(bits: torch.Tensor, like: torch.Tensor | Layout) -> torch.Tensor:
+    """The bool mask of `like`'s shape and layout (a tensor, or the Layout the bits were
+    packed for) that `pack_mask` packed into `bits`."""
+    out = (
+        like.empty(torch.bool)
+        if isinstance(like, Layout)
+        else torch.empty_like(like, dtype=torch.bool)
+    )
+    flat = (bits.unsqueeze(1) & _BIT_WEIGHTS.to(bits.device)).ne(0).reshape(-1)[: out.numel()]
     if dense_layout(out):
         memory_order_view(out).copy_(flat)
     else:
-        out.copy_(flat.view(like.shape))
+        out.copy_(flat.view(out.shape))
     return out
+
+
+def compact(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The kept entries of `dense` in memory order (`mask` in the same layout)."""
+    return kept_view(dense)[kept_view(mask)].clone()
+
+
+def expand(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A dense tensor in `mask`'s layout: `values` at the kept entries, 0 elsewhere."""
+    out = torch.zeros_like(mask, dtype=values.dtype)
+    kept_view(out)[kept_view(mask)] = values
+    return out
+
+
+def block_offsets(mask: torch.Tensor) -> torch.Tensor:
+    """int64 [ceil(numel / COMPACT_BLOCK)] on the mask's device: kept elements before each
+    block, in memory order."""
+    flat = kept_view(mask)
+    pad = (-flat.numel()) % COMPACT_BLOCK
+    counts = torch.cat([flat, flat.new_zeros(pad)]).view(-1, COMPACT_BLOCK).sum(1)
+    return (counts.cumsum(0) - counts).to(torch.int64).contiguous()

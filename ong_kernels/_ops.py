@@ -9,8 +9,10 @@ both serve CUDA tensors; Triton's interpreter runs on CPU tensors) and lets the 
 
 Mutated tensors are marked in the schemas (Tensor(a!)), so torch.compile and
 torch.library.opcheck know what each op writes. The checks below run in the fakes (meta and
-FakeTensor tracing) and before every real kernel, so a kernel is never handed tensors of
-mixed devices, wrong dtypes or wrong shapes, whoever calls the op.
+FakeTensor tracing) and in every kernel before it builds (or when it misses) its cached plan,
+so a kernel is never handed tensors of mixed devices, wrong dtypes or wrong shapes, whoever
+calls the op. The masked SGD checks are one function (backends/_sgd_args.py) for the fake
+and every kernel, raising ValueError.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from collections.abc import Sequence
 import torch
 
 from ong_kernels.backends import load_all, registry
+from ong_kernels.backends._sgd_args import (
+    HYPER_SCHEMA,
+    SgdHyper,
+    check_compact_args,
+    check_step_args,
+)
 
 NAMESPACE = "ong_kernels"
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -29,8 +37,18 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 _CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
 _lib.define(
     "masked_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-    "Tensor?[] mask_bits, float lr, float momentum, float dampening, float weight_decay, "
-    "bool nesterov, bool maximize, bool first_step, str backend='auto') -> ()",
+    f"Tensor?[] mask_bits, {HYPER_SCHEMA}, str backend='auto', Tensor? grad_scale=None, "
+    "Tensor? found_inf=None) -> ()",
+    tags=_CUDAGRAPH_UNSAFE,
+)
+# compact_state (ong_kernels/_bitmask.py): momentum_compact[i] holds the kept elements of params[i]
+# only, offsets[i] the kept elements before each COMPACT_BLOCK. A kernel declares that it runs
+# this format (`fn.compact`); for one that does not, the reference's gather/scatter runs it.
+_lib.define(
+    "masked_sgd_compact_step_(Tensor(a!)[] params, Tensor[] grads, "
+    "Tensor(b!)[] momentum_compact, "
+    f"Tensor[] mask_bits, Tensor[] offsets, {HYPER_SCHEMA}, str backend='auto', "
+    "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()",
     tags=_CUDAGRAPH_UNSAFE,
 )
 # The ragged batch is three lists (V_i any float dtype, W_i (m_i, r_i) and H_i (r_i, n_i)
@@ -41,46 +59,7 @@ _lib.define(
     "str backend='auto', str precision='ieee') -> Tensor"
 )
 
-SGD_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 NMF_INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _same(t: torch.Tensor, ref: torch.Tensor, what: str, *, shape=True, dtype=True) -> None:
-    torch._check(t.device == ref.device, lambda: f"{what} is on {t.device}, not {ref.device}")
-    if dtype:
-        torch._check(t.dtype == ref.dtype, lambda: f"{what} has dtype {t.dtype}, not {ref.dtype}")
-    if shape:
-        torch._check(
-            t.shape == ref.shape,
-            lambda: f"{what} has shape {tuple(t.shape)}, not {tuple(ref.shape)}",
-        )
-
-
-def check_masked_sgd_args(params, grads, momentum_buffers, mask_bits) -> None:
-    """Every list one entry per param; grads/buffers of their param's shape, dtype and device;
-    masks uint8 of ceil(numel / 8) bytes on that device."""
-    n = len(params)
-    torch._check(len(grads) == n, lambda: f"grads has {len(grads)} tensors, params {n}")
-    torch._check(
-        len(momentum_buffers) in (0, n),
-        lambda: f"momentum_buffers must be empty or one per param, got {len(momentum_buffers)}",
-    )
-    torch._check(len(mask_bits) == n, lambda: f"mask_bits has {len(mask_bits)} entries, params {n}")
-    for i, p in enumerate(params):
-        torch._check(p.dtype in SGD_DTYPES, lambda: f"params[{i}] has dtype {p.dtype}")
-        # one device for all: the kernel is chosen by params[0]'s device (issue 10, defect 4)
-        _same(p, params[0], f"params[{i}]", shape=False, dtype=False)
-        _same(grads[i], p, f"grads[{i}]")
-        if momentum_buffers:
-            _same(momentum_buffers[i], p, f"momentum_buffers[{i}]")
-        bits = mask_bits[i]
-        if bits is not None:
-            _same(bits, p, f"mask_bits[{i}]", shape=False, dtype=False)
-            torch._check(bits.dtype == torch.uint8, lambda: f"mask_bits[{i}] must be uint8")
-            torch._check(
-                bits.dim() == 1 and bits.numel() == (p.numel() + 7) // 8,
-                lambda: f"mask_bits[{i}] must hold ceil({p.numel()} / 8) bytes",
-            )
 
 
 def check_nmf_args(v, w, h) -> None:
@@ -114,16 +93,30 @@ def check_nmf_args(v, w, h) -> None:
 
 def _masked_sgd_step_impl(
     params, grads, momentum_buffers, mask_bits, lr, momentum, dampening, weight_decay,
-    nesterov, maximize, first_step, backend="auto",
+    nesterov, maximize, first_step, backend="auto", grad_scale=None, found_inf=None,
 ) -> None:  # fmt: skip
-    check_masked_sgd_args(params, grads, momentum_buffers, mask_bits)
+    """The kernel validates (the shared check_step_args) when it builds or misses its plan."""
     if not params:
+        check_step_args(params, grads, momentum_buffers, mask_bits)
         return
     kernel = registry.select("masked_sgd_step", params[0].device.type, backend)
-    kernel.fn(
-        params, grads, momentum_buffers, mask_bits, lr, momentum, dampening, weight_decay,
-        nesterov, maximize, first_step,
-    )  # fmt: skip
+    hyper = SgdHyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    kernel.fn(params, grads, momentum_buffers, mask_bits, hyper, grad_scale, found_inf)
+
+
+def _masked_sgd_compact_step_impl(
+    params, grads, momentum_compact, mask_bits, offsets, lr, momentum, dampening, weight_decay,
+    nesterov, maximize, first_step, backend="auto", grad_scale=None, found_inf=None,
+) -> None:  # fmt: skip
+    if not params:
+        check_compact_args(params, grads, momentum_compact, mask_bits, offsets)
+        return
+    kernel = registry.select("masked_sgd_step", params[0].device.type, backend)
+    step = getattr(kernel.fn, "compact", None)
+    if step is None:  # this kernel has no compact form: the reference's gather/scatter
+        step = registry.get("masked_sgd_step", "reference").fn.compact
+    hyper = SgdHyper(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    step(params, grads, momentum_compact, mask_bits, offsets, hyper, grad_scale, found_inf)
 
 
 def _nmf_mu_impl(v, w, h, max_iter, tol, backend="auto", precision="ieee") -> torch.Tensor:
@@ -142,12 +135,18 @@ def _nmf_mu_impl(v, w, h, max_iter, tol, backend="auto", precision="ieee") -> to
 
 load_all()
 _lib.impl("masked_sgd_step_", _masked_sgd_step_impl, "CompositeExplicitAutograd")
+_lib.impl("masked_sgd_compact_step_", _masked_sgd_compact_step_impl, "CompositeExplicitAutograd")
 _lib.impl("nmf_mu_", _nmf_mu_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")
 def _masked_sgd_step_fake(params, grads, momentum_buffers, mask_bits, *_hyper) -> None:
-    check_masked_sgd_args(params, grads, momentum_buffers, mask_bits)
+    check_step_args(params, grads, momentum_buffers, mask_bits)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::masked_sgd_compact_step_")
+def _masked_sgd_compact_step_fake(params, grads, momentum_compact, mask_bits, offsets, *_h) -> None:
+    check_compact_args(params, grads, momentum_compact, mask_bits, offsets)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::nmf_mu_")
@@ -159,4 +158,5 @@ def _nmf_mu_fake(
 
 
 masked_sgd_step_ = torch.ops.ong_kernels.masked_sgd_step_
+masked_sgd_compact_step_ = torch.ops.ong_kernels.masked_sgd_compact_step_
 nmf_mu_ = torch.ops.ong_kernels.nmf_mu_

@@ -1,4 +1,12 @@
-"""FusedMaskedSGD: torch.optim.SGD on masked gradients, one fused kernel per step."""
+"""FusedMaskedSGD: torch.optim.SGD on masked gradients, one fused kernel per step.
+
+The optimizer's shape is torch's optim/sgd.py: `step()` gathers each group's lists
+(`_gather_group`) and calls one op, torch.ops.ong_kernels.masked_sgd_step_ (or
+masked_sgd_compact_step_ for compact_state), eager and compiled alike. The op's kernel keeps
+the prepared pointer tables (backends/_multi_tensor.py PlanCache); the optimizer keeps only
+its state and, per group, the lists it hands the op while its parameters' addresses and
+strides stay the same.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +17,11 @@ import torch
 from torch.optim import Optimizer
 
 from ong_kernels import _ops
-from ong_kernels._bitmask import pack_mask, unpack_mask
+from ong_kernels._bitmask import block_offsets, compact, expand, pack_mask, unpack_mask
+from ong_kernels._layout import Layout, dense_layout, layout_of
 from ong_kernels._validate import check_real
-from ong_kernels.backends import _multi_tensor as mt
 from ong_kernels.backends import registry
-from ong_kernels.backends._multi_tensor import check_native_args, reference_scaled, step_key
+from ong_kernels.backends._sgd_args import SgdHyper
 
 _HYPER_DEFAULTS = dict(
     momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
@@ -31,37 +39,45 @@ def _check_hyper(group: Mapping, where: str) -> None:
         raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
 
 
-def _layout(t: torch.Tensor) -> tuple:
-    return (t.device, t.dtype, tuple(t.shape), t.stride())
+class ParamMask:
+    """One parameter's mask, and the only copy of it: the bits in the memory order of
+    `layout` (the parameter's layout when they were packed), and for compact_state the
+    block offsets and kept count of the compact momentum format (ong_kernels/_bitmask.py).
+    Everything the step needs is derived here, when the mask is set or repacked."""
+
+    def __init__(self, mask: torch.Tensor, like: torch.Tensor, compact_state: bool) -> None:
+        own = torch.empty_like(like, dtype=torch.bool).copy_(mask)
+        self.layout: Layout = layout_of(like)
+        self.bits = pack_mask(own)
+        self.offsets = block_offsets(own) if compact_state else None
+        self.kept = int(own.sum()) if compact_state else None
+
+    def bool_mask(self) -> torch.Tensor:
+        """The mask as a bool tensor in the layout it was packed for."""
+        return unpack_mask(self.bits, self.layout)
+
+    def fits(self, p: torch.Tensor) -> bool:
+        return self.layout == layout_of(p)
 
 
 @dataclass
-class _Bucket:
-    """Tensors of one device and first-step flag within a group, and their prepared kernel."""
+class _Call:
+    """One op call of a group: tensors of one device and one format."""
 
-    indices: list[int]
-    first: bool
-    plan: object  # has run(grads, hyper, grad_scale, found_inf)
-
-
-@dataclass
-class _GroupPlan:
-    key: tuple
+    compact: bool
+    indices: list[int] | None  # into the group's params with gradients; None: all of them
     params: list[torch.Tensor]
-    buckets: list[_Bucket]
-    has_first: bool
+    bufs: list[torch.Tensor]
+    bits: list[torch.Tensor | None]
+    offsets: list[torch.Tensor]
+    first: bool
+    device: torch.device
 
 
-class _ListPlan:
-    """A kernel without a prepared form (the reference): called with the lists each step."""
-
-    def __init__(self, fn, params, grads, bufs, bits) -> None:
-        check_native_args(params, grads, bufs, bits)
-        self.run_scaled = reference_scaled(fn)
-        self.params, self.bufs, self.bits = params, bufs, bits
-
-    def run(self, grads, hyper, grad_scale=None, found_inf=None) -> None:
-        self.run_scaled(self.params, grads, self.bufs, self.bits, hyper, grad_scale, found_inf)
+@dataclass
+class _GroupLists:
+    key: tuple | None  # None: not reusable (buffers were created for this step)
+    calls: list[_Call]
 
 
 class FusedMaskedSGD(Optimizer):
@@ -70,7 +86,8 @@ class FusedMaskedSGD(Optimizer):
     Semantics are exactly ``torch.optim.SGD`` applied to ``grad * mask``, with the pruned
     weights zeroed when a mask is set: pruned weights and their momentum stay exactly 0
     forever, even when the gradient holds NaN/Inf at pruned positions (the kernels select,
-    they never multiply). One step is one kernel call per (device, dtype) group of tensors.
+    they never multiply). One step is one op call per (device, format) of a group, and one
+    kernel launch per dtype in it.
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
@@ -83,27 +100,28 @@ class FusedMaskedSGD(Optimizer):
             memory order) and the masks bit-packed only: at 90% sparsity 0.525 byte per
             weight instead of 5 (float32 momentum + bool mask). The step touches kept
             entries only (pruned weights, zeroed when the mask is set, are never written
-            again). ``state_dict()`` still returns dense ``momentum_buffer`` and bool
-            ``mask`` entries (loadable into torch.optim.SGD), and ``load_state_dict``
-            takes them. The compiled CPU kernel runs it; other devices and dtypes gather and
+            again); its trajectory is dense mode's bit for bit, in every dtype.
+            ``state_dict()`` still returns dense ``momentum_buffer`` and bool ``mask``
+            entries (loadable into torch.optim.SGD), and ``load_state_dict`` takes them. The
+            compiled CPU kernel runs float32/float64; other devices and dtypes gather and
             scatter with PyTorch ops. Masked parameters must be contiguous or channels_last.
 
-    Masks live in the optimizer state (``state[p]["mask"]``), so ``state_dict()`` saves them
-    and ``load_state_dict()`` restores them; a state_dict without any mask (one saved by
-    ``torch.optim.SGD``) keeps the current masks. ``set_masks`` replaces all masks,
-    ``update_masks`` changes only the parameters it names.
+    Masks are the optimizer's own (``masks`` returns them); ``state_dict()`` saves them as
+    bool ``mask`` entries and ``load_state_dict()`` restores them; a state_dict without any
+    mask (one saved by ``torch.optim.SGD``) keeps the current masks. ``set_masks`` replaces
+    all masks, ``update_masks`` changes only the parameters it names.
 
     Layout changes: a parameter whose device, dtype or strides change under the optimizer
     (``model.double()``, ``.to(memory_format=torch.channels_last)``, ``.cuda()``) gets its
-    mask repacked for the new layout and its momentum buffer converted (as torch's
-    ``load_state_dict`` casts state); a shape change raises. The step caches the partition
-    and pointer tables of each group while the parameters' and gradients' addresses, strides,
-    shapes and dtypes stay the same, so a step costs the key check and the launch.
+    mask repacked for the new layout and its momentum converted (as torch's
+    ``load_state_dict`` casts state); a shape change raises.
 
     GradScaler: ``torch.amp.GradScaler.step`` takes the fused path (the optimizer reads its
-    ``grad_scale`` and ``found_inf``; the kernel unscales and skips an inf step without a host
-    sync on CUDA). The scaler's inf check looks at every gradient entry, pruned ones too.
-    CUDA graphs: the step refuses capture (RuntimeError); see the README.
+    ``grad_scale`` and ``found_inf`` and hands them to the op; the CUDA and CPU kernels
+    unscale and skip an inf step without a host sync). The scaler's inf check looks at every
+    gradient entry, pruned ones too. CUDA graphs: the step refuses capture (RuntimeError).
+    Each op call validates its tensors before it touches any of them; with several param
+    groups, a group whose tensors are refused is refused after the groups before it stepped.
     """
 
     _step_supports_amp_scaling = True
@@ -135,44 +153,36 @@ class FusedMaskedSGD(Optimizer):
             maximize=bool(maximize),
         )
         _check_hyper(defaults, "FusedMaskedSGD")
-        self._reset_caches()
+        self._masks: dict[torch.Tensor, ParamMask] = {}
+        self._lists: dict[int, _GroupLists] = {}
+        self._hyper_ok: dict[int, tuple] = {}
         super().__init__(params, defaults)
         if masks is not None:
             self.set_masks(masks)
 
-    def _reset_caches(self) -> None:
-        # The kernels read masks bit-packed (1/8 byte per weight instead of 1: the step is
-        # memory-bound), packed in the memory order of the parameter's layout `_packed_for`;
-        # derived from state[p]["mask"], so not part of the state_dict.
-        self._mask_bits: dict[torch.Tensor, torch.Tensor] = {}
-        self._packed_for: dict[torch.Tensor, tuple] = {}
-        self._plans: dict[int, _GroupPlan] = {}
-        self._hyper_ok: dict[int, tuple] = {}
-        self._offsets: dict[torch.Tensor, torch.Tensor] = {}  # compact_state chunk offsets
-
     def __setstate__(self, state):
+        # pickle/deepcopy bring "masks" (see __getstate__); torch's load_state_dict calls this
+        # with state and param_groups only, and then load_state_dict sets the masks
+        masks = state.pop("masks", None)
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in _HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
         self.__dict__.setdefault("compact_state", False)
         self.__dict__.setdefault("backend", "auto")
-        self._reset_caches()
-        with torch.no_grad():
-            for p in self._params():
-                state = self.state.get(p, {})
-                if "mask" in state:
-                    self._install_mask(p, state["mask"])
-                elif "mask_bits" in state:  # compact_state: packed in p's layout when pickled
-                    self._packed_for[p] = _layout(p)
-                    self._install_mask(p, unpack_mask(state["mask_bits"], p))
+        self.__dict__.setdefault("_masks", {})
+        if masks is not None:
+            self._masks = masks
+        self._lists = {}
+        self._hyper_ok = {}
 
     def __getstate__(self):
-        # torch.optim.Optimizer pickles defaults, state and param_groups only; the backend
-        # and the state format travel too (the caches are rebuilt on load)
+        # torch.optim.Optimizer pickles defaults, state and param_groups only; the masks, the
+        # backend and the state format travel too (the step's lists are rebuilt on load)
         state = super().__getstate__()
         state["backend"] = self.backend
         state["compact_state"] = self.compact_state
+        state["masks"] = self._masks
         return state
 
     def add_param_group(self, param_group: dict) -> None:
@@ -182,7 +192,7 @@ class FusedMaskedSGD(Optimizer):
             merged = {**self.defaults, **param_group}
             _check_hyper(merged, f"add_param_group (group {len(self.param_groups)})")
         super().add_param_group(param_group)
-        self._plans.clear()
+        self.__dict__.setdefault("_lists", {}).clear()
 
     # ------------------------------------------------------------------ masks
 
@@ -217,6 +227,11 @@ class FusedMaskedSGD(Optimizer):
                 )
             if mask.device != param.device:
                 raise ValueError(f"{where}: mask is on {mask.device}, parameter on {param.device}")
+            if self.compact_state and not dense_layout(param):
+                raise ValueError(
+                    f"{where}: compact_state needs contiguous or channels_last parameters, got "
+                    f"strides {param.stride()}"
+                )
             checked[param] = mask
         return checked
 
@@ -229,12 +244,9 @@ class FusedMaskedSGD(Optimizer):
         ``update_masks`` changes only the parameters it is given.
         """
         checked = self._validated_masks(masks)
-        for p in self._params():
-            if p in self.state:
+        for p in list(self._masks):
+            if p not in checked:
                 self._make_dense(p)
-        self._mask_bits.clear()
-        self._packed_for.clear()
-        self._plans.clear()
         for p, mask in checked.items():
             self._install_mask(p, mask)
 
@@ -250,98 +262,80 @@ class FusedMaskedSGD(Optimizer):
         for p in dense:
             if not isinstance(p, torch.Tensor) or id(p) not in known:
                 raise ValueError("update_masks: a key is not a parameter of this optimizer")
-        self._plans.clear()
         for p in dense:
-            if p in self.state:
-                self._make_dense(p)
-            self._mask_bits.pop(p, None)
-            self._packed_for.pop(p, None)
+            self._make_dense(p)
         for p, mask in checked.items():
             self._install_mask(p, mask)
 
     def _install_mask(self, p: torch.Tensor, mask: torch.Tensor) -> None:
-        """Own copy of `mask` in p's layout and device, its bits, pruned entries zeroed.
-        compact_state: only the bits are kept, and the momentum is compacted."""
-        own = torch.empty_like(p, dtype=torch.bool).copy_(mask)
-        state = self.state[p]
-        dense_buf = self._dense_momentum(p)
-        bits = pack_mask(own)
-        self._mask_bits[p] = bits
-        self._packed_for[p] = _layout(p)
+        """p's ParamMask from `mask` (any layout, p's device), pruned weights zeroed, the
+        momentum moved into the state format (compact under compact_state) and masked."""
+        dense_buf = self._dense_momentum(p)  # read with the old mask, before it is replaced
+        entry = ParamMask(mask, p, self.compact_state)
+        own = entry.bool_mask()
         p.masked_fill_(~own, 0)
+        state = self.state[p]
+        state.pop("momentum_buffer", None)
+        state.pop("momentum_compact", None)
         if dense_buf is not None:
             dense_buf = torch.empty_like(p).copy_(dense_buf).masked_fill_(~own, 0)
-        if self.compact_state:
-            state.pop("mask", None)
-            state.pop("momentum_buffer", None)
-            state["mask_bits"] = bits
-            self._offsets[p] = mt.chunk_offsets(own, _cpu_chunk())
-            if dense_buf is not None:
-                state["momentum_compact"] = mt.compact(dense_buf, own)
-        else:
-            state["mask"] = own
-            if dense_buf is not None:
+            if self.compact_state:
+                state["momentum_compact"] = compact(dense_buf, own)
+            else:
                 state["momentum_buffer"] = dense_buf
-        self._plans.clear()
+        self._masks[p] = entry
+        self._lists.clear()
 
     def _dense_momentum(self, p: torch.Tensor) -> torch.Tensor | None:
-        """p's momentum as a dense tensor (expanded from compact_state), or None."""
+        """p's momentum as a dense tensor (expanded from compact_state with p's current
+        ParamMask, in the layout it was packed for), or None."""
         state = self.state.get(p, {})
         if "momentum_compact" in state:
-            old = self._packed_for[p]
-            like = torch.empty_strided(old[2], old[3], dtype=torch.bool, device=old[0])
-            return mt.expand(state["momentum_compact"], unpack_mask(state["mask_bits"], like))
+            return expand(state["momentum_compact"], self._masks[p].bool_mask())
         return state.get("momentum_buffer")
 
     def _make_dense(self, p: torch.Tensor) -> None:
         """Drop p's mask (compact momentum becomes a dense buffer)."""
-        state = self.state[p]
-        if "momentum_compact" in state:
+        if p not in self._masks:
+            return
+        state = self.state.get(p)
+        if state and "momentum_compact" in state:
             state["momentum_buffer"] = self._dense_momentum(p)
-        for key in ("mask", "mask_bits", "momentum_compact"):
-            state.pop(key, None)
-        self._offsets.pop(p, None)
+            del state["momentum_compact"]
+        del self._masks[p]
+        self._lists.clear()
 
     @property
     def masks(self) -> dict[torch.Tensor, torch.Tensor]:
-        """The current masks, {parameter: bool tensor} (the optimizer's own tensors: read only;
-        unpacked from the bits under compact_state)."""
-        out = {}
-        for p in self._params():
-            state = self.state.get(p, {})
-            if "mask" in state:
-                out[p] = state["mask"]
-            elif "mask_bits" in state:
-                out[p] = unpack_mask(state["mask_bits"], p)
-        return out
+        """The current masks, {parameter: bool tensor} (unpacked from the optimizer's bits:
+        changing them changes nothing; use set_masks / update_masks)."""
+        return {p: m.bool_mask() for p, m in self._masks.items()}
 
     @torch.no_grad()
     def _follow_layout(self, p: torch.Tensor, where: str) -> None:
-        """Repack p's mask and convert its momentum buffer when p's device, dtype or strides
-        changed since they were made; a shape change raises (the mask cannot follow)."""
-        state = self.state.get(p, {})
-        old = self._packed_for.get(p)
-        if old is not None and old != _layout(p):
-            if old[2] != tuple(p.shape):
+        """Repack p's mask and convert its momentum when p's device, dtype or strides changed
+        since they were made; a shape change raises (the mask cannot follow)."""
+        entry = self._masks.get(p)
+        if entry is not None and not entry.fits(p):
+            if entry.layout.shape != tuple(p.shape):
                 raise ValueError(
-                    f"{where}: the parameter's shape changed from {old[2]} to "
+                    f"{where}: the parameter's shape changed from {entry.layout.shape} to "
                     f"{tuple(p.shape)} since its mask was set; set a mask of the new shape "
                     "(update_masks) or drop it (update_masks({p: None}))"
                 )
-            if "mask_bits" in state:  # compact_state: unpack in the layout it was packed for
-                like = torch.empty_strided(old[2], old[3], dtype=torch.bool, device=old[0])
-                mask = unpack_mask(state["mask_bits"], like)
-            else:
-                mask = state["mask"]
-            self._install_mask(p, mask.to(p.device))
+            self._install_mask(p, entry.bool_mask().to(p.device))
+        state = self.state.get(p, {})
         buf = state.get("momentum_buffer")
-        if buf is not None and _layout(buf) != _layout(p):
+        if buf is not None and layout_of(buf) != layout_of(p):
             if buf.shape != p.shape:
                 raise ValueError(
                     f"{where}: momentum buffer of shape {tuple(buf.shape)} for a parameter of "
                     f"shape {tuple(p.shape)}"
                 )
             state["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+        buf = state.get("momentum_compact")
+        if buf is not None and (buf.device != p.device or buf.dtype != p.dtype):
+            state["momentum_compact"] = buf.to(p.device, p.dtype)
 
     # ------------------------------------------------------------------ state_dict
 
@@ -349,42 +343,43 @@ class FusedMaskedSGD(Optimizer):
     def load_state_dict(self, state_dict) -> None:
         """Load momentum buffers, hyper-parameters and masks; pruned entries are re-zeroed.
 
-        A state_dict that holds masks replaces the masks (a parameter without one there is
-        dense). A state_dict without any mask (saved by ``torch.optim.SGD``) keeps the current
-        masks: they are re-applied to the loaded weights' momentum, never dropped.
-        torch's loader casts floating state to the parameter dtype, so masks are turned back
-        into bool here (exact for 0/1 values).
+        Takes this optimizer's state_dict (either state format), a dense FusedMaskedSGD's
+        and torch.optim.SGD's. A state_dict that holds masks replaces the masks (a parameter
+        without one there is dense). A state_dict without any mask (saved by
+        ``torch.optim.SGD``) keeps the current masks: they are re-applied to the loaded
+        momentum, never dropped. torch's loader casts floating state to the parameter dtype,
+        so masks are turned back into bool here (exact for 0/1 values).
         """
         self._check_state_dict_masks(state_dict)
         has_masks = any("mask" in s for s in state_dict.get("state", {}).values())
         kept = {} if has_masks else self.masks
         super().load_state_dict(state_dict)
-        self._mask_bits.clear()
-        self._packed_for.clear()
-        self._offsets.clear()
-        self._plans.clear()
+        self._masks = {}
+        self._lists.clear()
+        loaded = {}
         for p in self._params():
             state = self.state.get(p)
             if state and "mask" in state:
-                self._install_mask(p, state["mask"].to(device=p.device, dtype=torch.bool))
+                loaded[p] = state.pop("mask").to(device=p.device, dtype=torch.bool)
             elif p in kept:
-                self._install_mask(p, kept[p])
+                loaded[p] = kept[p]
+        for p, mask in loaded.items():
+            self._install_mask(p, mask)
 
     def state_dict(self) -> dict:
         """torch.optim.SGD's format: dense ``momentum_buffer`` (expanded under compact_state)
         and bool ``mask`` entries, so a checkpoint loads into torch.optim.SGD."""
         out = super().state_dict()
-        if not self.compact_state:
-            return out
         for i, p in enumerate(self._params()):
-            entry = out["state"].get(i)
-            if entry is None or "mask_bits" not in entry:
+            entry = self._masks.get(p)
+            if entry is None:
                 continue
-            entry = {k: v for k, v in entry.items() if k not in ("mask_bits", "momentum_compact")}
-            if "momentum_compact" in self.state[p]:
-                entry["momentum_buffer"] = self._dense_momentum(p)
-            entry["mask"] = unpack_mask(self.state[p]["mask_bits"], p)
-            out["state"][i] = entry
+            saved = dict(out["state"].get(i, {}))  # torch's entry is self.state[p] itself
+            if "momentum_compact" in saved:
+                del saved["momentum_compact"]
+                saved["momentum_buffer"] = self._dense_momentum(p)
+            saved["mask"] = entry.bool_mask()
+            out["state"][i] = saved
         return out
 
     def _check_state_dict_masks(self, state_dict) -> None:
@@ -397,12 +392,17 @@ class FusedMaskedSGD(Optimizer):
                     f"state_dict: mask of shape {tuple(mask.shape)} for a parameter of shape "
                     f"{tuple(p.shape)}"
                 )
+            if mask is not None and self.compact_state and not dense_layout(p):
+                raise ValueError(
+                    f"state_dict: parameter {i} has strides {p.stride()}; compact_state needs "
+                    "contiguous or channels_last parameters"
+                )
 
     # ------------------------------------------------------------------ step
 
-    def _hyper(self, index: int, group: dict) -> tuple:
-        """(lr, momentum, dampening, weight_decay, nesterov, maximize) by value, validated
-        when they change (an LR scheduler changes lr: nothing is re-uploaded)."""
+    def _hyper(self, index: int, group: dict) -> SgdHyper:
+        """The group's hyper-parameters (first_step False), validated when they change (an LR
+        scheduler changes lr: nothing is re-uploaded)."""
         values = (
             group["lr"],
             group["momentum"],
@@ -411,21 +411,27 @@ class FusedMaskedSGD(Optimizer):
             group["nesterov"],
             group["maximize"],
         )
-        if self._hyper_ok.get(index) != values:
-            _check_hyper(group, f"param_groups[{index}]")
-            self._hyper_ok[index] = values
-        return (
-            float(values[0]),
-            float(values[1]),
-            float(values[2]),
-            float(values[3]),
-            bool(values[4]),
-            bool(values[5]),
+        cached = self._hyper_ok.get(index)
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        _check_hyper(group, f"param_groups[{index}]")
+        lr, momentum, dampening, weight_decay, nesterov, maximize = values
+        hyper = SgdHyper(
+            lr=float(lr),
+            momentum=float(momentum),
+            dampening=float(dampening),
+            weight_decay=float(weight_decay),
+            nesterov=bool(nesterov),
+            maximize=bool(maximize),
+            first_step=False,
         )
+        self._hyper_ok[index] = (values, hyper)
+        return hyper
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One fused masked SGD step. Validates every group before touching any tensor."""
+        """One fused masked SGD step: per group, `_gather_group` and one op call per (device,
+        format). Every group's hyper-parameters are validated before any tensor is touched."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -433,130 +439,91 @@ class FusedMaskedSGD(Optimizer):
         hypers = [self._hyper(i, group) for i, group in enumerate(self.param_groups)]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if torch.compiler.is_compiling():
-            for group, hyper in zip(self.param_groups, hypers, strict=True):
-                self._step_through_op(group, hyper, grad_scale, found_inf)
-            return loss
-        plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]
-        for (plan, grads), hyper in zip(plans, hypers, strict=True):
-            if plan is None:
-                continue
-            for bucket in plan.buckets:
-                gs = grads if len(plan.buckets) == 1 else [grads[i] for i in bucket.indices]
-                scale, inf = _on(grad_scale, found_inf, gs[0].device)
-                bucket.plan.run(gs, (*hyper, bucket.first), scale, inf)
+        for index, (group, hyper) in enumerate(zip(self.param_groups, hypers, strict=True)):
+            grads, calls = self._gather_group(index, group, hyper.momentum)
+            for call in calls:
+                gs = grads if call.indices is None else [grads[i] for i in call.indices]
+                scale, inf = grad_scale, found_inf
+                if scale is not None or inf is not None:
+                    scale, inf = _on(scale, inf, call.device)
+                # the op's schema lists SgdHyper's fields in order (_sgd_args.HYPER_SCHEMA)
+                h = hyper._replace(first_step=True) if call.first else hyper
+                if call.compact:
+                    _ops.masked_sgd_compact_step_.default(
+                        call.params, gs, call.bufs, call.bits, call.offsets, *h, self.backend,
+                        scale, inf,
+                    )  # fmt: skip
+                else:
+                    _ops.masked_sgd_step_.default(
+                        call.params, gs, call.bufs, call.bits, *h, self.backend, scale, inf
+                    )
         return loss
 
-    def _plan(self, index: int, group: dict) -> tuple[_GroupPlan | None, list]:
-        """(the cached plan of a group, its gradients); the plan is rebuilt (and everything
-        validated) when step_key changes."""
+    def _gather_group(self, index: int, group: dict, momentum: float) -> tuple[list, list[_Call]]:
+        """torch's `_init_group` (not named so: dynamo runs a method of that name eagerly and
+        wants a constant back): the gradients of the group's parameters that have one, and
+        the op calls. The calls are reused while those parameters' addresses and strides and
+        the state stay the same (a mask or state change clears them); under torch.compile
+        they are built fresh (tracing has no addresses)."""
         params = group["params"]
         grads = [p.grad for p in params]
         if id(None) in set(map(id, grads)):
             params = [p for p, g in zip(params, grads, strict=True) if g is not None]
-            if not params:
-                return None, []
             grads = [p.grad for p in params]
-        try:
-            key = step_key(params, grads)
-        except RuntimeError:  # sparse gradients have no strides: the rebuild says why
-            key = None
-        plan = self._plans.get(index)
-        if plan is not None and key is not None and plan.key == key:
-            return plan, grads
-        plan = self._build_plan(index, group, params, grads, key)
-        self._plans[index] = plan
-        return plan, grads
-
-    def _build_plan(self, index, group, params, grads, key) -> _GroupPlan:
-        momentum = float(group["momentum"])
+        if not params:
+            return [], []
+        if torch.compiler.is_compiling():
+            return grads, self._build_calls(index, params, momentum)
+        key = (
+            tuple(map(torch.Tensor.data_ptr, params)),
+            tuple(map(torch.Tensor.stride, params)),
+            momentum != 0,
+        )
+        cached = self._lists.get(index)
+        if cached is not None and cached.key == key:
+            return grads, cached.calls
         for j, p in enumerate(params):
-            if p.grad.is_sparse:
-                raise RuntimeError("FusedMaskedSGD does not support sparse gradients")
             self._follow_layout(p, f"param_groups[{index}] parameter {j}")
-        by_bucket: dict[tuple, list[int]] = {}
+        calls = self._build_calls(index, params, momentum)
+        reusable = not any(c.first for c in calls)
+        self._lists[index] = _GroupLists(key if reusable else None, calls)
+        return grads, calls
+
+    def _build_calls(self, index: int, params: list, momentum: float) -> list[_Call]:
+        """Split params (with gradients) by device, state format and first step; create the
+        momentum of parameters that have none yet (zeros, as torch.optim.SGD's first step)."""
+        by_call: dict[tuple, list[int]] = {}
         for j, p in enumerate(params):
             state = self.state[p]
-            first = False
-            if self.compact_state and "mask_bits" in state:
-                if momentum != 0 and "momentum_compact" not in state:
-                    nnz = int(unpack_mask(state["mask_bits"], p).sum())
-                    state["momentum_compact"] = torch.zeros(nnz, dtype=p.dtype, device=p.device)
-                    first = True
-                by_bucket.setdefault((p.device, first, True), []).append(j)
-                continue
-            if momentum != 0 and state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                first = True
-            by_bucket.setdefault((p.device, first, False), []).append(j)
-        buckets = []
-        for (device, first, compact), idx in by_bucket.items():
+            entry = self._masks.get(p)
+            compact_ = self.compact_state and entry is not None
+            name = "momentum_compact" if compact_ else "momentum_buffer"
+            first = momentum != 0 and state.get(name) is None
+            if first:
+                state[name] = (
+                    torch.zeros(entry.kept, dtype=p.dtype, device=p.device)
+                    if compact_
+                    else torch.zeros_like(p, memory_format=torch.preserve_format)
+                )
+            by_call.setdefault((p.device, compact_, first), []).append(j)
+        calls = []
+        for (device, compact_, first), idx in by_call.items():
             ps = [params[j] for j in idx]
-            gs = [grads[j] for j in idx]
-            if compact:
-                buckets.append(_Bucket(idx, first, self._compact_plan(device, ps, gs, momentum)))
-                continue
-            bs = [self.state[p]["momentum_buffer"] for p in ps] if momentum != 0 else []
-            bits = [self._mask_bits.get(p) for p in ps]
-            kernel = registry.select("masked_sgd_step", device.type, self.backend)
-            prepare = getattr(kernel.fn, "prepare", None)
-            plan = prepare(ps, gs, bs, bits) if prepare else _ListPlan(kernel.fn, ps, gs, bs, bits)
-            buckets.append(_Bucket(idx, first, plan))
-        has_first = any(b.first for b in buckets)
-        return _GroupPlan(None if has_first else key, params, buckets, has_first)
-
-    def _compact_plan(self, device, ps, gs, momentum):
-        """The compiled CPU kernel for float32/float64 masked parameters when the backend
-        allows it; PyTorch gathers and scatters otherwise."""
-        cbufs = [self.state[p]["momentum_compact"] for p in ps] if momentum != 0 else []
-        kernel = registry.select("masked_sgd_step", device.type, self.backend)
-        from ong_kernels.backends import cpu, reference
-
-        native_ok = kernel.backend == "cpu" and all(p.dtype in cpu.SUPPORTED_DTYPES for p in ps)
-        if native_ok:
-            bits = [self._mask_bits[p] for p in ps]
-            return cpu.CompactPlan(ps, gs, cbufs, bits, [self._offsets[p] for p in ps])
-        masks = [unpack_mask(self._mask_bits[p], p) for p in ps]
-        return mt.CompactTorchPlan(ps, gs, cbufs, masks, reference.masked_sgd_step_)
-
-    def _step_through_op(self, group, hyper, grad_scale, found_inf) -> None:
-        """The step as torch.ops.ong_kernels.masked_sgd_step_ calls (what torch.compile
-        traces). GradScaler's fused path is refused there (its inf skip needs the kernel)."""
-        if self.compact_state:
-            raise RuntimeError(
-                "FusedMaskedSGD(compact_state=True) does not run under torch.compile"
+            name = "momentum_compact" if compact_ else "momentum_buffer"
+            entries = [self._masks.get(p) for p in ps]
+            calls.append(
+                _Call(
+                    compact=compact_,
+                    indices=None if len(by_call) == 1 else idx,
+                    params=ps,
+                    bufs=[self.state[p][name] for p in ps] if momentum != 0 else [],
+                    bits=[None if e is None else e.bits for e in entries],
+                    offsets=[e.offsets for e in entries] if compact_ else [],
+                    first=first,
+                    device=device,
+                )
             )
-        if grad_scale is not None or found_inf is not None:
-            raise RuntimeError(
-                "FusedMaskedSGD: GradScaler's fused path under torch.compile is not supported; "
-                "step the optimizer outside the compiled region"
-            )
-        momentum = hyper[1]
-        buckets: dict[tuple, tuple[list, list, list, list]] = {}
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            first = False
-            if momentum != 0 and state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                first = True
-            ps, gs, bs, ms = buckets.setdefault((p.device, first), ([], [], [], []))
-            ps.append(p)
-            gs.append(p.grad)
-            if momentum != 0:
-                bs.append(state["momentum_buffer"])
-            ms.append(self._mask_bits.get(p))
-        for (_, first), (ps, gs, bs, ms) in buckets.items():
-            _ops.masked_sgd_step_(ps, gs, bs, ms, *hyper, first, self.backend)
-
-
-def _cpu_chunk() -> int:
-    """Elements per chunk of the CPU kernels (the compact offsets' unit); 16384 when the
-    extension is absent (the offsets are then unused: PyTorch runs compact_state)."""
-    from ong_kernels.backends import _native
-
-    return _native.lib().masked_sgd_chunk_size_cpu() if _native.has_cpu() else 16384
+        return calls
 
 
 def _on(grad_scale, found_inf, device):

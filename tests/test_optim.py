@@ -301,3 +301,28 @@ def test_works_without_compiled_extension():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install -e ." in out.stdout
+
+
+@pytest.mark.parametrize("compact_state", [False, True])
+def test_compiled_step_matches_eager(compact_state):
+    """Issue 17: one path, both state formats. The step traced by dynamo (backend="eager":
+    tracing without inductor, fast) gives eager mode's weights bit for bit."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(33, 7, generator=gen)), torch.nn.Parameter(torch.randn(5))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    mask = torch.rand(33, 7, generator=gen) < 0.3
+    hyper = dict(lr=0.1, momentum=0.9, compact_state=compact_state)
+    compiled = ong_kernels.FusedMaskedSGD(ps, masks={ps[0]: mask}, **hyper)
+    eager = ong_kernels.FusedMaskedSGD(qs, masks={qs[0]: mask}, **hyper)
+    step = torch.compile(compiled.step, backend="eager")
+    for _ in range(3):
+        for p, q in zip(ps, qs, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        step()
+        eager.step()
+    for p, q in zip(ps, qs, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+    assert not bool(ps[0].detach()[~mask].any())
+    torch._dynamo.reset()

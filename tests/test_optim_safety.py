@@ -15,6 +15,7 @@ import ong_kernels
 from ong_kernels import _ops
 from ong_kernels._bitmask import pack_mask
 from ong_kernels.backends import cpu as cpu_backend
+from ong_kernels.backends._sgd_args import SgdHyper
 
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
 
@@ -100,7 +101,7 @@ def test_op_refuses_mixed_devices_naming_the_tensor():
     # Defect 4: the op took params[0]'s device for every tensor.
     params = [torch.randn(3), torch.randn(3, device="meta")]
     grads = [torch.randn(3), torch.randn(3, device="meta")]
-    with pytest.raises(RuntimeError, match=r"params\[1\] is on meta"):
+    with pytest.raises(ValueError, match=r"params\[1\] is on meta"):
         _ops.masked_sgd_step_(params, grads, [], [None, None], 0.1, 0, 0, 0, False, False, False)
 
 
@@ -122,7 +123,8 @@ def test_native_backend_validates_without_the_op(what, mutate):
     mutate(params, grads, bufs, bits)
     before = [p.clone() for p in params if p.device.type == "cpu"]
     with pytest.raises(ValueError, match=what.replace("[", r"\[").replace("]", r"\]")):
-        cpu_backend.masked_sgd_step_(params, grads, bufs, bits, 0.1, 0.9, 0, 0, False, False, False)
+        hyper = SgdHyper(0.1, 0.9, 0.0, 0.0, False, False, False)
+        cpu_backend.masked_sgd_step_(params, grads, bufs, bits, hyper, None, None)
     after = [p for p in params if p.device.type == "cpu"]
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
@@ -303,3 +305,60 @@ def test_op_is_tagged_cudagraph_unsafe():
     if tag is None:
         pytest.skip("this torch has no cudagraph_unsafe tag")
     assert tag in _ops.masked_sgd_step_.default.tags
+
+
+SGD_MODULES = [
+    "ong_kernels._layout",
+    "ong_kernels._bitmask",
+    "ong_kernels.backends._sgd_args",
+    "ong_kernels.backends.reference",
+    "ong_kernels.backends._multi_tensor",
+    "ong_kernels.backends.cpu",
+    "ong_kernels.backends.cuda",
+    "ong_kernels.backends.triton.sgd",
+    "ong_kernels._ops",
+    "ong_kernels.optim",
+]
+
+
+def _module_imports(name: str) -> set[str]:
+    """The SGD_MODULES that `name` imports at module level."""
+    import ast
+    import importlib.util
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(importlib.util.find_spec(name).origin).read_text())
+    out = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                out.add(sub if sub in SGD_MODULES else node.module)
+        elif isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+    return out & set(SGD_MODULES)
+
+
+def test_sgd_modules_import_in_layers_without_a_circle():
+    """Issue 17: _bitmask -> backends/_multi_tensor -> backends/reference -> _bitmask was a
+    circle. Each module imports only modules listed before it (a leaf first)."""
+    for k, name in enumerate(SGD_MODULES):
+        later = _module_imports(name) - set(SGD_MODULES[:k])
+        assert not later, f"{name} imports {sorted(later)}, which come after it"
+
+
+def test_hyper_type_mirrors_the_native_struct():
+    """SgdHyper's fields are csrc/include/ong_sgd.h's struct SgdHyper fields, in order (the
+    native bindings read them by name; the op schemas are generated from SgdHyper)."""
+    import pathlib
+    import re
+
+    header = pathlib.Path(__file__).parents[1] / "csrc" / "include" / "ong_sgd.h"
+    body = re.search(r"struct SgdHyper \{(.*?)\};", header.read_text(), re.S).group(1)
+    fields = re.findall(r"^\s*(?:double|bool|std::uintptr_t)\s+(\w+);", body, re.M)
+    assert fields == [*SgdHyper._fields, "grad_scale", "found_inf"]
+    schema = str(_ops.masked_sgd_step_.default._schema)
+    assert ", ".join(f"{t} {n}" for t, n in re.findall(r"(float|bool) (\w+)", schema)) == (
+        ", ".join(f"{'bool' if n in ('nesterov', 'maximize', 'first_step') else 'float'} {n}"
+                  for n in SgdHyper._fields)
+    )  # fmt: skip

@@ -7,14 +7,23 @@
 // The step is memory-bound (benchmarks/RESULTS.md has the bytes-per-element floor); masks are
 // bit-packed (ong_kernels/_bitmask.py) so they add 1/8 byte per weight, not 1 byte.
 //
-// float32 runs the AVX-512 span (masked_sgd_avx512.cpp) when the CPU has it (runtime
-// dispatch, ong_isa.h); elsewhere the scalar loop with the same selects runs.
+// float32 runs the AVX-512 or AVX2 span (masked_sgd_avx512.cpp, masked_sgd_avx2.cpp) when the
+// CPU has it (runtime dispatch, ong_isa.h); elsewhere the SSE2 span below (x86-64's
+// baseline) or, off x86, the branch-free loop of masked_sgd_scalar.h.
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "masked_sgd_scalar.h"
 #include "ong_isa.h"
@@ -32,12 +41,72 @@ template <typename T>
 using SpanFn = void (*)(T*, const T*, T*, const std::uint8_t*, std::int64_t, std::int64_t,
                         const SgdHyper&);
 
+#if defined(__SSE2__)
+// The portable float32 span on x86-64: SSE2 is the baseline, so this runs on every x86-64.
+// Half a mask byte is 4 lanes (broadcast, AND with the lane's bit, compare). No FMA here: the
+// mul + add pairs are the portable unit's madd, so compact_state (its scalar loop in this
+// unit) is bit for bit this span. GCC did not vectorise the branch-free scalar loop
+// (20 x 1M, 50% kept: 117 ms against AVX2's 26 ms, Intel, loaded).
+inline __m128 nibble_mask(unsigned nibble) {
+  const __m128i bit = _mm_setr_epi32(1, 2, 4, 8);
+  const __m128i b = _mm_and_si128(_mm_set1_epi32(static_cast<int>(nibble)), bit);
+  return _mm_castsi128_ps(_mm_cmpeq_epi32(b, bit));
+}
+
+template <bool kMomentum, bool kNesterov, bool kFirst>
+void update_sse2(float* __restrict p, const float* __restrict grad, float* __restrict buf,
+                 const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
+                 const SgdHyper& h) {
+  const __m128 neg_lr = _mm_set1_ps(-static_cast<float>(h.lr));
+  const __m128 wd = _mm_set1_ps(static_cast<float>(h.weight_decay));
+  const __m128 mom = _mm_set1_ps(static_cast<float>(h.momentum));
+  const __m128 damp = _mm_set1_ps(static_cast<float>(1.0 - h.dampening));
+  const __m128 sign =
+      _mm_set1_ps(static_cast<float>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)));
+  const bool use_wd = h.weight_decay != 0.0;
+  std::int64_t i = begin;
+  for (; i + 4 <= end; i += 4) {
+    const unsigned nibble = bits == nullptr ? 0xFu : (bits[i >> 3] >> (i & 4)) & 0xFu;
+    const __m128 keep = nibble_mask(nibble);
+    __m128 g = _mm_and_ps(keep, _mm_mul_ps(sign, _mm_loadu_ps(grad + i)));
+    const __m128 w = _mm_loadu_ps(p + i);
+    if (use_wd) g = _mm_add_ps(_mm_mul_ps(wd, w), g);
+    if constexpr (kMomentum) {
+      __m128 b = kFirst ? g : _mm_add_ps(_mm_mul_ps(mom, _mm_loadu_ps(buf + i)), _mm_mul_ps(damp, g));
+      b = _mm_and_ps(keep, b);
+      _mm_storeu_ps(buf + i, b);
+      g = kNesterov ? _mm_add_ps(_mm_mul_ps(mom, b), g) : b;
+    }
+    _mm_storeu_ps(p + i, _mm_and_ps(keep, _mm_add_ps(_mm_mul_ps(neg_lr, g), w)));
+  }
+  update_scalar<float, kMomentum, kNesterov, kFirst>(p, grad, buf, bits, i, end, h);
+}
+
+void span_f32_sse2(float* p, const float* grad, float* buf, const std::uint8_t* bits,
+                   std::int64_t begin, std::int64_t end, const SgdHyper& h) {
+  if (h.momentum == 0.0) return update_sse2<false, false, false>(p, grad, buf, bits, begin, end, h);
+  if (h.nesterov) {
+    if (h.first_step) return update_sse2<true, true, true>(p, grad, buf, bits, begin, end, h);
+    return update_sse2<true, true, false>(p, grad, buf, bits, begin, end, h);
+  }
+  if (h.first_step) return update_sse2<true, false, true>(p, grad, buf, bits, begin, end, h);
+  return update_sse2<true, false, false>(p, grad, buf, bits, begin, end, h);
+}
+#endif
+
+// Each ISA's dense and compact float32 spans come from one unit (one madd: an FMA in the
+// AVX2 and AVX-512 units, mul + add in this portable one), so compact_state is dense mode bit
+// for bit under every ISA. float64 runs this unit's loops under every ISA.
 template <typename T>
 SpanFn<T> pick_span() {
 #ifdef ONG_HAVE_X86_KERNELS
   if constexpr (std::is_same_v<T, float>) {
     if (active_isa() == Isa::kAvx512) return masked_sgd_span_f32_avx512;
+    if (active_isa() == Isa::kAvx2) return masked_sgd_span_f32_avx2;
   }
+#endif
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) return span_f32_sse2;
 #endif
   return update_scalar_dispatch<T>;
 }
@@ -72,12 +141,64 @@ template <typename T>
 using CompactFn = void (*)(T*, const T*, T*, const std::uint8_t*, std::int64_t, std::int64_t,
                            std::int64_t, std::int64_t, const SgdHyper&);
 
+#ifdef ONG_HAVE_X86_KERNELS
+// The AVX-512 compact span uses vexpandps / vcompressps (register forms). Their cost differs by
+// vendor (the memory forms are microcoded on AMD Zen 4: issue 17 measured that step 2.4x slower
+// than dense there), and no AMD machine was at hand to measure the register forms, so the
+// first compact step times both AVX-512 spans on 64K float32 weights in cache (the
+// instruction cost decides, not memory) and keeps the faster. At 50% kept, where the vector
+// span does 2 groups of 16 per 64 weights and the set-bit loop 32 single elements: on the
+// Intel VM the vector span wins there (and on 20 x 1M weights it ran 0.96x the set-bit loop
+// at 10% kept, 0.75x at 50%); measured at 10% kept in cache the set-bit loop won instead,
+// the opposite of the memory-bound result, so 10% is not the calibration point. Both spans
+// are the same arithmetic in one unit: the choice never changes a result.
+enum CompactPath : int { kUnmeasured = -1, kVector = 0, kSetBits = 1 };
+std::atomic<int> g_compact_path{kUnmeasured};
+
+double time_compact(CompactFn<float> fn) {
+  constexpr std::int64_t n = 1 << 16;
+  std::vector<float> p(n, 0.5f), grad(n, 0.25f), cbuf(n, 0.0f);
+  std::vector<std::uint8_t> bits(n / 8, 0);
+  std::uint32_t state = 12345u;
+  std::int64_t kept = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    state = state * 1664525u + 1013904223u;  // LCG: a fixed random mask
+    if ((state >> 8) & 1u) {  // 50% kept
+      bits[i >> 3] |= static_cast<std::uint8_t>(1u << (i & 7));
+      ++kept;
+    }
+  }
+  SgdHyper h{1e-3, 0.9, 0.0, 0.0, false, false, false, 0, 0};
+  double best = 1e30;
+  for (int rep = 0; rep < 7; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn(p.data(), grad.data(), cbuf.data(), bits.data(), 0, n, 0, kept, h);
+    const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+    best = std::min(best, dt.count());
+  }
+  return best;
+}
+
+CompactFn<float> avx512_compact() {
+  int path = g_compact_path.load(std::memory_order_relaxed);
+  if (path == kUnmeasured) {
+    const double vec = time_compact(masked_sgd_compact_f32_avx512);
+    const double setbits = time_compact(masked_sgd_compact_f32_avx512_setbits);
+    path = vec <= setbits ? kVector : kSetBits;
+    int expected = kUnmeasured;
+    g_compact_path.compare_exchange_strong(expected, path);
+    path = g_compact_path.load();
+  }
+  return path == kVector ? masked_sgd_compact_f32_avx512 : masked_sgd_compact_f32_avx512_setbits;
+}
+#endif
+
 template <typename T>
 CompactFn<T> pick_compact() {
 #ifdef ONG_HAVE_X86_KERNELS
   if constexpr (std::is_same_v<T, float>) {
-    // the unit whose madd is an FMA, like the dense AVX-512 span: bit-for-bit dense mode
-    if (active_isa() == Isa::kAvx512) return masked_sgd_compact_f32_avx512;
+    if (active_isa() == Isa::kAvx512) return avx512_compact();
+    if (active_isa() == Isa::kAvx2) return masked_sgd_compact_f32_avx2;
   }
 #endif
   return update_compact_dispatch<T>;
@@ -115,6 +236,25 @@ void compact_all(const SgdCompactTensor* tensors, std::int64_t n_tensors, const 
 }  // namespace
 
 std::int64_t masked_sgd_chunk_size_cpu() { return kChunk; }
+
+const char* masked_sgd_compact_path_cpu() {
+#ifdef ONG_HAVE_X86_KERNELS
+  if (best_isa() == Isa::kAvx512) {
+    return avx512_compact() == masked_sgd_compact_f32_avx512 ? "vector" : "setbits";
+  }
+#endif
+  return "setbits";
+}
+
+void set_masked_sgd_compact_path_cpu(const char* name) {
+  const std::string value(name);
+  if (value != "vector" && value != "setbits") {
+    throw std::invalid_argument("compact path must be 'vector' or 'setbits', got '" + value + "'");
+  }
+#ifdef ONG_HAVE_X86_KERNELS
+  g_compact_path.store(value == "vector" ? kVector : kSetBits);
+#endif
+}
 
 void masked_sgd_step_compact_cpu(const SgdCompactTensor* table, std::int64_t n_tensors,
                                  DType dtype, const SgdHyper& h, int num_threads) {

@@ -44,9 +44,17 @@ void update_avx512(float* __restrict p, const float* __restrict grad, float* __r
 }
 
 // compact_state, 16 weights at a time: p and the gradient are loaded at kept lanes only,
-// the compact momentum is expand-loaded into the kept lanes and compress-stored back; a group
-// of 16 pruned weights is skipped (18.5% of the groups at 90% random sparsity). Same
+// the compact momentum of the n kept weights is loaded packed (first n lanes) and expanded
+// into the kept lanes in a register, and compressed in a register before a masked store; a
+// group of 16 pruned weights is skipped (18.5% of the groups at 90% random sparsity). Same
 // operations as update_avx512, so the trajectory is dense mode's bit for bit.
+//
+// Why register forms: vexpandps / vcompressps with a memory operand are microcoded on AMD
+// Zen 4; issue 17 measured this step (then written with _mm512_mask_compressstoreu_ps and
+// _mm512_maskz_expandloadu_ps) 2.4x slower than the dense step there at 10% kept, while the
+// register forms are single fast instructions on Zen 4 and on Intel. Only the Intel side
+// could be measured for this change (benchmarks/RESULTS.md, issue 17); the AMD one is the
+// documented instruction cost, not a measurement.
 template <bool kMomentum, bool kNesterov, bool kFirst>
 void compact_avx512(float* __restrict p, const float* __restrict grad, float* __restrict cbuf,
                     const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
@@ -60,6 +68,58 @@ void compact_avx512(float* __restrict p, const float* __restrict grad, float* __
   const bool use_wd = h.weight_decay != 0.0;
   std::int64_t k = buf_begin;
   std::int64_t i = begin;
+  // 64 weights (4 groups) per block: the block's 4 packed momentum loads are issued before
+  // its stores. Group by group, each load read the line the previous group's masked store
+  // had just written and waited for it (no store-to-load forwarding for a masked store):
+  // timed in cache at 50% kept, the set-bit loop then beat this span.
+  for (; i + 64 <= end; i += 64) {
+    std::uint64_t word = 0;
+    std::memcpy(&word, bits + (i >> 3), sizeof(word));
+    if (word == 0) continue;
+    __mmask16 keep[4];
+    std::int64_t at[4];
+    int n[4];
+    std::int64_t next = k;
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      keep[j] = static_cast<__mmask16>(word >> (16 * j));
+      n[j] = __builtin_popcount(static_cast<unsigned>(keep[j]));
+      at[j] = next;
+      next += n[j];
+    }
+    if constexpr (kMomentum) {
+      // bits and offsets that disagree with the buffer cannot make us touch memory past it
+      if (k < 0 || next > buf_numel) return;
+    }
+    __m512 b[4], w_new[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const float* gj = grad + i + 16 * j;
+      __m512 g = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(keep[j], gj));
+      const __m512 w = _mm512_maskz_loadu_ps(keep[j], p + i + 16 * j);
+      if (use_wd) g = _mm512_fmadd_ps(wd, w, g);
+      if constexpr (kMomentum) {
+        b[j] = g;
+        if constexpr (!kFirst) {
+          const __mmask16 first = static_cast<__mmask16>((1u << n[j]) - 1u);
+          const __m512 packed = _mm512_maskz_loadu_ps(first, cbuf + at[j]);
+          b[j] = _mm512_fmadd_ps(mom, _mm512_maskz_expand_ps(keep[j], packed),
+                                 _mm512_mul_ps(damp, g));
+        }
+        g = kNesterov ? _mm512_fmadd_ps(mom, b[j], g) : b[j];
+      }
+      w_new[j] = _mm512_fnmadd_ps(lr, g, w);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (kMomentum) {
+        const __mmask16 first = static_cast<__mmask16>((1u << n[j]) - 1u);
+        _mm512_mask_storeu_ps(cbuf + at[j], first, _mm512_maskz_compress_ps(keep[j], b[j]));
+      }
+      _mm512_mask_storeu_ps(p + i + 16 * j, keep[j], w_new[j]);
+    }
+    k = next;
+  }
   for (; i + 16 <= end; i += 16) {
     __mmask16 keep = 0;
     std::memcpy(&keep, bits + (i >> 3), sizeof(keep));
@@ -73,11 +133,13 @@ void compact_avx512(float* __restrict p, const float* __restrict grad, float* __
     const __m512 w = _mm512_maskz_loadu_ps(keep, p + i);
     if (use_wd) g = _mm512_fmadd_ps(wd, w, g);
     if constexpr (kMomentum) {
-      const __m512 b =
-          kFirst ? g
-                 : _mm512_fmadd_ps(mom, _mm512_maskz_expandloadu_ps(keep, cbuf + k),
-                                   _mm512_mul_ps(damp, g));
-      _mm512_mask_compressstoreu_ps(cbuf + k, keep, b);
+      const __mmask16 first = static_cast<__mmask16>((1u << n) - 1u);
+      __m512 b = g;
+      if constexpr (!kFirst) {
+        const __m512 packed = _mm512_maskz_loadu_ps(first, cbuf + k);
+        b = _mm512_fmadd_ps(mom, _mm512_maskz_expand_ps(keep, packed), _mm512_mul_ps(damp, g));
+      }
+      _mm512_mask_storeu_ps(cbuf + k, first, _mm512_maskz_compress_ps(keep, b));
       g = kNesterov ? _mm512_fmadd_ps(mom, b, g) : b;
     }
     _mm512_mask_storeu_ps(p + i, keep, _mm512_fnmadd_ps(lr, g, w));
@@ -101,6 +163,14 @@ void masked_sgd_compact_f32_avx512(float* p, const float* grad, float* cbuf,
   }
   if (h.first_step) return args(compact_avx512<true, false, true>);
   return args(compact_avx512<true, false, false>);
+}
+
+void masked_sgd_compact_f32_avx512_setbits(float* p, const float* grad, float* cbuf,
+                                           const std::uint8_t* bits, std::int64_t begin,
+                                           std::int64_t end, std::int64_t buf_begin,
+                                           std::int64_t buf_numel, const SgdHyper& h) {
+  // the set-bit loop compiled in this unit (madd = FMA): the vector span's arithmetic
+  update_compact_dispatch<float>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
 }
 
 void masked_sgd_span_f32_avx512(float* p, const float* grad, float* buf,

@@ -88,12 +88,29 @@ void masked_sgd_compact_f32_avx512(float* p, const float* grad, float* cbuf,
                                    const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
                                    std::int64_t buf_begin, std::int64_t buf_numel,
                                    const SgdHyper& h);
+// The same step as the set-bit loop, compiled in the AVX-512 unit (bit for bit the vector
+// span): the fallback the run-time measurement picks where compress/expand are slow.
+void masked_sgd_compact_f32_avx512_setbits(float* p, const float* grad, float* cbuf,
+                                           const std::uint8_t* bits, std::int64_t begin,
+                                           std::int64_t end, std::int64_t buf_begin,
+                                           std::int64_t buf_numel, const SgdHyper& h);
+// Which AVX-512 compact span runs: "vector" or "setbits", measured at first use (see
+// csrc/cpu/masked_sgd.cpp); set_masked_sgd_compact_path_cpu overrides it (tests, benchmarks).
+const char* masked_sgd_compact_path_cpu();
+void set_masked_sgd_compact_path_cpu(const char* name);
 
 // float32 span [begin, end) of one tensor with AVX-512 (csrc/cpu/masked_sgd_avx512.cpp);
 // call only when active_isa() is kAvx512.
 void masked_sgd_span_f32_avx512(float* p, const float* grad, float* buf,
                                 const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
                                 const SgdHyper& h);
+// The same two spans with AVX2 + FMA (csrc/cpu/masked_sgd_avx2.cpp); active_isa() >= kAvx2.
+void masked_sgd_span_f32_avx2(float* p, const float* grad, float* buf, const std::uint8_t* bits,
+                              std::int64_t begin, std::int64_t end, const SgdHyper& h);
+void masked_sgd_compact_f32_avx2(float* p, const float* grad, float* cbuf,
+                                 const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
+                                 std::int64_t buf_begin, std::int64_t buf_numel,
+                                 const SgdHyper& h);
 
 #ifdef ONG_WITH_CUDA
 // CUDA: ONE launch for every tensor of one dtype. `table` is a device address holding the

@@ -1,43 +1,62 @@
-"""Shared host side of the fused multi-tensor steps: which tensors a native kernel can take,
-the int64 table (one csrc/include/ong_sgd.h SgdTensor row per tensor) that the CPU, CUDA and
-Triton kernels all read, and the plan that keeps that table between steps.
+"""Shared host side of the fused multi-tensor steps: the int64 table (one
+csrc/include/ong_sgd.h SgdTensor or SgdCompactTensor row per tensor) that the CPU, CUDA and
+Triton kernels read, the plan that keeps that table between steps, and the cache of plans
+that every compiled kernel keeps behind the op.
 
-Memory safety does not rest on the caller: `check_native_args` refuses (with the argument's
-name) any tensor a kernel could read or write out of bounds through, whoever calls, and a
-`TablePlan` keeps an alias of every parameter, buffer and mask whose address is in its table,
-so the addresses stay valid even when a parameter's storage is swapped (`p.data = ...`) while
-a plan is cached.
+Memory safety does not rest on the caller: a plan is built only after
+`_sgd_args.check_step_args` (or check_compact_args) accepted its tensors, and it keeps an alias
+of every parameter, buffer and mask whose address is in its table, so the addresses stay
+valid even when a parameter's storage is swapped (`p.data = ...`) while the plan is cached.
 """
 
 from __future__ import annotations
 
+import operator
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ong_kernels._layout import dense_layout
+from ong_kernels.backends import reference
+from ong_kernels.backends._sgd_args import SgdHyper, check_compact_args, check_step_args
+
 TABLE_COLUMNS = 5  # param, grad, buf, mask, numel (csrc/include/ong_sgd.h SgdTensor)
+COMPACT_COLUMNS = 7  # + offsets, buf_numel (SgdCompactTensor)
+
+_dtype = operator.attrgetter("dtype")
 
 
-def dense_layout(t: torch.Tensor) -> bool:
-    """True when elementwise kernels may walk `t` in storage order (contiguous or channels_last)."""
-    return t.is_contiguous() or (
-        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-    )
+def refuse_capture(device: torch.device) -> None:
+    """CUDA graphs are refused, not supported: the table and the hyper-parameters are host
+    values (a captured step would replay with the lr, first-step flag and addresses of the
+    capture forever, and building the table copies host memory during capture)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "FusedMaskedSGD / masked_sgd_step_ cannot be captured in a CUDA graph: its "
+            "hyper-parameters and pointer table live on the host. Step outside the graph "
+            "(torch.compile: mode='max-autotune-no-cudagraphs')."
+        )
 
 
-def step_key(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> tuple:
+def step_key(params, grads, bufs, bits, offsets=()) -> tuple:
     """What a cached TablePlan depends on, per step (each `map` pass over ResNet-18's 62
-    tensors costs ~4 us on the 2-core CPU, so only what safety and the mask layout need):
+    tensors costs ~3.5 us on the 2-core CPU, so only what safety and the mask layout need):
 
     * parameters: address and strides. A plan keeps aliases of the parameters' storages,
-      so a parameter swapped under it (`p.data = ...`) changes its address (the old storage
-      is still alive) or, for a view of the same storage, its strides; its dtype, device
-      and shape are checked when the plan is rebuilt.
+      so a parameter swapped under it (`p.data = ...`, a layout change) changes its address
+      (the old storage is still alive) or, for a view of the same storage, its strides; its
+      dtype and shape are its gradient's (checked when the plan is built).
     * gradients: address, strides, shape and dtype: they are new tensors every step and
       not held by the plan, so what the kernel reads through their address is checked.
+    * buffers, mask bits, offsets: identity. The plan holds these very objects (an id cannot
+      be reused while they live) and aliases of their storages (whatever the objects are made
+      to point to later, the table's addresses stay valid memory).
     The device is implied by the address (CUDA's unified address space keeps host and device
-    addresses apart)."""
+    addresses apart). A sparse gradient has no strides: RuntimeError (the validator says why).
+    """
     t = torch.Tensor
     return (
         tuple(map(t.data_ptr, params)),
@@ -45,45 +64,62 @@ def step_key(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> t
         tuple(map(t.data_ptr, grads)),
         tuple(map(t.stride, grads)),
         tuple(map(t.size, grads)),
-        tuple(g.dtype for g in grads),
+        tuple(map(_dtype, grads)),
+        tuple(map(id, bufs)),
+        tuple(map(id, bits)),
+        tuple(map(id, offsets)),
     )
 
 
-def check_native_args(params, grads, momentum_buffers, mask_bits) -> torch.device:
-    """The device of the step, or a ValueError naming the first tensor a native kernel could
-    read or write out of bounds through: another device, dtype or shape than its parameter,
-    mask bits that are not uint8 with ceil(numel / 8) contiguous bytes."""
-    n = len(params)
-    if len(grads) != n or len(mask_bits) != n or len(momentum_buffers) not in (0, n):
-        raise ValueError(
-            f"masked_sgd_step: {n} params, {len(grads)} grads, {len(momentum_buffers)} "
-            f"momentum_buffers, {len(mask_bits)} mask_bits: expected one each (buffers may be [])"
+class PlanCache:
+    """A backend's prepared steps. A slot is one call site (kind, first parameter's address,
+    number of tensors); it holds the plan of the last key seen there, so a new buffer or mask
+    (a new optimizer over the same model) replaces, and frees, the old plan at once. A slot
+    goes when its first parameter is garbage (the model deleted), and beyond `size` slots the
+    oldest."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._slots: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()
+        self._watch: dict[tuple, list[weakref.finalize]] = {}
+
+    def get(self, slot: tuple, key: tuple):
+        entry = self._slots.get(slot)
+        return entry[1] if entry is not None and entry[0] == key else None
+
+    def put(self, slot: tuple, key: tuple, plan, owners: Sequence[torch.Tensor]) -> None:
+        self._slots[slot] = (key, plan)
+        self._slots.move_to_end(slot)
+        while len(self._slots) > self.size:
+            old, _ = self._slots.popitem(last=False)
+            self._unwatch(old)
+        watched = self._watch.get(slot, [])
+        same = len(watched) == len(owners) and all(
+            f.alive and f.peek()[0] is o for f, o in zip(watched, owners, strict=True)
         )
-    device = params[0].device
-    for i, p in enumerate(params):
-        if p.device != device:
-            raise ValueError(f"params[{i}] is on {p.device}, params[0] on {device}")
-        pairs = [("grads", grads[i])]
-        if momentum_buffers:
-            pairs.append(("momentum_buffers", momentum_buffers[i]))
-        for name, t in pairs:
-            if t.device != device or t.dtype != p.dtype or t.shape != p.shape:
-                raise ValueError(
-                    f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}; its parameter "
-                    f"is {tuple(p.shape)} {p.dtype} on {device}"
-                )
-        bits = mask_bits[i]
-        if bits is not None and (
-            bits.device != device
-            or bits.dtype != torch.uint8
-            or bits.dim() != 1
-            or bits.numel() != (p.numel() + 7) // 8
-        ):
-            raise ValueError(
-                f"mask_bits[{i}] must be uint8 of ceil({p.numel()} / 8) bytes on {device}, got "
-                f"{bits.dtype} {tuple(bits.shape)} on {bits.device}"
-            )
-    return device
+        if not same:  # one finalizer per owner and slot, not one per rebuild
+            self._unwatch(slot)
+            self._watch[slot] = [weakref.finalize(o, self._drop, slot) for o in owners]
+
+    def _unwatch(self, slot: tuple) -> None:
+        for f in self._watch.pop(slot, []):
+            f.detach()
+
+    def _drop(self, slot: tuple) -> None:
+        self._slots.pop(slot, None)
+        self._watch.pop(slot, None)
+
+    def plans(self) -> list:
+        """The cached plans, oldest first."""
+        return [plan for _, plan in self._slots.values()]
+
+    def clear(self) -> None:
+        for slot in list(self._watch):
+            self._unwatch(slot)
+        self._slots.clear()
+
+    def __len__(self) -> int:
+        return len(self._slots)
 
 
 @dataclass
@@ -100,16 +136,14 @@ class Partition:
     scratch: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def partition(params, grads, momentum_buffers, mask_bits, supported_dtypes) -> Partition:
-    """Validate (check_native_args) and split the tensors between kernel and reference."""
-    check_native_args(params, grads, momentum_buffers, mask_bits)
+def partition(params, grads, bufs, bits, supported_dtypes, compact: bool) -> Partition:
+    """Split validated tensors between the kernel and the reference."""
     out = Partition()
-    has_buf = len(momentum_buffers) > 0
     for i, p in enumerate(params):
-        bits = mask_bits[i]
         ok = p.dtype in supported_dtypes and dense_layout(p)
-        ok = ok and (not has_buf or momentum_buffers[i].stride() == p.stride())
-        ok = ok and (bits is None or bits.is_contiguous())
+        if bufs:
+            ok = ok and (bufs[i].is_contiguous() if compact else bufs[i].stride() == p.stride())
+        ok = ok and (bits[i] is None or bits[i].is_contiguous())
         if not ok:
             out.fallback.append(i)
             continue
@@ -120,54 +154,60 @@ def partition(params, grads, momentum_buffers, mask_bits, supported_dtypes) -> P
 
 
 class TablePlan:
-    """A validated partition and one int64 table per dtype for fixed tensors.
+    """A partition and one int64 table per dtype for fixed tensors (already validated).
 
-    Valid while `step_key(params, grads)` is unchanged and the buffers and masks are the
-    same tensors; `run` then costs the launch only. `launch(dtype, table, n_rows, hyper,
-    grad_scale, found_inf)` is the backend's kernel call; `table_device` where it reads the
-    table (the CPU kernel reads host memory).
+    Valid while `step_key` is unchanged; `run` then costs the launch only.
+    `launch(dtype, table, n_rows, hyper, grad_scale, found_inf)` is the backend's kernel call;
+    `finish_table(table, rows)` moves the table where the kernel reads it (the CPU kernel
+    reads host memory). `offsets` given: the compact format (SgdCompactTensor rows, `bufs` the
+    compact momentum), whose tensors the kernel cannot take go to the reference's compact step.
     """
 
     def __init__(
         self,
         params,
         grads,
-        momentum_buffers,
-        mask_bits,
+        bufs,
+        bits,
+        offsets=None,
         *,
         supported_dtypes: Sequence[torch.dtype],
         launch: Callable,
-        finish_table: Callable[[torch.Tensor, list[list[int]]], torch.Tensor] | None = None,
+        finish_table: Callable[[torch.Tensor, list[list[int]]], object] | None = None,
     ) -> None:
-        self.parts = partition(params, grads, momentum_buffers, mask_bits, supported_dtypes)
-        # Aliases (not the Parameters): they keep the storages the table points into alive.
+        compact = offsets is not None
+        self.parts = partition(params, grads, bufs, bits, supported_dtypes, compact)
+        # Aliases (not the Parameters): they keep the storages the table points into alive;
+        # the buffer, mask and offset objects themselves too (step_key compares their ids).
         self.params = [p.detach() for p in params]
-        self.bufs = [b.detach() for b in momentum_buffers]
-        self.bits = list(mask_bits)
+        self.bufs = [b.detach() for b in bufs]
+        self.held = (list(bufs), list(bits), list(offsets) if compact else [])
+        self.bits = [None if b is None else b.detach() for b in bits]
+        self.offsets = [o.detach() for o in offsets] if compact else None
         self.launch = launch
-        # Tensors no fused kernel takes (partition's fallback) go through the reference
-        # (imported here: reference -> _bitmask -> this module).
-        from ong_kernels.backends import reference
-
-        self.fallback = reference_scaled(reference.masked_sgd_step_)
-        self.tables: list[tuple[torch.dtype, torch.Tensor, int]] = []
+        self.tables: list[tuple[torch.dtype, object, int]] = []
         for dtype, idx in self.parts.by_dtype.items():
-            rows = [
-                [
-                    self.params[i].data_ptr(),
-                    (self.parts.scratch[i] if i in self.parts.scratch else grads[i]).data_ptr(),
-                    self.bufs[i].data_ptr() if self.bufs else 0,
-                    self.bits[i].data_ptr() if self.bits[i] is not None else 0,
-                    self.params[i].numel(),
-                ]
-                for i in idx
-            ]
-            table = torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS)
+            rows = [self._row(i, grads) for i in idx]
+            table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
             if finish_table is not None:
                 table = finish_table(table, rows)
             self.tables.append((dtype, table, len(idx)))
 
-    def run(self, grads, hyper: tuple, grad_scale=None, found_inf=None) -> None:
+    def _row(self, i: int, grads) -> list[int]:
+        grad = self.parts.scratch.get(i, grads[i])
+        buf = self.bufs[i] if self.bufs else None
+        row = [
+            self.params[i].data_ptr(),
+            grad.data_ptr(),
+            0 if buf is None else buf.data_ptr(),
+            0 if self.bits[i] is None else self.bits[i].data_ptr(),
+            self.params[i].numel(),
+        ]
+        if self.offsets is not None:
+            row += [self.offsets[i].data_ptr(), 0 if buf is None else buf.numel()]
+        return row
+
+    def run(self, grads, hyper: SgdHyper, grad_scale=None, found_inf=None) -> None:
         """One step. `grads` must be the tensors the plan was built with (or ones with the
         same step_key). grad_scale / found_inf: GradScaler's tensors (or None)."""
         for i, buf in self.parts.scratch.items():
@@ -176,103 +216,55 @@ class TablePlan:
             self.launch(dtype, table, n, hyper, grad_scale, found_inf)
         if self.parts.fallback:
             idx = self.parts.fallback
-            self.fallback(
+            lists = [
                 [self.params[i] for i in idx],
                 [grads[i] for i in idx],
                 [self.bufs[i] for i in idx] if self.bufs else [],
                 [self.bits[i] for i in idx],
-                hyper,
-                grad_scale,
-                found_inf,
-            )
+            ]
+            if self.offsets is None:
+                reference.masked_sgd_step_(*lists, hyper, grad_scale, found_inf)
+            else:
+                lists.append([self.offsets[i] for i in idx])
+                reference.masked_sgd_compact_step_(*lists, hyper, grad_scale, found_inf)
 
 
-def planned_kernel(prepare: Callable, doc: str) -> Callable:
-    """The op-signature kernel (params, grads, momentum_buffers, mask_bits, lr, momentum,
-    dampening, weight_decay, nesterov, maximize, first_step) of a backend whose step is
-    `prepare(params, grads, momentum_buffers, mask_bits).run(grads, hyper)`. `prepare` stays
-    reachable as `.prepare`, so FusedMaskedSGD can cache the plan while layouts hold."""
+def planned_kernel(prepare: Callable, doc: str, *, compact: bool = False) -> Callable:
+    """A registry kernel whose step is `prepare(params, grads, bufs, bits[, offsets]).run(...)`,
+    with its plans cached (PlanCache) while `step_key` holds: a step then costs the key and
+    the launch. A plan is built only after the shared validator accepted the tensors.
+    `compact`: the kernel of the compact format (takes the block offsets too)."""
+    cache = PlanCache()
+    check = check_compact_args if compact else check_step_args
+    kind = "compact" if compact else "dense"
 
-    def masked_sgd_step_(params, grads, momentum_buffers, mask_bits, *hyper) -> None:
-        prepare(params, grads, momentum_buffers, mask_bits).run(grads, tuple(hyper))
-
-    masked_sgd_step_.__doc__ = doc
-    masked_sgd_step_.prepare = prepare
-    return masked_sgd_step_
-
-
-def reference_scaled(kernel: Callable) -> Callable:
-    """`kernel` (the list-taking reference) with GradScaler's unscale and inf-skip in front:
-    the path for tensors no fused kernel takes (reads found_inf on the host: one sync)."""
-
-    def run(params, grads, bufs, bits, hyper, grad_scale=None, found_inf=None) -> None:
-        if found_inf is not None and bool(found_inf.item()):
+    def step(params, grads, bufs, bits, lists, hyper, grad_scale, found_inf) -> None:
+        if not params:
             return
-        if grad_scale is not None:
-            # as GradScaler.unscale_: times the float32 reciprocal, rounded to the grad's dtype
-            inv = grad_scale.double().reciprocal().float()
-            grads = [(g * inv.to(g.device)).to(g.dtype) for g in grads]
-        kernel(params, grads, bufs, bits, *hyper)
+        try:
+            key = step_key(params, grads, bufs, bits, *lists)
+        except RuntimeError:  # a sparse gradient has no strides: the validator says why
+            key = None
+        slot = (kind, key[0][0] if key else None, len(params))
+        plan = cache.get(slot, key) if key is not None else None
+        if plan is None:
+            check(params, grads, bufs, bits, *lists)
+            plan = prepare(params, grads, bufs, bits, *lists)
+            if key is not None:
+                cache.put(slot, key, plan, [params[0]])
+        plan.run(grads, hyper, grad_scale, found_inf)
 
-    return run
+    if compact:
 
+        def kernel(params, grads, bufs, bits, offsets, hyper, grad_scale=None, found_inf=None):
+            step(params, grads, bufs, bits, (offsets,), hyper, grad_scale, found_inf)
 
-# ----------------------------------------------------------------------------- compact_state
+    else:
 
+        def kernel(params, grads, bufs, bits, hyper, grad_scale=None, found_inf=None):
+            step(params, grads, bufs, bits, (), hyper, grad_scale, found_inf)
 
-def kept_view(t: torch.Tensor) -> torch.Tensor:
-    """The flat view in memory order that compact momentum is indexed by (dense layouts only:
-    compact_state refuses others)."""
-    if not dense_layout(t):
-        raise ValueError(
-            "compact_state needs contiguous or channels_last parameters, got strides "
-            f"{t.stride()} for shape {tuple(t.shape)}"
-        )
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
-def compact(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The kept entries of `dense` in memory order (`mask` in the same layout)."""
-    return kept_view(dense)[kept_view(mask)].clone()
-
-
-def expand(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A dense tensor in `mask`'s layout: `values` at the kept entries, 0 elsewhere."""
-    out = torch.zeros_like(mask, dtype=values.dtype)
-    kept_view(out)[kept_view(mask)] = values
-    return out
-
-
-def chunk_offsets(mask: torch.Tensor, chunk: int) -> torch.Tensor:
-    """int64 [ceil(numel / chunk)]: kept elements before each chunk, in memory order."""
-    flat = kept_view(mask)
-    pad = (-flat.numel()) % chunk
-    counts = torch.cat([flat, flat.new_zeros(pad)]).view(-1, chunk).sum(1)
-    return (counts.cumsum(0) - counts).to(torch.int64).cpu().contiguous()
-
-
-class CompactTorchPlan:
-    """compact_state in PyTorch ops (any device and dtype): gathers the kept entries, applies
-    the reference step to them, scatters them back. The CPU kernel's fallback and the path
-    on GPUs (no compact CUDA/Triton kernel yet)."""
-
-    def __init__(self, params, grads, cbufs, masks, reference_fn) -> None:
-        check_native_args(params, grads, [], [None] * len(params))
-        self.params = [p.detach() for p in params]
-        self.cbufs, self.masks = list(cbufs), list(masks)
-        self.reference = reference_scaled(reference_fn)
-        for i, (p, m) in enumerate(zip(self.params, self.masks, strict=True)):
-            kept_view(p)
-            if self.cbufs and self.cbufs[i].numel() != int(m.sum()):
-                raise ValueError(f"compact momentum {i}: {self.cbufs[i].numel()} entries")
-
-    def run(self, grads, hyper, grad_scale=None, found_inf=None) -> None:
-        ps, gs = [], []
-        for p, g, m in zip(self.params, grads, self.masks, strict=True):
-            km = kept_view(m)
-            ps.append(kept_view(p)[km])
-            g = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-            gs.append(kept_view(g)[km])
-        self.reference(ps, gs, self.cbufs, [None] * len(ps), hyper, grad_scale, found_inf)
-        for p, m, new in zip(self.params, self.masks, ps, strict=True):
-            kept_view(p)[kept_view(m)] = new
+    kernel.__doc__ = doc
+    kernel.prepare = prepare
+    kernel.plans = cache
+    return kernel

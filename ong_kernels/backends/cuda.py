@@ -5,22 +5,10 @@ from __future__ import annotations
 import torch
 
 from ong_kernels.backends import _native
-from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel
+from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel, refuse_capture
 from ong_kernels.backends.registry import register
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def refuse_capture(device: torch.device) -> None:
-    """CUDA graphs are refused, not supported: the table and the hyper-parameters are host
-    values (a captured step would replay with the lr, first-step flag and addresses of the
-    capture forever, and building the table copies host memory during capture)."""
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "FusedMaskedSGD / masked_sgd_step_ cannot be captured in a CUDA graph: its "
-            "hyper-parameters and pointer table live on the host. Step outside the graph "
-            "(torch.compile: mode='max-autotune-no-cudagraphs')."
-        )
 
 
 def device_table(chunk: int):
@@ -58,7 +46,7 @@ def prepare(params, *lists) -> TablePlan:
             n,
             n_chunks,
             _native.NATIVE_DTYPES[dtype],
-            *hyper,
+            hyper,
             device.index,
             torch.cuda.current_stream(device).cuda_stream,
             _scalar_ptr(grad_scale, device, "grad_scale"),

@@ -13,10 +13,57 @@ import torch
 from ong_kernels import nmf_plan
 from ong_kernels._batching import group_indices
 from ong_kernels._bitmask import unpack_mask
+from ong_kernels._layout import kept_view
+from ong_kernels.backends._sgd_args import SgdHyper, check_compact_args, check_step_args
 from ong_kernels.backends.registry import ANY_DEVICE, Shape, register
 from ong_kernels.nmf_plan import Matrices
 
 # ----------------------------------------------------------------------------- masked SGD
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32 and rounded once, when stored (as the CPU,
+    CUDA and Triton kernels do). PyTorch's own half ops would round after every op, and not
+    even the same way everywhere: on the CPU `a.add(b, alpha=x)` fuses in its vector body and
+    rounds alpha * b first in its scalar tail, so the same element got another result in a
+    gathered (compact_state) tensor than in the whole one (issue 17)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _unscaled(grads, grad_scale, found_inf):
+    """GradScaler's fused path on the host: None when found_inf says skip (one sync), else
+    the gradients times float32(1 / double(scale)) rounded to their dtype, as unscale_ does."""
+    if found_inf is not None and bool(found_inf.item()):
+        return None
+    if grad_scale is None:
+        return grads
+    inv = grad_scale.double().reciprocal().float()
+    return [(g * inv.to(g.device)).to(g.dtype) for g in grads]
+
+
+def _update_(param, grad, buf, mask, hyper: SgdHyper) -> None:
+    """One tensor's step in place (`buf` None without momentum, `mask` None for dense)."""
+    acc = _opmath(param.dtype)
+    p = param.to(acc)
+    grad = grad.to(acc)
+    grad = grad.neg() if hyper.maximize else grad
+    if mask is not None:  # select, never multiply: NaN/Inf at a pruned position stays out
+        grad = torch.where(mask, grad, torch.zeros((), dtype=acc, device=grad.device))
+    if hyper.weight_decay != 0:
+        grad = grad.add(p, alpha=hyper.weight_decay)
+    if buf is not None:
+        if hyper.first_step:
+            b = grad.clone()
+        else:
+            b = buf.to(acc).mul_(hyper.momentum).add_(grad, alpha=1 - hyper.dampening)
+        if mask is not None:
+            b.masked_fill_(~mask, 0)
+        buf.copy_(b)
+        grad = grad.add(b, alpha=hyper.momentum) if hyper.nesterov else b
+    p = p.add_(grad, alpha=-hyper.lr)
+    if mask is not None:
+        p.masked_fill_(~mask, 0)
+    param.copy_(p)
 
 
 @register("masked_sgd_step", "reference", devices=(ANY_DEVICE,))
@@ -25,40 +72,62 @@ def masked_sgd_step_(
     grads: Sequence[torch.Tensor],
     momentum_buffers: Sequence[torch.Tensor],
     mask_bits: Sequence[torch.Tensor | None],
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
+    hyper: SgdHyper,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """torch.optim.SGD on grad*mask, in place; pruned entries of params and buffers become 0.
 
     `mask_bits[i]` is None for a dense tensor, else its mask packed by
     ong_kernels._bitmask.pack_mask. The gradient is *selected* by the mask (torch.where), never
-    multiplied, so NaN/Inf at a pruned position cannot reach the weights. `first_step` means
-    the buffers are new: buf = g without dampening, as torch.optim.SGD does on its first step.
+    multiplied, so NaN/Inf at a pruned position cannot reach the weights. `hyper.first_step`
+    means the buffers are new: buf = g without dampening, as torch.optim.SGD does first.
     """
+    check_step_args(params, grads, momentum_buffers, mask_bits)
+    grads = _unscaled(grads, grad_scale, found_inf)
+    if grads is None:
+        return
     for i, param in enumerate(params):
         mask = None if mask_bits[i] is None else unpack_mask(mask_bits[i], param)
-        grad = grads[i].neg() if maximize else grads[i]
-        if mask is not None:
-            grad = torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if first_step:
-                buf.copy_(grad)
-            else:
-                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            if mask is not None:
-                buf.masked_fill_(~mask, 0)
-            grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        param.add_(grad, alpha=-lr)
-        if mask is not None:
-            param.masked_fill_(~mask, 0)
+        buf = momentum_buffers[i] if momentum_buffers else None
+        _update_(param, grads[i], buf, mask, hyper)
+
+
+def masked_sgd_compact_step_(
+    params,
+    grads,
+    momentum_compact,
+    mask_bits,
+    offsets,
+    hyper: SgdHyper,
+    grad_scale=None,
+    found_inf=None,
+) -> None:
+    """compact_state: `momentum_compact[i]` holds the kept elements of params[i] in memory order
+    (ong_kernels/_bitmask.py). Gathers the kept entries, steps them as masked_sgd_step_ does
+    (element for element the same arithmetic: bit for bit dense mode), scatters them back."""
+    check_compact_args(params, grads, momentum_compact, mask_bits, offsets)
+    for i, p in enumerate(params):
+        kept = int(unpack_mask(mask_bits[i], p).sum())
+        if momentum_compact and momentum_compact[i].numel() != kept:
+            raise ValueError(
+                f"momentum_compact[{i}] has {momentum_compact[i].numel()} entries, the mask "
+                f"keeps {kept}"
+            )
+    grads = _unscaled(grads, grad_scale, found_inf)
+    if grads is None:
+        return
+    for i, p in enumerate(params):
+        km = kept_view(unpack_mask(mask_bits[i], p))
+        g = grads[i] if grads[i].stride() == p.stride() else torch.empty_like(p).copy_(grads[i])
+        values = kept_view(p)[km]
+        buf = momentum_compact[i] if momentum_compact else None
+        _update_(values, kept_view(g)[km], buf, None, hyper)
+        kept_view(p)[km] = values
+
+
+# the compact format is a declared capability of a masked_sgd_step kernel (ong_kernels/_ops.py)
+masked_sgd_step_.compact = masked_sgd_compact_step_
 
 
 # ----------------------------------------------------------------------------- NMF

@@ -175,11 +175,9 @@ def test_mixed_dtypes_in_one_call(backend, device):
 
 @pytest.mark.parametrize(("backend", "device"), CASES)
 @pytest.mark.parametrize("inf", [False, True])
-def test_grad_scaler_values_through_the_prepared_step(backend, device, inf):
+def test_grad_scaler_values_through_the_op(backend, device, inf):
     """GradScaler's fused path: scaled gradients and the scale give the unscaled step; a
     nonzero found_inf changes nothing (read by the kernel)."""
-    from ong_kernels.backends import registry
-
     gen = torch.Generator().manual_seed(5)
     sizes = [1000, 33, 4096]
     params, grads, bufs, masks = poisoned_inputs(sizes, device, torch.float32, 0.9, 0.5, gen)
@@ -190,8 +188,118 @@ def test_grad_scaler_values_through_the_prepared_step(backend, device, inf):
     scale = torch.full((1,), 1024.0, device=device)
     found = torch.full((1,), 1.0 if inf else 0.0, device=device)
     scaled = [g * 1024.0 for g in grads]
-    prepare = registry.get("masked_sgd_step", backend).fn.prepare
-    prepare(params, scaled, bufs, bits).run(scaled, HYPER, scale, found)
+    _ops.masked_sgd_step_(params, scaled, bufs, bits, *HYPER, backend, scale, found)
     for i in range(len(sizes)):
         assert_close(params[i], expected[0][i], atol=1e-6, rtol=1e-5, what=f"param {i}")
         assert_close(bufs[i], expected[1][i], atol=1e-6, rtol=1e-5, what=f"buf {i}")
+
+
+# ----------------------------------------------------------------------------- every CPU ISA
+
+
+def _isas():
+    from ong_kernels.backends import _native
+
+    if not _native.has_cpu():
+        return [pytest.param(None, marks=pytest.mark.skip(reason="compiled CPU kernels not built"))]
+    lib = _native.lib()
+    return [
+        pytest.param(i.name, id=i.name) for i in lib.Isa.__members__.values()
+        if i.value <= lib.best_isa().value
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """Runs the test with the CPU kernel lowered to one ISA (ONG_KERNELS_ISA's effect)."""
+    from ong_kernels.backends import _native
+
+    lib = _native.lib()
+    best = lib.best_isa()
+    lib.set_isa(lib.Isa.__members__[request.param])
+    yield request.param
+    lib.set_isa(best)
+
+
+CPU_HYPERS = [
+    (0.05, 0.9, 0.0, 5e-4, True, False, False),
+    (0.05, 0.9, 0.0, 5e-4, True, False, True),  # first step
+    (0.1, 0.5, 0.25, 0.0, False, True, False),  # dampening, maximize, no weight decay
+    (0.1, 0.0, 0.0, 0.1, False, False, False),  # no momentum
+]
+
+
+def _compact_inputs(params, bufs, masks):
+    from ong_kernels._bitmask import block_offsets, compact
+
+    cbufs = [compact(b, m) for b, m in zip(bufs, masks, strict=True)] if bufs else []
+    offsets = [block_offsets(m) for m in masks]
+    return cbufs, offsets
+
+
+@pytest.mark.parametrize("cpu_isa", _isas(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hyper", CPU_HYPERS, ids=["nesterov", "first", "damp-max", "plain"])
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+def test_every_cpu_isa_dense_and_compact(cpu_isa, dtype, hyper, density):
+    """The CPU kernel under each ISA: dense against the reference, and compact_state against
+    the same ISA's dense step bit for bit (the odd sizes cross the 8/16-lane groups, the
+    chunk boundary at 16384 and the scalar tails)."""
+    from ong_kernels._bitmask import expand
+
+    gen = torch.Generator().manual_seed(int(density * 10) + len(cpu_isa))
+    sizes = [1, 7, 9, 33, 16_385, 40_003]
+    momentum = hyper[1]
+    masks = [torch.rand(n, generator=gen) < density for n in sizes]  # every tensor masked
+    # as the optimizer leaves them: pruned weights and momentum 0; NaN gradients there
+    params = [
+        torch.randn(n, generator=gen).to(dtype) * m for n, m in zip(sizes, masks, strict=True)
+    ]
+    grads = [
+        torch.where(m, torch.randn(n, generator=gen).to(dtype), float("nan"))
+        for n, m in zip(sizes, masks, strict=True)
+    ]
+    bufs = [torch.randn(n, generator=gen).to(dtype) * m for n, m in zip(sizes, masks, strict=True)]
+    bufs = bufs if momentum else []
+    twins = [p.clone() for p in params]
+    cbufs, offsets = _compact_inputs(twins, bufs, masks)
+    assert run_both("cpu", params, grads, bufs, masks, hyper) == len(sizes)
+    bits = [pack_mask(m) for m in masks]
+    _ops.masked_sgd_compact_step_(twins, grads, cbufs, bits, offsets, *hyper, "cpu")
+    for i in range(len(sizes)):
+        assert torch.equal(twins[i], params[i]), f"{cpu_isa} {dtype}: compact param {i}"
+        if bufs:
+            got = expand(cbufs[i], masks[i])
+            assert torch.equal(got, bufs[i]), f"{cpu_isa} {dtype}: compact momentum {i}"
+
+
+@pytest.mark.parametrize("path", ["vector", "setbits"])
+@pytest.mark.parametrize("hyper", CPU_HYPERS[:3], ids=["nesterov", "first", "damp-max"])
+def test_both_avx512_compact_spans_are_dense_mode(path, hyper):
+    """The AVX-512 compact span is chosen by timing at first use (vector expand/compress or
+    the set-bit loop); each one, forced, is the dense step bit for bit."""
+    from ong_kernels._bitmask import expand
+    from ong_kernels.backends import _native
+
+    if not _native.has_cpu() or _native.lib().best_isa() != _native.lib().Isa.avx512:
+        pytest.skip("needs the compiled CPU kernels on an AVX-512 CPU")
+    lib = _native.lib()
+    chosen = lib.masked_sgd_compact_path_cpu()
+    gen = torch.Generator().manual_seed(11)
+    sizes = [70, 16_449, 40_001]  # 64-weight blocks, 16-lane groups and scalar tails
+    masks = [torch.rand(n, generator=gen) < 0.3 for n in sizes]
+    params = [torch.randn(n, generator=gen) * m for n, m in zip(sizes, masks, strict=True)]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    bufs = [torch.randn(n, generator=gen) * m for n, m in zip(sizes, masks, strict=True)]
+    twins = [p.clone() for p in params]
+    cbufs, offsets = _compact_inputs(twins, bufs, masks)
+    bits = [pack_mask(m) for m in masks]
+    try:
+        lib.set_masked_sgd_compact_path_cpu(path)
+        _ops.masked_sgd_step_(params, grads, bufs, bits, *hyper, "cpu")
+        _ops.masked_sgd_compact_step_(twins, grads, cbufs, bits, offsets, *hyper, "cpu")
+    finally:
+        lib.set_masked_sgd_compact_path_cpu(chosen)
+    for i in range(len(sizes)):
+        assert torch.equal(twins[i], params[i]), f"{path}: param {i}"
+        assert torch.equal(expand(cbufs[i], masks[i]), bufs[i]), f"{path}: momentum {i}"

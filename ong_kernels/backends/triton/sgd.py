@@ -16,7 +16,7 @@ from functools import cache
 
 import torch
 
-from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel
+from ong_kernels.backends._multi_tensor import TablePlan, planned_kernel, refuse_capture
 from ong_kernels.backends.registry import register
 from ong_kernels.backends.triton import _common
 
@@ -77,10 +77,7 @@ def aot_configs() -> list[dict]:
 def prepare(params, *lists) -> TablePlan:
     """This backend's TablePlan; `lists`: grads, momentum_buffers, mask_bits (the op's order)."""
     device = params[0].device
-    if device.type == "cuda":
-        from ong_kernels.backends.cuda import refuse_capture
-
-        refuse_capture(device)
+    refuse_capture(device)
 
     def chunk_table(table, rows):
         chunks = [(t, s) for t, row in enumerate(rows) for s in range(0, row[4], BLOCK)]
@@ -94,10 +91,16 @@ def prepare(params, *lists) -> TablePlan:
         table, chunks, programs = tables
         if programs == 0:
             return
-        lr, momentum, dampening, weight_decay, nesterov, maximize, first = hyper
-        values = [lr, momentum, 1.0 - dampening, weight_decay, -1.0 if maximize else 1.0]
+        refuse_capture(device)
+        values = [
+            hyper.lr,
+            hyper.momentum,
+            1.0 - hyper.dampening,
+            hyper.weight_decay,
+            -1.0 if hyper.maximize else 1.0,
+        ]
         hyper_t = torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
-        flags = (momentum != 0) | (first << 1) | (nesterov << 2)
+        flags = (hyper.momentum != 0) | (hyper.first_step << 1) | (hyper.nesterov << 2)
         if grad_scale is not None or found_inf is not None:
             flags |= 8
         element, acc = _tl_dtypes(dtype)
