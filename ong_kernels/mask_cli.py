@@ -63,6 +63,12 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def _restarts(text: str) -> int:
+    if not re.fullmatch(r"\s*[0-9]+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ong-mask",
@@ -86,8 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--init", choices=("nndsvda", "nndsvd", "random"), default="nndsvda")
+    p.add_argument(
+        "--init",
+        choices=("nndsvda", "nndsvd", "random"),
+        default=None,
+        help="NMF start (default: nndsvda; random with --restarts > 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--restarts",
+        type=_restarts,
+        default=1,
+        help="consensus ONG: score by the mean W H of this many random starts (seeds SEED, "
+        "SEED+1, ...), all solved in the same streamed groups (default: 1)",
+    )
     p.add_argument("--backend", default="auto")
     p.add_argument("-o", "--output", help="masks file to write (required unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print what would be pruned; no work")
@@ -180,6 +198,7 @@ def run(args) -> int:
     from ong_kernels.nmf import Solver
     from ong_kernels.pruning import stream
     from ong_kernels.pruning.io import FORMAT, VERSION
+    from ong_kernels.pruning.ong import Agreement, restart_init
 
     progress = not args.no_progress
     start = time.perf_counter()
@@ -189,13 +208,17 @@ def run(args) -> int:
             yield _read(path, name)
 
     try:
+        restarts = args.restarts
         if args.method == "ong":
-            solver = Solver(args.max_iter, args.tol, args.init, args.seed, args.backend)
+            init = restart_init(args.init, restarts)
+            solver = Solver(args.max_iter, args.tol, init, args.seed, args.backend)
             streaming = Streaming(args.device, args.memory_budget, progress)
-            factors = stream.ong_factors(weights(), args.rank, solver, streaming, total)
-            passes = stream.ong_score_passes(factors, shapes)
+            factors = stream.ong_factors(weights(), args.rank, solver, streaming, total, restarts)
+            passes = stream.ong_score_passes(factors, shapes, restarts)
             dtype = torch.float32
         else:
+            if restarts > 1:
+                raise ValueError(f"--restarts {restarts} needs --method ong")
 
             def passes():
                 return (w.abs() for w in weights())
@@ -206,11 +229,14 @@ def run(args) -> int:
         masks = stream.stream_masks(
             passes, shapes, args.sparsity, args.scope, names=names, dtype=dtype
         )
-        packed, rows = {}, []
+        packed, rows, overlaps = {}, [], []
         t0 = time.perf_counter()
-        for name, shape, mask in zip(names, shapes, masks, strict=True):
+        for i, (name, shape, mask) in enumerate(zip(names, shapes, masks, strict=True)):
             mask = mask.cpu().contiguous()
             packed[name] = pack_mask(mask)  # pruning.io's codec (format version 2)
+            if restarts > 1:  # each restart alone against the consensus mask
+                pairs = factors[i * restarts : (i + 1) * restarts]
+                overlaps.append(stream.restart_overlaps(pairs, mask))
             kept = int(mask.sum())
             flat = mask.reshape(-1)
             t1 = time.perf_counter()
@@ -227,6 +253,14 @@ def run(args) -> int:
     }
     save_file(packed, args.output, metadata=metadata)
     _summary(rows, scored, time.perf_counter() - start, args)
+    if overlaps:
+        agreement = Agreement.from_overlaps(overlaps)
+        print(
+            f"restarts: {restarts} (init random, seeds {args.seed}..{args.seed + restarts - 1}); "
+            f"agreement (IoU of each restart's own mask, at the consensus per-layer counts, "
+            f"with the consensus mask): mean {agreement.mean:.4f}, lowest restart "
+            f"{min(agreement.per_restart):.4f}"
+        )
     return 0
 
 

@@ -161,6 +161,16 @@ class Agreement:
     def mean(self) -> float:
         return sum(self.per_restart) / len(self.per_restart)
 
+    @classmethod
+    def from_overlaps(cls, overlaps: Sequence[Sequence[tuple[int, int]]]) -> Agreement:
+        """From (intersection, union) per layer and restart (stream.restart_overlaps)."""
+        k = len(overlaps[0])
+        per_layer = [sum(i / u if u else 1.0 for i, u in layer) / k for layer in overlaps]
+        inter = [sum(layer[j][0] for layer in overlaps) for j in range(k)]
+        union = [sum(layer[j][1] for layer in overlaps) for j in range(k)]
+        per_restart = [i / u if u else 1.0 for i, u in zip(inter, union, strict=True)]
+        return cls(k, tuple(per_layer), tuple(per_restart))
+
 
 @dataclass
 class Scored:
