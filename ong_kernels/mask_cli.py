@@ -194,8 +194,8 @@ def run(args) -> int:
         print("ong-mask: error: -o/--output is required (or --dry-run)", file=sys.stderr)
         return 2
     from ong_kernels._bitmask import pack_mask
-    from ong_kernels._stream import Streaming
     from ong_kernels.nmf import Solver
+    from ong_kernels.nmf_groups import Streaming
     from ong_kernels.pruning import stream
     from ong_kernels.pruning.io import FORMAT, VERSION
     from ong_kernels.pruning.ong import Agreement, restart_init
@@ -213,7 +213,9 @@ def run(args) -> int:
             init = restart_init(args.init, restarts)
             solver = Solver(args.max_iter, args.tol, init, args.seed, args.backend)
             streaming = Streaming(args.device, args.memory_budget, progress)
-            factors = stream.ong_factors(weights(), args.rank, solver, streaming, total, restarts)
+            factors = stream.ong_factors(
+                weights(), args.rank, solver, streaming, total, restarts, len(names)
+            )
             passes = stream.ong_score_passes(factors, shapes, restarts)
             dtype = torch.float32
         else:

@@ -4,6 +4,8 @@ agreement with the consensus mask; bad values named in one line."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -222,8 +224,8 @@ def test_ong_mask_restarts_equals_prune_restarts(checkpoint, tmp_path, capsys):
 
     model, path = checkpoint
     out = tmp_path / "masks.safetensors"
-    # 60KB: one or two matrices per group, so one weight's restarts straddle two groups.
-    assert _mask_cli(path, out, "--restarts", "3", "--seed", "4", "--memory-budget", "60KB") == 0
+    # 178KB: groups [a a a], [b], [b], ... (cpu kernel model): b's restarts straddle groups.
+    assert _mask_cli(path, out, "--restarts", "3", "--seed", "4", "--memory-budget", "178KB") == 0
     text = capsys.readouterr().out
     masks = load_masks(out)
     names = ["a.weight", "b.weight", "c.weight"]
@@ -262,3 +264,21 @@ def test_ong_mask_bad_restarts_is_one_line(checkpoint, tmp_path, capsys, extra, 
     assert code == 2 and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert match in err[-1] and err[-1].startswith("ong-mask: error")
+
+
+def test_streamed_consensus_scores_equal_in_memory_ones():
+    from ong_kernels.pruning import stream
+
+    ws = weights(net())
+    expected = list(ong_scores(net(), restarts=3, seed=2, **FAST).values())
+    solver = dataclasses.replace(stream.CONSENSUS_SOLVER, max_iter=25, tol=0.0, seed=2)
+    budget = stream.Streaming(memory_budget=200_000)  # several groups
+    got = list(stream.stream_ong_scores(iter(ws), 0.3, solver, budget, restarts=3, count=len(ws)))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    factors = stream.ong_factors(ws, 0.3, solver, budget, restarts=3)
+    passes = stream.ong_score_passes(factors, [w.shape for w in ws], restarts=3)
+    assert all(torch.equal(g, e) for g, e in zip(passes(), expected, strict=True))
+    with pytest.raises(ValueError, match="count"):
+        stream.ong_factors(iter(ws), 0.3, solver, budget, restarts=3)
+    with pytest.raises(ValueError, match="init"):
+        stream.ong_factors(ws, 0.3, stream.ONG_SOLVER, budget, restarts=3)

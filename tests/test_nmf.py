@@ -171,9 +171,9 @@ def test_random_init_is_seeded_and_scaled_like_sklearn():
     c = ong_kernels.nmf_batched([v], 5, max_iter=1, tol=0, seed=8)
     assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1], b[0][1])
     assert not torch.equal(a[0][0], c[0][0])
-    from ong_kernels.nmf import _random_init
+    from ong_kernels.nmf_init import random_start
 
-    w0, h0 = _random_init(v, 5, 0)
+    w0, h0 = random_start(v, 5, 0)
     # |N(0,1)| has mean sqrt(2/pi); scikit-learn scales it by sqrt(mean(V)/r).
     expected = (2 / np.pi) ** 0.5 * (float(v.mean()) / 5) ** 0.5
     assert abs(float(torch.cat([w0.flatten(), h0.flatten()]).mean()) / expected - 1) < 0.1
@@ -184,7 +184,7 @@ def test_random_init_is_seeded_and_scaled_like_sklearn():
 def test_nndsvd_matches_sklearn_init(init):
     from sklearn.decomposition._nmf import _initialize_nmf
 
-    from ong_kernels.nmf import initial_factors
+    from ong_kernels.nmf_init import initial_factors
 
     v = torch.rand(33, 21)
     ((w, h),) = initial_factors([v], [5], init, seed=0)

@@ -16,13 +16,23 @@ def fake_kernels(monkeypatch):
     kernels = dict(registry._KERNELS)
     monkeypatch.setattr(registry, "_KERNELS", kernels)
     registry.register(
-        "nmf_mu", "cuda", devices=("cuda",), available=lambda: False, hint="HOW TO GET IT"
+        "nmf_mu",
+        "cuda",
+        devices=("cuda",),
+        available=lambda: False,
+        hint="HOW TO GET IT",
+        workspace=lambda shapes: 0,
     )(lambda *a: None)
     registry.register(
         "masked_sgd_step", "triton", devices=("cuda", "cpu"), available=lambda: False, hint="HINT"
     )(lambda *a: None)
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     return kernels
+
+
+def test_an_nmf_kernel_must_declare_its_workspace(fake_kernels):
+    with pytest.raises(ValueError, match="must declare its workspace model"):
+        registry.register("nmf_mu", "triton", devices=("cuda",))(lambda *a: None)
 
 
 def test_every_op_has_a_reference_that_serves_any_device():

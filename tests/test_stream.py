@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ong_kernels import nmf_batched, prune
-from ong_kernels._stream import Streaming, solve_bytes
+from ong_kernels.nmf_groups import Streaming, solve_bytes
+from ong_kernels.nmf_rules import matrix_shape
 from ong_kernels.pruning import stream
 from ong_kernels.pruning.allocation import allocate
 
@@ -26,16 +27,8 @@ def _weights():
     ]
 
 
-def _largest(ws, r):
-    return max(
-        solve_bytes(
-            t.shape[0] if t.dim() > 1 else 1,
-            t.numel() // (t.shape[0] if t.dim() > 1 else 1),
-            r,
-            t.element_size(),
-        )
-        for t in ws
-    )
+def _largest(ws, r, init="random"):
+    return max(solve_bytes([(*matrix_shape(t.shape), r, t.dtype)], init=init) for t in ws)
 
 
 @pytest.mark.parametrize("init", ["random", "nndsvda"])
@@ -43,7 +36,7 @@ def _largest(ws, r):
 def test_budgeted_groups_equal_one_call(init, as_generator):
     ws = _weights()
     ref = nmf_batched(ws, 5, max_iter=30, init=init)
-    budget = _largest(ws, 5)  # every group holds one or two matrices
+    budget = _largest(ws, 5, init)  # every group holds one or two matrices
     source = (t for t in ws) if as_generator else ws
     got = nmf_batched(source, 5, max_iter=30, init=init, memory_budget=budget)
     assert len(got) == len(ref)
@@ -150,7 +143,7 @@ def test_streamed_ong_masks_equal_prune(as_generator):
     ws = [params[n] for n in names]
     source = (w for w in ws) if as_generator else ws
     solver = dataclasses.replace(stream.ONG_SOLVER, max_iter=20)
-    budget = Streaming(memory_budget=70_000)
+    budget = Streaming(memory_budget=int(1.5 * _largest(ws, 4, "nndsvda")))  # groups of 1-3
     factors = stream.ong_factors(source, 4, solver, budget)
     shapes = [w.shape for w in ws]
     masks = list(stream.stream_masks(stream.ong_score_passes(factors, shapes), shapes, 0.6))

@@ -20,7 +20,7 @@ from ong_kernels import _ops, nmf_plan
 from ong_kernels.backends import registry
 from ong_kernels.backends.triton import _common
 from ong_kernels.backends.triton import nmf as tnmf
-from ong_kernels.nmf import initial_factors
+from ong_kernels.nmf_init import initial_factors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(

@@ -13,7 +13,7 @@ import torch
 from ong_kernels import nmf_plan
 from ong_kernels._batching import group_indices
 from ong_kernels._bitmask import unpack_mask
-from ong_kernels.backends.registry import ANY_DEVICE, register
+from ong_kernels.backends.registry import ANY_DEVICE, Shape, register
 from ong_kernels.nmf_plan import Matrices
 
 # ----------------------------------------------------------------------------- masked SGD
@@ -130,7 +130,20 @@ class _BucketStepper:
                 self.h_list[i].copy_(h[j])
 
 
-@register("nmf_mu", "reference", devices=(ANY_DEVICE,))
+def nmf_workspace(shapes: Sequence[Shape]) -> int:
+    """Peak extra bytes of _BucketStepper: per matrix its stacked float32 V (plus the float32
+    conversion of a non-float32 V, alive until the stack is built), stacked W and H and an
+    iteration's products (numerator, Gram, denominator: ~3 more factor-sized tensors); and,
+    for the largest bucket during an error check, V.double(), (W H).double() and their
+    difference (24 bytes per entry)."""
+    held, buckets = 0, {}
+    for m, n, r, dtype in shapes:
+        held += 4 * m * n * (1 if dtype == torch.float32 else 2) + 4 * 4 * r * (m + n)
+        buckets[(m, n, r)] = buckets.get((m, n, r), 0) + m * n
+    return held + 24 * max(buckets.values())
+
+
+@register("nmf_mu", "reference", devices=(ANY_DEVICE,), workspace=nmf_workspace)
 def nmf_mu_(
     v_list: Matrices, w_list: Matrices, h_list: Matrices, max_iter: int, tol: float
 ) -> torch.Tensor:

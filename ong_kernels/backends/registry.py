@@ -17,8 +17,10 @@ An explicit request (1 or 2) that cannot run here raises with how to build or in
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 ENV_VAR = "ONG_KERNELS_BACKEND"
 
@@ -37,6 +39,8 @@ DEFAULT_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 ANY_DEVICE = "*"
+# One matrix of an NMF group, as a kernel's workspace model sees it: (m, n, r, V dtype).
+Shape = tuple[int, int, int, torch.dtype]
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,9 @@ class Kernel:
     devices: device types it computes on ("cpu", "cuda"), or ANY_DEVICE (the reference).
     available: whether it can run in this process (built, installed, a GPU present).
     hint: what to do when it cannot (shown in the error of an explicit request).
+    workspace: for nmf_mu, the peak bytes the kernel allocates while it solves a group of
+        matrices of shapes (m, n, r, V dtype) together, beyond V and the factors it is
+        handed (nmf_groups sizes memory_budget groups with it).
     """
 
     op: str
@@ -54,6 +61,7 @@ class Kernel:
     fn: Callable
     available: Callable[[], bool]
     hint: str
+    workspace: Callable[[Sequence[Shape]], int] | None = None
 
     def serves(self, device_type: str) -> bool:
         return ANY_DEVICE in self.devices or device_type in self.devices
@@ -69,15 +77,21 @@ def register(
     devices: tuple[str, ...],
     available: Callable[[], bool] = lambda: True,
     hint: str = "",
+    workspace: Callable[[Sequence[Shape]], int] | None = None,
 ) -> Callable[[Callable], Callable]:
-    """Decorator: register `fn` as `backend`'s implementation of `op` (one per pair)."""
+    """Decorator: register `fn` as `backend`'s implementation of `op` (one per pair). An
+    nmf_mu kernel declares its `workspace` model (Kernel says what it returns)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {OPS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {BACKENDS}")
+    if op == "nmf_mu" and workspace is None:
+        raise ValueError(f"the {backend} nmf_mu kernel must declare its workspace model")
 
     def decorate(fn: Callable) -> Callable:
-        _KERNELS[(op, backend)] = Kernel(op, backend, tuple(devices), fn, available, hint)
+        _KERNELS[(op, backend)] = Kernel(
+            op, backend, tuple(devices), fn, available, hint, workspace
+        )
         return fn
 
     return decorate

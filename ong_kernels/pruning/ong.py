@@ -23,9 +23,10 @@ The paper's exact settings are not available to us, so every choice is an argume
   each, kept to measure their agreement with the mask: ``Agreement``). Which weights a
   single ONG start keeps depends strongly on the start (two random starts: IoU 0.46 on a
   ResNet-20 at 90%); the mean over starts converges (benchmarks/RESULTS.md, issue 19).
-  init="nndsvd"/"nndsvda" or (W0, H0) pairs with k > 1 is a ValueError: those starts do not
-  change with the seed, so the restarts would all be the same solve. restarts=1 is today's
-  ONG exactly.
+  init="nndsvd"/"nndsvda" or (W0, H0) pairs with k > 1 is a ValueError: an NNDSVD start is
+  a function of the matrix (the seed of its randomized SVD moves it only by that SVD's
+  error) and custom pairs do not depend on the seed, so the restarts would all be (nearly)
+  the same solve at k times its cost. restarts=1 is today's ONG exactly.
 * ``max_iter=200``, ``tol=1e-4``: ``nmf_batched``'s defaults (scikit-learn's).
 * ``backend="auto"``: passed to ``nmf_batched``.
 
@@ -46,6 +47,7 @@ import torch
 
 from ong_kernels import nmf  # module reference: tests spy on nmf.nmf_batched
 from ong_kernels._validate import check_int, check_real, check_seed
+from ong_kernels.nmf_rules import matrix_shape
 from ong_kernels.pruning.allocation import select_top
 from ong_kernels.pruning.distributed import run_sharded
 from ong_kernels.pruning.targets import Target, resolve_targets
@@ -67,19 +69,14 @@ __all__ = [
 DEFAULT_RANK = 0.25
 
 
-def _matrix_shape(shape: torch.Size) -> tuple[int, int]:
-    # nmf's own view of a weight as a matrix, applied to a shape-only (meta) tensor.
-    return tuple(nmf.as_matrix(torch.empty(shape, device="meta")).shape)
-
-
 def resolve_ranks(rank, shapes: Sequence[torch.Size]) -> list[int]:
     """Per-matrix NMF ranks: an int clipped to min(m, n), or a fraction of min(m, n)."""
     if isinstance(rank, float):
         fraction = check_real(rank, "rank (a fraction of min(m, n))", minimum=0.0, maximum=1.0,
                               min_open=True)  # fmt: skip
-        return [max(1, round(fraction * min(_matrix_shape(s)))) for s in shapes]
+        return [max(1, round(fraction * min(matrix_shape(s)))) for s in shapes]
     check_int(rank, "rank", 1)  # bool, str, ...: TypeError naming rank
-    return [min(rank, *_matrix_shape(s)) for s in shapes]
+    return [min(rank, *matrix_shape(s)) for s in shapes]
 
 
 # ONG's NMF settings (the defaults of ong_scores and prune("ong")): nmf_batched's, with the
@@ -109,8 +106,8 @@ def restart_init(init, restarts: int):
         shown = repr(init) if isinstance(init, str) else "(W0, H0) pairs"
         raise ValueError(
             f"restarts={restarts} needs init={CONSENSUS_INIT!r} (restart j seeded with seed + j), "
-            f"got init={shown}: NNDSVD and custom starts do not change with the seed, so the "
-            "restarts would all be the same solve"
+            f"got init={shown}: NNDSVD and custom starts (nearly) do not change with the seed, "
+            "so the restarts would all be the same solve"
         )
     return init
 
@@ -220,9 +217,10 @@ def _ong(
         settings = {**solver.kwargs(), "init": group_init}
         if k > 1:
             settings["seed"] = seeds * len(indices)
+        names = [targets[i][0] for i in indices for _ in range(k)]  # errors name the parameter
         factors = nmf.nmf_batched(
             [v for v in mats for _ in range(k)], [ranks[i] for i in indices for _ in range(k)],
-            **settings,
+            **settings, names=names,
         )  # fmt: skip
         scores = []
         for pos, i in enumerate(indices):
@@ -233,7 +231,7 @@ def _ong(
             scores.append(mean_product(pairs).reshape(shapes[i]))
         return scores
 
-    costs = [k * math.prod(_matrix_shape(s)) * r for s, r in zip(shapes, ranks, strict=True)]
+    costs = [k * math.prod(matrix_shape(s)) * r for s, r in zip(shapes, ranks, strict=True)]
     # The restarts of one matrix are one item: they stay on one rank.
     scores = run_sharded(compute, costs, shapes, device, group, distributed)
     scores = [s.to(t.device) for s, (_, t) in zip(scores, targets, strict=True)]

@@ -40,8 +40,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ong_kernels._stream import Streaming, check_budget, check_fits, stream_factors
-from ong_kernels.nmf import Solver
+from ong_kernels._validate import check_device, check_int
+from ong_kernels.backends import registry
+from ong_kernels.nmf_groups import Item, Streaming, check_budget, check_fits, run
+from ong_kernels.nmf_rules import Solver
 from ong_kernels.pruning.allocation import (
     check_floors,
     check_min_density,
@@ -330,37 +332,25 @@ class _LazyRanks(Sequence):
         return resolve_ranks(self.rank, [self.shapes[i // self.restarts]])[0]
 
 
-class _LazySeeds(Sequence):
-    """Per-matrix seeds of the restarts of a weight iterator: matrix i (restart i % k of its
-    weight) is seeded with seed + i % k; as long as the weights read so far."""
-
-    def __init__(self, seeds: list[int], shapes: list) -> None:
-        self.seeds, self.shapes = seeds, shapes
-
-    def __len__(self) -> int:
-        return len(self.shapes) * len(self.seeds)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return self.seeds[i % len(self.seeds)]
-
-
-def _restart_solver(solver: Solver, restarts: int, count, shapes: list) -> Solver:
-    """`solver` (checked) for `restarts` restarts of each of `count` weights (None: an
-    iterator's, counted as they arrive): per-matrix seeds seed + j."""
+def _restart_solver(solver: Solver, restarts: int, count: int | None) -> Solver:
+    """`solver` (checked) for `restarts` restarts of each of `count` weights: per-matrix
+    seeds seed + j (nmf_batched fixes them before the first group, so an iterator's weights
+    must be counted up front)."""
     solver = solver.checked()
     if restarts == 1:
         return solver
     restart_init(solver.init, restarts)  # random starts only: ValueError naming init
+    if count is None:
+        raise ValueError(
+            f"restarts={restarts} of an iterator of weights needs count= (how many weights it "
+            "yields): every restart's seed is fixed before the first group is solved"
+        )
+    check_int(count, "count", 1)
     seeds = restart_seeds(solver.seed, restarts)
-    per_matrix = _LazySeeds(seeds, shapes) if count is None else tuple(seeds * count)
-    return dataclasses.replace(solver, seed=per_matrix)
+    return dataclasses.replace(solver, seed=tuple(seeds * count))
 
 
-def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total, restarts: int):
+def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total, restarts, count):
     """nmf_batched's streamed groups of NMF(|W|) factors for raw weights (never all |W| at
     once), each weight `restarts` times in a row; a sequence's sizes are checked against the
     budget before any work."""
@@ -372,23 +362,25 @@ def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total, r
         for i, t in enumerate(weights):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        solver = _restart_solver(solver, k, len(weights), shapes)
+        solver = _restart_solver(solver, k, len(weights))
         weight_ranks = resolve_ranks(rank, [t.shape for t in weights])
+        streaming.check()
         device = streaming.device
-        compute = weights[0].device if device is None else torch.device(device)
+        compute = weights[0].device if device is None else check_device(device)
         budget = check_budget(streaming.memory_budget, compute)
+        kernel = registry.select("nmf_mu", compute.type, solver.backend)
         for i, t in enumerate(weights):
-            check_fits(i, t.shape, weight_ranks, t.element_size(), budget)
+            check_fits(Item(i, t, weight_ranks[i]), budget, kernel, solver.init)
         streaming = dataclasses.replace(streaming, memory_budget=budget)
         total = sum(t.numel() for t in weights)
         ranks: Sequence[int] = [r for r in weight_ranks for _ in range(k)]
     else:
         resolve_ranks(rank, [])  # the rank's type and range, before any work
-        solver = _restart_solver(solver, k, None, shapes)
+        solver = _restart_solver(solver, k, count)
         ranks = _LazyRanks(rank, shapes, k)
     if total is not None and k > 1:
         total *= k  # the progress bar counts every restart's weights
-    return stream_factors(_abs(weights, shapes, k), ranks, solver, streaming, total)
+    return run(_abs(weights, shapes, k), ranks, solver, streaming, total=total)
 
 
 def ong_factors(
@@ -398,19 +390,21 @@ def ong_factors(
     streaming=Streaming(),
     total=None,
     restarts=1,
+    count=None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """NMF factors (W_i, H_i) of |weight_i|, streamed: the ONG part of prune("ong").
 
     `weights` are raw weights (a sequence, or an iterator such as a checkpoint reader: only
     one group's |W| exists at a time). `rank` (an int or a fraction of min(m, n)) and
     `solver` (max_iter, tol, init, seed, backend: default ONG's) are ong_scores' settings;
-    `streaming` (device, memory_budget, progress) nmf_batched's (ong_kernels/_stream.py);
+    `streaming` (device, memory_budget, progress) nmf_batched's (ong_kernels/nmf_groups.py);
     `total` the number of weights, for an iterator's progress bar. The factors equal
     prune()'s: the same ONG matrices factorised by the same op, grouping aside.
     `restarts=k`: k pairs per weight, in a row (restart j from solver.seed + j; needs
-    ``solver.init == "random"``, e.g. CONSENSUS_SOLVER), equal to prune(restarts=k)'s.
+    ``solver.init == "random"``, e.g. CONSENSUS_SOLVER), equal to prune(restarts=k)'s; an
+    iterator of weights then needs `count`, how many weights it yields.
     """
-    groups = _factor_groups(weights, rank, solver, streaming, total, restarts)
+    groups = _factor_groups(weights, rank, solver, streaming, total, restarts, count)
     return [pair for factors, _ in groups for pair in factors]
 
 
@@ -456,6 +450,7 @@ def stream_ong_scores(
     streaming=Streaming(),
     total=None,
     restarts=1,
+    count=None,
 ) -> Iterator[torch.Tensor]:
     """Yield each weight's ONG score W H (float32, in the weight's shape, on its device) as
     its group is solved; neither the factors nor earlier scores are kept (with `restarts`,
@@ -465,8 +460,9 @@ def stream_ong_scores(
     shapes: list = []
     k = check_restarts(restarts)
 
-    def run() -> Iterator[torch.Tensor]:
-        groups = _factor_groups(_record(weights, shapes), rank, solver, streaming, total, k)
+    def scores() -> Iterator[torch.Tensor]:
+        source = _record(weights, shapes)
+        groups = _factor_groups(source, rank, solver, streaming, total, k, count)
         pending: list = []  # one weight's restarts may straddle two groups
         index = 0
         for factors, _ in groups:
@@ -476,7 +472,7 @@ def stream_ong_scores(
                     yield mean_product(pending).reshape(shapes[index])
                     pending, index = [], index + 1
 
-    return run()
+    return scores()
 
 
 def _record(weights, shapes: list):

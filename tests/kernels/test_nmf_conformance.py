@@ -14,7 +14,7 @@ from conftest import assert_close
 
 from kernels.cases import interpreted, kernel_cases
 from ong_kernels import _ops
-from ong_kernels.nmf import initial_factors
+from ong_kernels.nmf_init import initial_factors
 
 CASES = kernel_cases("nmf_mu")
 

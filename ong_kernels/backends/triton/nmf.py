@@ -370,8 +370,19 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def workspace(shapes: Sequence[tuple[int, int, int, torch.dtype]]) -> int:
+    """Peak extra bytes on the device: V is read in place; each matrix has an r x r Gram
+    product and (multi-block ranks) max(m, n) x r denominators in the float32 scratch
+    (_device_table), a table row and tile lists; n_iter, flags and errors are per matrix."""
+    per_matrix = sum(4 * (r * r + max(m, n) * r) + 8 * 8 + 8 * 3 for m, n, r, _ in shapes)
+    tiles = sum(
+        8 * (-(-m // 16) + -(-n // 16) + (-(-r // MIN_BLOCK)) ** 2) for m, n, r, _ in shapes
+    )
+    return per_matrix + tiles
+
+
 @register("nmf_mu", "triton", devices=_common.devices(), available=_common.available,
-          hint=_common.HINT)  # fmt: skip
+          hint=_common.HINT, workspace=workspace)  # fmt: skip
 def nmf_mu_(
     v_list: Matrices,
     w_list: Matrices,
