@@ -9,10 +9,12 @@ Stability: for every k, two consensus masks from DISJOINT seed sets (seeds 0..k-
 how far the consensus still depends on its starts (k = 1: two single random starts). Also
 per k: the restarts' mean agreement with their own consensus mask (what ``PruneResult``
 reports), and the consensus mask's IoU with the nndsvda mask (today's ONG) and with the
-magnitude mask. Models at initialisation, built as ``ong_kernels.train.models`` builds them
-(torch.manual_seed(0), one input channel, 10 classes: the Fashion-MNIST networks), global
-scope, ONG's defaults otherwise (rank 0.25, max_iter 200, tol 1e-4). Two random masks at
-density d overlap about d / (2 - d): 0.053 at 90%, 0.010 at 98%.
+magnitude mask; and, per model, the IoU of two nndsvda masks whose randomized SVDs have
+seeds 0 and 1 (why restarts of NNDSVD are refused). Models at initialisation, built as
+``ong_kernels.train.models`` builds them (torch.manual_seed(0), one input channel, 10
+classes: the Fashion-MNIST networks), global scope, ONG's defaults otherwise (rank 0.25,
+max_iter 200, tol 1e-4). Two random masks at density d overlap about d / (2 - d): 0.053 at
+90%, 0.010 at 98%.
 
 Time: the whole ``ong_scores`` call (checks, starts, solve, W H), k restarts in one call
 against one restart, min of ``--reps`` paired repeats (k = 1 and k interleaved), and the
@@ -61,6 +63,9 @@ def stability(name: str, ks, sparsities, log) -> list[dict]:
     model = model_of(name)
     today = ong_scores(model)  # nndsvda: today's ONG
     base = {s: masks_from_scores(today, s) for s in sparsities}
+    # What restarts of NNDSVD would give: its only seed is the randomized SVD's.
+    other = ong_scores(model, seed=1)
+    nndsvd_seeds = {s: mask_overlap(base[s], masks_from_scores(other, s)) for s in sparsities}
     magnitude = {
         s: masks_from_scores({n: p.detach().abs() for n, p in prunable_parameters(model)}, s)
         for s in sparsities
@@ -79,6 +84,7 @@ def stability(name: str, ks, sparsities, log) -> list[dict]:
                     "iou_disjoint_seeds": mask_overlap(ma, mb),
                     "agreement": None if agree_a is None else (agree_a + agree_b) / 2,
                     "iou_vs_nndsvda": (mask_overlap(ma, base[s]) + mask_overlap(mb, base[s])) / 2,
+                    "iou_nndsvda_seed0_vs_seed1": nndsvd_seeds[s],
                     "iou_vs_magnitude": (
                         mask_overlap(ma, magnitude[s]) + mask_overlap(mb, magnitude[s])
                     ) / 2,
@@ -117,12 +123,20 @@ def markdown(stab: list[dict], times: list[dict]) -> str:
             "IoU vs nndsvda | IoU vs magnitude |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
+        seen = {}
+        for r in stab:
+            seen[(r["model"], r["sparsity"])] = r["iou_nndsvda_seed0_vs_seed1"]
         for r in stab:
             agree = "-" if r["agreement"] is None else f"{r['agreement']:.3f}"
             lines.append(
                 f"| {r['model']} | {r['sparsity']:g} | {r['k']} | {r['iou_disjoint_seeds']:.3f} "
                 f"| {agree} | {r['iou_vs_nndsvda']:.3f} | {r['iou_vs_magnitude']:.3f} |"
             )
+        lines += [
+            "",
+            "nndsvda (restarts=1), seed 0 vs seed 1 (the randomized SVD's seed): "
+            + ", ".join(f"{m} {sp:g}: IoU {v:.4f}" for (m, sp), v in seen.items()),
+        ]
     if times:
         lines += [
             "",
