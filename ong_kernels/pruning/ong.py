@@ -63,6 +63,7 @@ __all__ = [
     "ong_scores",
     "resolve_ranks",
     "restart_init",
+    "restart_overlaps",
     "restart_seeds",
 ]
 
@@ -130,14 +131,20 @@ def mean_product(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.
     return total
 
 
-def _iou_at_count(score: torch.Tensor, kept: torch.Tensor) -> float:
-    """IoU of the top-c entries of `score` (ties by position, as allocate) with `kept`, c the
-    number of entries `kept` keeps; two empty sets count as identical."""
-    c = int(torch.count_nonzero(kept))
-    if c == 0:
-        return 1.0
-    inter = int(torch.count_nonzero(select_top(score, c) & kept))
-    return inter / (2 * c - inter)
+def restart_overlaps(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], kept: torch.Tensor
+) -> list[tuple[int, int]]:
+    """(intersection, union) of each restart's kept set with `kept` (one layer's consensus
+    mask), each restart keeping its top count(kept) of W_j H_j (ties by position, as
+    allocate). A restart's IoU over all layers is sum(inter) / sum(union)."""
+    flat = kept.reshape(-1)
+    c = int(torch.count_nonzero(flat))
+    out = []
+    for w, h in factors:
+        score = (w @ h).reshape(-1).to(flat.device)
+        inter = int(torch.count_nonzero(select_top(score, c) & flat))
+        out.append((inter, 2 * c - inter))
+    return out
 
 
 @dataclass(frozen=True)
@@ -242,8 +249,8 @@ def _ong(
         def agree(indices: list[int]) -> list[torch.Tensor]:
             out = []
             for i in indices:
-                kept = masks[i].reshape(-1).to(device)
-                ious = [_iou_at_count((w @ h).reshape(-1), kept) for w, h in restart_factors[i]]
+                pairs = restart_overlaps(restart_factors[i], masks[i].to(device))
+                ious = [inter / union if union else 1.0 for inter, union in pairs]
                 out.append(torch.tensor(ious, dtype=torch.float32))
             return out
 

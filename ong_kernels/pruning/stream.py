@@ -61,11 +61,12 @@ from ong_kernels.pruning.ong import (
     mean_product,
     resolve_ranks,
     restart_init,
+    restart_overlaps,
     restart_seeds,
 )
 
 # Solver and Streaming are re-exported: they are the settings ong_factors and
-# stream_ong_scores take.
+# stream_ong_scores take; restart_overlaps measures their restarts against a mask.
 __all__ = [
     "CONSENSUS_SOLVER",
     "ONG_SOLVER",
@@ -425,22 +426,6 @@ def ong_score_passes(
             yield mean_product(factors[i * k : (i + 1) * k]).reshape(tuple(shape))
 
     return passes
-
-
-def restart_overlaps(
-    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], kept: torch.Tensor
-) -> list[tuple[int, int]]:
-    """(intersection, union) of each restart's kept set with `kept` (one layer's consensus
-    mask), each restart keeping its top count(kept) of W_j H_j (ties by position, as
-    allocate). The IoU of a restart over all layers is sum(inter) / sum(union)."""
-    flat = kept.reshape(-1)
-    c = int(torch.count_nonzero(flat))
-    out = []
-    for w, h in factors:
-        score = (w @ h).reshape(-1).to(flat.device)
-        inter = int(torch.count_nonzero(select_top(score, c) & flat))
-        out.append((inter, 2 * c - inter))
-    return out
 
 
 def stream_ong_scores(
