@@ -135,31 +135,32 @@ def check_nonnegative_finite(t: torch.Tensor, name: str) -> None:
 
 
 def check_device(value, name: str = "device") -> torch.device:
-    """`value` (a torch.device or a string such as "cpu", "cuda:1") as a torch.device that
-    exists in this process: a ValueError naming `name` for an unknown device type, a CUDA
-    device without CUDA, or a CUDA index past the device count."""
+    """`value` (a torch.device or a string such as "cpu", "cuda:1") as a torch.device that can
+    hold data in this process: a ValueError naming `name` for an unknown device, the meta
+    device, CUDA without CUDA, a CUDA index past the device count, or another device type
+    this torch cannot use."""
     if not isinstance(value, (str, torch.device)):
         raise TypeError(f"{name} must be a str or torch.device, got {type(value).__name__}")
+    text = str(value)
     try:
         device = torch.device(value)
     except RuntimeError:
         raise ValueError(
-            f"{name}={value!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1')"
+            f"{name} {text!r} is not a device; expected e.g. cpu, cuda, cuda:1"
         ) from None
+    if device.type == "meta":
+        raise ValueError(f"{name} {text!r} holds no data; expected e.g. cpu, cuda, cuda:1")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
-                f"{name}={str(value)!r}, but CUDA is not available here "
-                "(torch.cuda.is_available() is False): use 'cpu'"
-            )
+            raise ValueError(f"{name} {text!r} requested but CUDA is not available (use cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(
-                f"{name}={str(value)!r}, but this machine has {torch.cuda.device_count()} CUDA "
-                "device(s)"
+                f"{name} {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
             )
     elif device.type != "cpu":
-        backend = getattr(torch, device.type, None)
-        available = getattr(backend, "is_available", None)
-        if available is None or not available():
-            raise ValueError(f"{name}={str(value)!r}, but {device.type} is not available here")
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{name} {text!r} is not available here ({first})") from None
     return device

@@ -20,18 +20,17 @@ only names matching it; ``--exclude`` replaces DEFAULT_EXCLUDE.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 DEFAULT_EXCLUDE = r"(?i)(embed|wte|wpe|lm_head|norm|ln_)"
 _FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -154,10 +153,128 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _check_output(output: str, checkpoint: str) -> str | None:
+    """Why the masks cannot be written to ``output``, or None; checked before any work.
+
+    Refused: the checkpoint itself by any path (relative, absolute, symlink, hard link: same
+    resolved path or same st_dev/st_ino), a folder, something that is not a regular file, a
+    read-only file, a missing folder, a folder this process cannot create files in.
+    """
+    if os.path.lexists(output):
+        same = os.path.realpath(output) == os.path.realpath(checkpoint)
+        if os.path.exists(output):
+            a, b = os.stat(output), os.stat(checkpoint)
+            same = same or (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+        if same:
+            return f"-o {output!r} is the checkpoint {checkpoint!r}; write the masks elsewhere"
+        if os.path.isdir(output):
+            example = os.path.join(output, "masks.safetensors")
+            return f"-o {output!r} is a folder; give a file name, e.g. -o {example}"
+        if os.path.exists(output) and not os.path.isfile(output):
+            return f"-o {output!r} exists and is not a regular file"
+        if os.path.isfile(output) and not os.access(output, os.W_OK):
+            return f"-o {output!r} is read-only; not replacing it"
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        return f"-o {output!r}: folder {folder!r} does not exist"
+    try:  # the masks go to a temporary file there first (renamed when complete)
+        fd, probe = tempfile.mkstemp(prefix=".ong-mask.", suffix=".tmp", dir=folder)
+    except OSError as err:
+        return f"-o {output!r}: cannot create files in {folder!r} ({err.strerror})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _check_device(text: str) -> str | None:
+    """Why ``--device`` cannot run the NMF here, or None (one line)."""
+    from ong_kernels._validate import check_device
+
+    try:
+        check_device(text, "--device")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _check_sparsity(value: float) -> str | None:
+    """The allocation's own check, here before the scoring instead of after it."""
+    from ong_kernels.pruning.allocation import check_sparsity
+
+    try:
+        check_sparsity(value)
+    except (TypeError, ValueError) as err:
+        return f"--sparsity: {err}"
+    return None
+
+
+def _check_budget(pruned, args) -> str | None:
+    """The first tensor whose NMF cannot fit --memory-budget, named, before any tensor is
+    read (the streaming finds it only when it gets there, after scoring all before it), by the
+    streaming's own cost model (nmf_groups.group_bytes with the selected kernel's workspace)."""
+    from ong_kernels.backends import registry
+    from ong_kernels.nmf_groups import Item, check_budget, format_bytes, group_bytes
+    from ong_kernels.pruning.ong import resolve_ranks, restart_init
+
+    if args.method != "ong":
+        return None
+    try:  # --init's default depends on --restarts
+        init = restart_init(args.init, args.restarts)
+    except ValueError as err:
+        return str(err)
+    device = torch.device(args.device)
+    try:
+        budget = check_budget(args.memory_budget, device)
+    except ValueError:
+        return None  # no default budget on this device type: the streaming says so
+    try:
+        kernel = registry.select("nmf_mu", device.type, args.backend)
+    except (ValueError, RuntimeError) as err:
+        return str(err)
+    ranks = resolve_ranks(args.rank, [shape for _, shape, _ in pruned])
+    for i, ((name, shape, dtype), r) in enumerate(zip(pruned, ranks, strict=True)):
+        item = Item(i, torch.empty(shape, dtype=_FLOAT[dtype], device="meta"), r)
+        need = group_bytes([item], kernel, init)
+        if need > budget:
+            return (
+                f"{name} (shape {list(shape)}, rank {r}) needs {format_bytes(need)} on {device} "
+                f"for its NMF with the {kernel.backend} kernel, more than the memory budget "
+                f"{format_bytes(budget)}: raise --memory-budget or lower --rank"
+            )
+    return None
+
+
+def _show_progress(off: bool) -> bool:
+    """A bar only on a terminal, as in the trainer (in a log file tqdm's redraws pile up),
+    and only with tqdm (the [train] extra) installed; without it, a note."""
+    if off or not sys.stderr.isatty():
+        return False
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        print(
+            "note: no progress bar: it needs tqdm (pip install 'ong_kernels[train]')",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
 def run(args) -> int:
     path = args.checkpoint
     if not os.path.isfile(path):
         print(f"ong-mask: error: {path!r} does not exist or is not a file", file=sys.stderr)
+        return 2
+    if not args.output and not args.dry_run:
+        print("ong-mask: error: -o/--output is required (or --dry-run)", file=sys.stderr)
+        return 2
+    problem = (
+        _check_sparsity(args.sparsity)
+        or _check_device(args.device)
+        or (args.output and _check_output(args.output, path))
+    )
+    if problem:
+        print(f"ong-mask: error: {problem}", file=sys.stderr)
         return 2
     try:
         entries = _header(path)
@@ -190,17 +307,18 @@ def run(args) -> int:
         for name, reason in skipped:
             print(f"  skip  {name:50s} {reason}")
         return 0
-    if not args.output:
-        print("ong-mask: error: -o/--output is required (or --dry-run)", file=sys.stderr)
+    problem = _check_budget(pruned, args)
+    if problem:
+        print(f"ong-mask: error: {problem}", file=sys.stderr)
         return 2
     from ong_kernels._bitmask import pack_mask
     from ong_kernels.nmf import Solver
     from ong_kernels.nmf_groups import Streaming
     from ong_kernels.pruning import stream
-    from ong_kernels.pruning.io import FORMAT, VERSION
+    from ong_kernels.pruning.io import write_mask_file
     from ong_kernels.pruning.ong import Agreement, restart_init
 
-    progress = not args.no_progress
+    progress = _show_progress(args.no_progress)
     start = time.perf_counter()
 
     def weights() -> Iterator[torch.Tensor]:
@@ -247,13 +365,11 @@ def run(args) -> int:
     except (ValueError, TypeError, RuntimeError) as exc:
         print(f"ong-mask: error: {exc}", file=sys.stderr)
         return 2
-    metadata = {
-        "format": FORMAT,
-        "version": VERSION,
-        "bit_order": "little",
-        "shapes": json.dumps({n: list(s) for n, s in zip(names, shapes, strict=True)}),
-    }
-    save_file(packed, args.output, metadata=metadata)
+    try:  # a temporary file in the target folder, renamed when complete
+        write_mask_file(args.output, packed, dict(zip(names, shapes, strict=True)))
+    except OSError as exc:
+        print(f"ong-mask: error: {exc}; {args.output!r} is unchanged", file=sys.stderr)
+        return 1
     _summary(rows, scored, time.perf_counter() - start, args)
     if overlaps:
         agreement = Agreement.from_overlaps(overlaps)

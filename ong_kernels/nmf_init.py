@@ -47,6 +47,23 @@ def use_exact_svd(m: int, n: int, r: int) -> bool:
     return short <= 64 or 4 * (r + OVERSAMPLES) >= short
 
 
+# Entries per chunk of mean64's float64 sum: a float64 reduction of a whole tensor
+# (v.mean(dtype=torch.float64)) first makes a float64 copy of it (measured: 198 MiB of peak
+# RSS for a 48 MiB float16 V). Chunks of 2^18 entries (2 MiB of float64): with 2^20, glibc
+# kept the freed 8 MiB chunk resident (its mmap threshold rises to a freed chunk's size) and
+# the solve's peak RSS grew by those 8 MiB.
+_MEAN_CHUNK = 1 << 18
+
+
+def mean64(v: torch.Tensor) -> float:
+    """mean(V) accumulated in float64, without a float64 copy of V."""
+    flat = v.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), _MEAN_CHUNK):
+        total += float(flat[start : start + _MEAN_CHUNK].sum(dtype=torch.float64))
+    return total / flat.numel()
+
+
 def random_start(v: torch.Tensor, r: int, seed: int) -> Factors:
     """scikit-learn's init="random": |N(0, 1)| * sqrt(mean(V) / r), H drawn before W.
 
@@ -55,7 +72,7 @@ def random_start(v: torch.Tensor, r: int, seed: int) -> Factors:
     """
     m, n = v.shape
     gen = torch.Generator().manual_seed(seed)
-    scale = math.sqrt(float(v.mean(dtype=torch.float64)) / r)
+    scale = math.sqrt(mean64(v) / r)
     h = torch.randn(r, n, generator=gen).abs_().mul_(scale)
     w = torch.randn(m, r, generator=gen).abs_().mul_(scale)
     return w.to(v.device), h.to(v.device)
@@ -167,10 +184,14 @@ def initial_factors(
     for v, r, i, j in zip(mats, ranks, indices, exponents, strict=True):
         if not isinstance(init, str):
             w0, h0 = check_init_pair(init[i], i, v.shape[0], v.shape[1], r)
+            # Detached copies: the solve is not differentiable, and the user's pair is
+            # never written.
             pair = tuple(
-                t.to(v.device, torch.float32).mul(2.0**-j).contiguous()
+                t.detach().to(v.device, torch.float32).mul(2.0**-j).contiguous()
                 if j
-                else t.to(v.device, torch.float32).clone(memory_format=torch.contiguous_format)
+                else t.detach()
+                .to(v.device, torch.float32)
+                .clone(memory_format=torch.contiguous_format)
                 for t in (w0, h0)
             )
         elif init == "random":

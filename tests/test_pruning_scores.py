@@ -162,3 +162,28 @@ def test_magnitude_and_random_scores():
     r0, r1 = random_scores(model, seed=7), random_scores(model, seed=7)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert r0["0.weight"].shape == (5, 4) and float(r0["0.weight"].min()) >= 0
+
+
+class _TokenModel(nn.Module):
+    """A language-model-shaped net: its first layer takes token ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+@pytest.mark.parametrize("how", ["data", "input_shape"])
+def test_synflow_on_token_ids_says_it_feeds_an_all_ones_float_input(how):
+    model = _TokenModel()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 20, (4, 6))
+    kwargs = {"data": (ids, torch.zeros(4, dtype=torch.int64))} if how == "data" else {}
+    with pytest.raises(ValueError, match="synflow feeds the model an all-ones") as err:
+        prune(model, "synflow", 0.5, iterations=2, input_shape=(6,) if how != "data" else None,
+              **kwargs)  # fmt: skip
+    assert "token ids" in str(err.value)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # untouched

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 
 import torch
@@ -23,11 +24,22 @@ from safetensors.torch import save_file
 
 from ong_kernels._bitmask import pack_mask, unpack_mask
 
-__all__ = ["load_masks", "save_masks"]
+__all__ = ["load_masks", "save_masks", "write_mask_file"]
 
 FORMAT = "ong_kernels.masks"
 VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; a mask file gets the usual 0666 & ~umask (read once, at import:
+# os.umask can only be read by setting it).
+_FILE_MODE = 0o666 & ~_read_umask()
 _V1_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -67,43 +79,118 @@ def save_masks(path: str | os.PathLike, masks) -> None:
         # Row-major (contiguous) order: the file does not depend on the mask's strides.
         tensors[name] = pack_mask(mask.detach().to("cpu").contiguous())
         shapes[name] = list(mask.shape)
+    write_mask_file(path, tensors, shapes)
+
+
+def write_mask_file(path, packed: Mapping[str, torch.Tensor], shapes: Mapping[str, list]) -> None:
+    """Write packed masks (name -> uint8 bytes of ``pack_mask``) and their shapes as a masks
+    file: into a temporary file in the target folder, renamed over ``path`` once complete, so
+    a failure never leaves a half-written file nor touches an existing one. OSError names
+    ``path`` when the folder is missing or not writable, or ``path`` is a folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; give the masks file's name")
+    folder = os.path.dirname(os.path.abspath(path))
     metadata = {
         "format": FORMAT,
         "version": VERSION,
         "bit_order": "little",
-        "shapes": json.dumps(shapes),
+        "shapes": json.dumps({name: list(shape) for name, shape in shapes.items()}),
     }
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise OSError(
+            err.errno, f"{path!r}: cannot write into {folder!r} ({err.strerror})"
+        ) from err
+    try:
+        os.close(fd)
+        save_file(dict(packed), tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave the temporary file behind.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _damaged(path: str, what: str) -> ValueError:
+    return ValueError(f"{path!r}: damaged masks file: {what}")
+
+
+def _read_shapes(path: str, metadata: Mapping[str, str], names) -> dict[str, tuple[int, ...]]:
+    """The metadata's shapes, every one checked: a dict of name -> list of ints >= 0 that
+    names exactly the stored tensors."""
+    if "shapes" not in metadata:
+        raise _damaged(path, "no 'shapes' in its metadata")
+    try:
+        shapes = json.loads(metadata["shapes"])
+    except json.JSONDecodeError as err:
+        raise _damaged(path, f"its 'shapes' metadata is not valid JSON ({err})") from None
+    if not isinstance(shapes, dict):
+        raise _damaged(path, f"its 'shapes' metadata is a {type(shapes).__name__}, not a dict")
+    for name, shape in shapes.items():
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise _damaged(path, f"mask {name!r} has shape {shape!r}, not a list of ints >= 0")
+    if set(shapes) != set(names):
+        missing, extra = sorted(set(names) - set(shapes)), sorted(set(shapes) - set(names))
+        raise _damaged(
+            path,
+            "the mask names and the stored shapes differ "
+            f"(no shape for {missing or 'none'}; no mask for {extra or 'none'})",
+        )
+    return {name: tuple(shape) for name, shape in shapes.items()}
 
 
 def load_masks(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Read masks written by :func:`save_masks`: name -> bool tensor on `device`."""
-    with safe_open(os.fspath(path), framework="pt") as f:
+    """Read masks written by :func:`save_masks`: name -> bool tensor on `device`.
+
+    A path that is missing or a folder raises OSError, a file that is not a masks file or is
+    damaged a ValueError; each names the file and what is wrong.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder, not a masks file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r}: no such masks file")
+    try:
+        f = safe_open(path, framework="pt")
+    except Exception as err:  # safetensors' own error type for a bad header
+        raise ValueError(f"{path!r} is not a safetensors file ({err})") from None
+    with f:
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT:
-            raise ValueError(
-                f"{os.fspath(path)!r} is not an ong_kernels masks file (no format tag)"
-            )
+            raise ValueError(f"{path!r} is not an ong_kernels masks file (no format tag)")
         version = metadata.get("version")
         if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{os.fspath(path)!r} has masks format version {version!r}; this version of "
+                f"{path!r} has masks format version {version!r}; this version of "
                 f"ong_kernels reads {', '.join(READABLE_VERSIONS)}"
             )
-        shapes = json.loads(metadata["shapes"])  # in the order the masks were given
-        if set(shapes) != set(f.keys()):
-            raise ValueError(f"{os.fspath(path)!r}: the mask names and the stored shapes differ")
+        shapes = _read_shapes(path, metadata, f.keys())  # in the order the masks were given
         out = {}
-        for name in shapes:
-            shape = tuple(shapes[name])
+        for name, shape in shapes.items():
             packed = f.get_tensor(name)
             numel = _numel(shape)
-            if packed.dtype != torch.uint8 or packed.numel() != (numel + 7) // 8:
-                raise ValueError(
-                    f"{os.fspath(path)!r}: mask {name!r} has {packed.numel()} bytes, "
-                    f"expected {(numel + 7) // 8} for shape {shape}"
+            if packed.dtype != torch.uint8 or packed.dim() != 1:
+                raise _damaged(
+                    path,
+                    f"mask {name!r} is stored as {packed.dtype} of shape {list(packed.shape)}, "
+                    "expected flat uint8 bytes",
+                )
+            if packed.numel() != (numel + 7) // 8:
+                raise _damaged(
+                    path,
+                    f"mask {name!r} has {packed.numel()} bytes, expected {(numel + 7) // 8} "
+                    f"for shape {shape}",
                 )
             if version == "1":
                 mask = _unpack_v1(packed, shape)

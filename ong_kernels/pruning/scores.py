@@ -221,11 +221,32 @@ def _synflow_setup(data, input_shape, dtype, iterations) -> tuple[int, ...]:
         inputs, _ = next(_data.iter_batches(data))
         if not isinstance(inputs, torch.Tensor):
             raise TypeError("synflow reads input_shape from tensor inputs; pass input_shape=")
+        if not inputs.is_floating_point():
+            raise ValueError(
+                f"synflow feeds the model an all-ones float input, but data's inputs are "
+                f"{inputs.dtype} (token ids?): it cannot score a model whose first layer "
+                "takes integer inputs (e.g. nn.Embedding); use another method"
+            )
         input_shape = tuple(inputs.shape[1:])
     input_shape = check_positive_ints(input_shape, "input_shape")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
     return tuple(input_shape)
+
+
+def _synflow_forward(model: nn.Module, ones: torch.Tensor) -> torch.Tensor:
+    """sum(model(ones)); a model that cannot take the all-ones float input says why."""
+    try:
+        return _data.forward(model, ones).sum()
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"synflow feeds the model an all-ones {ones.dtype} input of shape "
+            f"{tuple(ones.shape)}, and the model failed on it ({first}); a model whose first "
+            "layer takes token ids (e.g. nn.Embedding) cannot be scored by synflow"
+        ) from err
 
 
 def _synflow(
@@ -260,7 +281,7 @@ def _synflow(
             for p, w, m in zip(params, magnitudes, masks, strict=True):
                 p.copy_(torch.where(m, w, 0))
         with torch.enable_grad():
-            r = _data.forward(clone, ones).sum()
+            r = _synflow_forward(clone, ones)
             grads = _grads(r, params)
         # Weights pruned in earlier rounds get -inf so that the masks stay nested even where
         # a surviving weight also scores 0 (ties would otherwise be broken by position).

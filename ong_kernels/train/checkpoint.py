@@ -31,7 +31,9 @@ __all__ = [
     "CheckpointError",
     "RunFolderError",
     "atomic_write",
+    "check_writable_folder",
     "load_checkpoint",
+    "read_json_object",
     "save_checkpoint",
     "write_csv",
     "write_json",
@@ -89,9 +91,42 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
         raise
 
 
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """RunFolderError unless ``folder`` exists as a folder, or can be created, and this
+    process can create files in it (probed with a temporary file in the nearest existing
+    folder, removed at once): checked before any work, so a run does not fail at its end."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunFolderError(f"{folder}: cannot be created, {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=existing)
+    except OSError as err:
+        where = "" if existing == folder else f" (in {existing})"
+        raise RunFolderError(f"{folder}: cannot write{where} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     atomic_write(path, lambda f: f.write(data))
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A run-folder JSON file that must hold an object (config.json, results.json);
+    CheckpointError naming the file when it is unreadable, not JSON, or not an object."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot be read as JSON ({err})") from None
+    if not isinstance(value, dict):
+        found = "null" if value is None else type(value).__name__
+        raise CheckpointError(f"{path}: expected a JSON object, found {found}")
+    return value
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunFolderError
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunFolderError, read_json_object
 from .config import METHODS, PRESET_SPARSITIES, PRESETS, Option, TrainConfig, option_of, preset
 from .data import DatasetError
 from .report import format_table
@@ -251,6 +251,17 @@ def result_row(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _saved_run_config(path: Path) -> dict[str, Any]:
+    """The config.json of a run to resume, checked on its own (before the options given
+    are applied): a damaged file is a bad run file (exit 1), named, not a usage error."""
+    values = read_json_object(path)
+    try:
+        TrainConfig.from_dict(values)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a valid run config ({err})") from None
+    return values
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``ong-train``: one training run; prints the final table. Returns an exit code."""
     parser = build_train_parser()
@@ -285,7 +296,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                 raise CheckpointError(f"{run_dir}: no run to resume (no config.json)")
             if "preset" in given:
                 raise ValueError("--preset cannot be combined with --resume")
-            values = {**json.loads(saved.read_text()), **given}
+            values = {**_saved_run_config(saved), **given}
         else:
             values = _base_config(given)
         name = TrainConfig.from_dict({**values, "run_dir": None}).run_name()
@@ -331,7 +342,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         except ChangedRunsError as err:
             raise _UsageError(str(err)) from err
         print(summary.markdown)
-        print(f"\nwritten: {summary.markdown_path}, {summary.plot_path}")
+        written = [p for p in (summary.markdown_path, summary.plot_path) if p is not None]
+        print(f"\nwritten: {', '.join(map(str, written))}")
         return 0
 
     return _run_safely("ong-sweep", run, lambda: f"; re-run the same command to continue {out_dir}")

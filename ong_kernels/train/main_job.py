@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from .checkpoint import CheckpointError, RunFolderError, atomic_write, check_writable_folder
 from .config import TrainConfig
 from .data import DatasetError, load_dataset
 from .distributed import resolve_device
@@ -172,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out_dir = Path(args.out_dir or f"runs/main-job-{datetime.now():%Y%m%d-%H%M%S}")
     try:
+        check_writable_folder(out_dir)  # before the data is loaded: nothing is lost later
+    except RunFolderError as err:
+        print(f"main_job: error: {err}", file=sys.stderr)
+        return 1
+    try:
         # Loaded here for the counts it prints; in-process runs (workers=1) reuse it.
         dataset = load_dataset(base.dataset, base.data_dir)
     except DatasetError as err:
@@ -209,18 +215,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as err:  # bad sparsities/methods, changed run folders
         print(f"main_job: error: {err}", file=sys.stderr)
         return 2
-    except DatasetError as err:
+    except (DatasetError, CheckpointError, RunFolderError) as err:
         print(f"main_job: error: {err}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - start
     table = format_table([table_row(r) for r in summary.runs], COLUMNS)
     heading = f"ResNet-20 on Fashion-MNIST ({train}, {args.epochs} epochs; {test}):"
-    print(f"\n{heading}\n\n{table}")
+    print(f"\n{heading}\n\n{table}\n\n{summary.coverage}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "main_job.md").write_text(f"{heading}\n\n{table}\n\nwall time: {wall:.0f} s\n")
+    text = f"{heading}\n\n{table}\n\n{summary.coverage}\n\nwall time: {wall:.0f} s\n"
+    atomic_write(out_dir / "main_job.md", lambda f: f.write(text.encode()))
+    plot = f", plot in {summary.plot_path}" if summary.plot_path else " (no plot: see above)"
     print(
-        f"\nwall time: {wall:.0f} s (budget {BUDGET_S} s); table in {out_dir / 'main_job.md'}, "
-        f"plot in {summary.plot_path}"
+        f"\nwall time: {wall:.0f} s (budget {BUDGET_S} s); table in {out_dir / 'main_job.md'}{plot}"
     )
     return 0
 

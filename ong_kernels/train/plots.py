@@ -13,7 +13,20 @@ from typing import Any
 
 from .checkpoint import atomic_write
 
-__all__ = ["history_figures", "plot_history", "plot_sweep", "sweep_figure"]
+__all__ = ["history_figures", "missing_matplotlib", "plot_history", "plot_sweep", "sweep_figure"]
+
+_NEEDS = "plots need matplotlib: pip install 'ong_kernels[train]'"
+
+
+def missing_matplotlib() -> str | None:
+    """None when the plots can be drawn, else a line saying how to get them."""
+    try:
+        import matplotlib.backends.backend_agg
+        import matplotlib.figure
+        import matplotlib.ticker  # noqa: F401
+    except ImportError:
+        return _NEEDS
+    return None
 
 
 def _figure():
@@ -21,7 +34,7 @@ def _figure():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("plots need matplotlib: pip install 'ong_kernels[train]'") from err
+        raise ImportError(_NEEDS) from err
 
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     FigureCanvasAgg(fig)

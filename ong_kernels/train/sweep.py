@@ -6,6 +6,12 @@ sweep continues it. The summary (``results.md``, ``summary.json``,
 ``accuracy_vs_sparsity.png``) reports the mean +- sample standard deviation over seeds of
 the final test accuracy (the last epoch's, not the best: picking the best epoch on the
 test set would be selecting on it).
+
+The summary of an out-dir covers every finished run in it made with the sweep's settings
+(method, sparsity and seed aside), so a smaller sweep into the same folder extends the
+table instead of replacing it; finished runs made with other settings are listed, not
+averaged in, and an earlier summary that covered runs the new one does not is kept beside
+it (``results.<k>.md``, ``summary.<k>.json``, ``accuracy_vs_sparsity.<k>.png``).
 """
 
 from __future__ import annotations
@@ -23,9 +29,17 @@ from typing import Any
 import torch
 
 from . import distributed as D
-from .checkpoint import CHECKPOINT_NAME, atomic_write, write_json
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    atomic_write,
+    check_writable_folder,
+    read_json_object,
+    write_json,
+)
 from .config import METHODS, TrainConfig, config_differences, describe_differences
 from .data import ImageDataset, load_dataset
+from .plots import missing_matplotlib
 from .report import format_table, mean_std
 from .trainer import Trainer
 
@@ -58,11 +72,12 @@ SUMMARY_COLUMNS = [
 @dataclass
 class SweepSummary:
     rows: list[dict[str, Any]]  # one per (method, sparsity), numbers
-    runs: list[dict[str, Any]]  # every run's results.json
+    runs: list[dict[str, Any]]  # results.json of every run in the table (this sweep's first)
     markdown: str
     markdown_path: Path | None
-    plot_path: Path | None
+    plot_path: Path | None  # None when not drawn (no matplotlib)
     wall_time_s: float
+    coverage: str = ""  # which finished runs of the out-dir the table covers, in words
 
 
 def plan_runs(
@@ -183,7 +198,79 @@ def _train_in_worker(config: dict[str, Any], resume: bool, threads: int) -> dict
 
 def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(path) if path.is_file() else None
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    """The run's results.json when it says the run is complete, else None."""
+    done = run_dir / "results.json"
+    if not done.is_file():
+        return None
+    results = read_json_object(done)
+    return results if results.get("complete") else None
+
+
+def _same_settings(base: TrainConfig, saved: Any) -> dict[str, tuple[Any, Any]]:
+    """How a finished run's config differs from ``base`` with its method, sparsity and seed
+    (empty: it belongs in the sweep's table)."""
+    try:
+        own = base.replace(method=saved["method"], sparsity=saved["sparsity"], seed=saved["seed"])
+        return config_differences(saved, own.to_dict())
+    except (KeyError, TypeError, ValueError) as err:
+        return {"config": (f"unreadable ({err})", "")}
+
+
+def _earlier_runs(out_dir: Path, base: TrainConfig, planned: set[Path]):
+    """Finished runs in ``out_dir`` outside this sweep's plan: (those made with the sweep's
+    settings, [(folder, differences or why unreadable)] of the others)."""
+    same, other = [], []
+    for run_dir in sorted(p for p in out_dir.iterdir() if p.is_dir()):
+        if run_dir.resolve() in planned:
+            continue
+        try:
+            results = _finished(run_dir)
+        except CheckpointError as err:
+            other.append((run_dir, str(err)))
+            continue
+        if results is None:
+            continue
+        diff = _same_settings(base, results.get("config"))
+        if diff:
+            other.append((run_dir, describe_differences(diff)))
+        else:
+            same.append(results)
+    return same, other
+
+
+def _set_aside_summary(out_dir: Path, covered: set[Path], say) -> None:
+    """Keep an earlier summary that covered runs the new one does not, as results.<k>.md,
+    summary.<k>.json and accuracy_vs_sparsity.<k>.png (k: the first free number)."""
+    names = ("results.md", "summary.json", "accuracy_vs_sparsity.png")
+    old = out_dir / "summary.json"
+    if not old.is_file():
+        return
+    try:
+        dropped = [
+            r["run_dir"]
+            for r in read_json_object(old)["runs"]
+            if Path(r["run_dir"]).resolve() not in covered
+        ]
+    except (CheckpointError, KeyError, TypeError) as err:
+        dropped = [f"(unreadable: {err})"]
+    if not dropped:
+        return
+    k = 1
+    while any((out_dir / f"{Path(n).stem}.{k}{Path(n).suffix}").exists() for n in names):
+        k += 1
+    kept = []
+    for n in names:
+        if (out_dir / n).is_file():
+            (out_dir / n).replace(out_dir / f"{Path(n).stem}.{k}{Path(n).suffix}")
+            kept.append(f"{Path(n).stem}.{k}{Path(n).suffix}")
+    say(
+        f"the earlier summary in {out_dir} covered {len(dropped)} run(s) this one does not "
+        f"(e.g. {dropped[0]}); kept as {', '.join(kept)}"
+    )
 
 
 def _digest(cfg: TrainConfig) -> str:
@@ -279,18 +366,24 @@ def run_sweep(
             + "\nre-run with --rerun-changed to train these settings into new folders "
             "(<run name>-<config digest>), or choose another --out-dir"
         )
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_writable_folder(out_dir)  # before any training: the summary goes there
     start = time.perf_counter()
     ctx = D.setup(base.device)
     say = log if (log is not None and ctx.is_main) else (lambda msg: None)
+    no_plot = missing_matplotlib()
+    if no_plot:  # said before training, so a long sweep holds no surprise at its end
+        say(f"{no_plot}; the tables are written, accuracy_vs_sparsity.png is not")
     runs: list[dict[str, Any] | None] = [None] * len(configs)
     todo = []
     try:
         for i, (cfg, _) in enumerate(placed):
             run_dir = Path(cfg.run_dir)
-            done = run_dir / "results.json"
-            if done.is_file() and json.loads(done.read_text()).get("complete"):
+            finished = _finished(run_dir)
+            if finished is not None:
+                done = run_dir / "results.json"
                 say(f"[{i + 1}/{len(configs)}] {cfg.run_name()}: finished earlier, reusing {done}")
-                runs[i] = json.loads(done.read_text())
+                runs[i] = finished
                 continue
             resume = (run_dir / CHECKPOINT_NAME).is_file()
             say(f"[{i + 1}/{len(configs)}] {cfg.run_name()}{' (resuming)' if resume else ''}")
@@ -324,9 +417,17 @@ def run_sweep(
     finally:
         D.teardown(ctx)
 
-    rows = summarize(runs)
+    planned = {Path(cfg.run_dir).resolve() for cfg, _ in placed}
+    earlier, other = _earlier_runs(out_dir, base, planned) if out_dir.is_dir() else ([], [])
+    table_runs = [*runs, *earlier]
+    rows = summarize(table_runs)
     table = format_table([_display(r) for r in rows], SUMMARY_COLUMNS)
-    header = f"Setup: {_describe(base)}; mean ± std over seeds {', '.join(map(str, seeds))}."
+    all_seeds = sorted({r["config"]["seed"] for r in table_runs})
+    coverage = _coverage(out_dir, len(runs), earlier, other)
+    header = (
+        f"Setup: {_describe(base)}; mean ± std over seeds {', '.join(map(str, all_seeds))}.\n\n"
+        f"{coverage}"
+    )
     if command:
         header = f"Command: `{shlex.join(command)}`\n\n{header}"
     markdown = f"{header}\n\n{table}\n"
@@ -334,7 +435,10 @@ def run_sweep(
     md_path = plot_path = None
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        md_path, plot_path = out_dir / "results.md", out_dir / "accuracy_vs_sparsity.png"
+        _set_aside_summary(
+            out_dir, {Path(r["config"]["run_dir"]).resolve() for r in table_runs}, say
+        )
+        md_path = out_dir / "results.md"
         atomic_write(md_path, lambda f: f.write(markdown.encode()))
         write_json(
             out_dir / "summary.json",
@@ -342,10 +446,27 @@ def run_sweep(
                 "setup": _describe(base),
                 "command": list(command or []),
                 "rows": rows,
-                "runs": [_run_entry(r) for r in runs],
+                "runs": [_run_entry(r) for r in table_runs],
+                "other_settings": [str(folder) for folder, _ in other],
             },
         )
-        from .plots import plot_sweep
+        if no_plot:
+            say(f"{no_plot}; accuracy_vs_sparsity.png not drawn")
+        else:
+            from .plots import plot_sweep
 
-        plot_sweep(rows, plot_path, title=f"{base.model} on {base.dataset}, {len(seeds)} seed(s)")
-    return SweepSummary(rows, runs, markdown, md_path, plot_path, wall)
+            plot_path = out_dir / "accuracy_vs_sparsity.png"
+            title = f"{base.model} on {base.dataset}, {len(all_seeds)} seed(s)"
+            plot_sweep(rows, plot_path, title=title)
+    return SweepSummary(rows, table_runs, markdown, md_path, plot_path, wall, coverage)
+
+
+def _coverage(out_dir: Path, mine: int, earlier: list, other: list) -> str:
+    """Which finished runs of ``out_dir`` the table covers, in one or two sentences."""
+    text = f"The table covers every finished run in {out_dir} made with these settings: "
+    text += f"{mine} of this sweep" + (f", {len(earlier)} of earlier sweeps." if earlier else ".")
+    if other:
+        shown = "; ".join(f"{folder.name} ({why})" for folder, why in other[:3])
+        more = f"; and {len(other) - 3} more" if len(other) > 3 else ""
+        text += f" Not in it, made with other settings: {shown}{more}."
+    return text

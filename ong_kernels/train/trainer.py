@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +46,9 @@ from .checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     RunFolderError,
+    check_writable_folder,
     load_checkpoint,
+    read_json_object,
     remove_stale_temp_files,
     save_checkpoint,
     write_csv,
@@ -58,6 +60,11 @@ from .models import build_model
 from .schedule import make_scheduler
 
 __all__ = ["Callback", "SparsityError", "StopTraining", "Trainer"]
+
+# A run folder holding one of these holds a run a new one must not write over. Not
+# metrics.csv nor config.json: without a checkpoint they are a run killed in its first epoch
+# (metrics.csv is written just before the checkpoint), which running again may replace.
+_RUN_FILES = (CHECKPOINT_NAME, "results.json")
 
 
 def _tqdm(show: bool):
@@ -152,14 +159,22 @@ class Trainer:
         self.run_dir = Path(config.run_dir) if config.run_dir is not None else None
         if self.run_dir is not None and self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"run_dir: {self.run_dir} exists and is not a folder")
+        if self.run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+            check_writable_folder(self.run_dir)  # only rank 0 writes
         checkpoint_path = self.run_dir / CHECKPOINT_NAME if self.run_dir else None
         if resume and checkpoint_path is None:
             raise ValueError("resume: needs config.run_dir (the folder of the run to continue)")
-        if not resume and checkpoint_path is not None and checkpoint_path.exists():
-            raise ValueError(
-                f"run_dir: {self.run_dir} already holds a run ({CHECKPOINT_NAME}); pass "
-                "--resume to continue it, or choose another --run-dir"
-            )
+        if not resume and self.run_dir is not None:
+            held = [n for n in _RUN_FILES if (self.run_dir / n).exists()]
+            if held:
+                advice = (
+                    "pass --resume to continue it, or choose another --run-dir"
+                    if CHECKPOINT_NAME in held
+                    else "its checkpoint is gone, so it cannot be resumed: choose another --run-dir"
+                )
+                raise ValueError(
+                    f"run_dir: {self.run_dir} already holds a run ({', '.join(held)}); {advice}"
+                )
         self.config = config
         self.callbacks = list(callbacks)
         self._resume_state = load_checkpoint(checkpoint_path) if resume else None
@@ -209,6 +224,14 @@ class Trainer:
             )
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        # Bars only on a terminal: in a log file tqdm's \r redraws pile up as fragments.
+        self.show_bars = cfg.progress and self.ctx.is_main and sys.stderr.isatty()
+        if self.show_bars:
+            try:
+                import tqdm  # noqa: F401  (the [train] extra)
+            except ImportError:
+                self.show_bars = False  # said now, before the pruning and training
+                self._log("progress bars need tqdm: pip install 'ong_kernels[train]'; no bars")
 
     def setup(self) -> None:
         """Load data, build and prune the model, create optimizer and scheduler (idempotent).
@@ -480,8 +503,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
         start = time.perf_counter()
         order = torch.randperm(len(data.train_y), generator=self.generator, device=self.device)
-        # Bars only on a terminal: in a log file tqdm's \r redraws pile up as fragments.
-        show = cfg.progress and ctx.is_main and sys.stderr.isatty()
+        show = self.show_bars
         bar = _tqdm(show)(
             range(self.steps_per_epoch),
             desc=f"epoch {epoch}/{cfg.epochs}",
@@ -636,19 +658,26 @@ class Trainer:
         results = self.results(complete=True)
         if ctx.is_main and self.run_dir is not None:
             write_json(self.run_dir / "results.json", results)
-            from .plots import plot_history
-
-            what = (
-                "dense" if cfg.method == "dense" else f"{cfg.method} at {cfg.sparsity:.0%} sparsity"
-            )
-            plot_history(
-                self.history,
-                self.run_dir / "loss.png",
-                self.run_dir / "accuracy.png",
-                lr_path=self.run_dir / "lr.png",
-                title=f"{cfg.model} on {cfg.dataset}, {what} (seed {cfg.seed})",
-            )
+            self._plot()
         return results
+
+    def _plot(self) -> None:
+        """loss.png, accuracy.png and lr.png; without matplotlib, one line saying so."""
+        from .plots import missing_matplotlib, plot_history
+
+        no_plot = missing_matplotlib()
+        if no_plot:
+            self._log(f"{no_plot}; loss.png, accuracy.png and lr.png not drawn")
+            return
+        cfg = self.config
+        what = "dense" if cfg.method == "dense" else f"{cfg.method} at {cfg.sparsity:.0%} sparsity"
+        plot_history(
+            self.history,
+            self.run_dir / "loss.png",
+            self.run_dir / "accuracy.png",
+            lr_path=self.run_dir / "lr.png",
+            title=f"{cfg.model} on {cfg.dataset}, {what} (seed {cfg.seed})",
+        )
 
     def _set_aside_stale_results(self) -> None:
         """A finished run extended with more epochs is no longer finished: its results.json
@@ -656,7 +685,7 @@ class Trainer:
         done = self.run_dir / "results.json"
         if self._epochs_change is None or not done.is_file():
             return
-        epochs = json.loads(done.read_text())["epochs_completed"]
+        epochs = read_json_object(done).get("epochs_completed", 0)
         if epochs < self.config.epochs:
             done.replace(done.with_name(f"results-{epochs}-epochs.json"))
 

@@ -1,0 +1,121 @@
+"""NNDSVD starts from a seeded randomized SVD (issue 16): accuracy against the exact SVD on a
+known spectrum, determinism, independence of the batch, and scikit-learn's structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ong_kernels import nmf_batched
+from ong_kernels.nmf_init import (
+    NNDSVD_EPS,
+    initial_factors,
+    nndsvd_start,
+    randomized_svd,
+    use_exact_svd,
+)
+
+
+def _known_spectrum(m: int, n: int, decay: float, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = decay ** torch.arange(k, dtype=torch.float64)
+    return (u * s) @ v.T, s
+
+
+@pytest.mark.parametrize(("m", "n"), [(300, 120), (120, 300)])
+def test_randomized_svd_recovers_leading_triplets(m, n):
+    a, s_true = _known_spectrum(m, n, decay=0.8)
+    r = 8
+    u, s, vh = randomized_svd(a.float(), r, seed=3)
+    assert u.shape == (m, r) and s.shape == (r,) and vh.shape == (r, n)
+    torch.testing.assert_close(s.double(), s_true[:r], rtol=1e-4, atol=1e-6)
+    # Subspaces: the projection of the exact singular vectors onto ours is the identity.
+    ue, _, vhe = torch.linalg.svd(a, full_matrices=False)
+    overlap_u = (ue[:, :r].T @ u.double()).abs()
+    overlap_v = (vhe[:r] @ vh.double().T).abs()
+    assert float((overlap_u.diagonal() - 1).abs().max()) < 1e-3
+    assert float((overlap_v.diagonal() - 1).abs().max()) < 1e-3
+
+
+def test_randomized_svd_is_deterministic_for_a_seed():
+    a = torch.rand(200, 150)
+    first = randomized_svd(a, 6, seed=11)
+    again = randomized_svd(a, 6, seed=11)
+    other = randomized_svd(a, 6, seed=12)
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_exact_svd_rule():
+    assert use_exact_svd(64, 4096, 2)  # small side
+    assert use_exact_svd(512, 4608, 128)  # ResNet-18 at rank 0.25: the sketch is a quarter
+    assert not use_exact_svd(4096, 11008, 16)
+    assert not use_exact_svd(768, 3072, 16)
+
+
+def test_start_of_a_matrix_is_the_same_alone_and_in_any_batch():
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(160, 130, generator=g)
+    others = [torch.rand(160, 130, generator=g).half(), torch.rand(30, 20, generator=g)]
+    ((w, h),) = initial_factors([a], [6], "nndsvda", seed=9)
+    batch = initial_factors([others[0], a, others[1]], [6, 6, 6], "nndsvda", seed=[1, 9, 2])
+    assert torch.equal(w, batch[1][0]) and torch.equal(h, batch[1][1])
+
+
+@pytest.mark.parametrize("init", ["nndsvd", "nndsvda"])
+@pytest.mark.parametrize("shape", [(33, 21), (150, 140)])  # exact SVD / randomized SVD
+def test_nndsvd_has_scikit_learns_structure(init, shape):
+    from sklearn.decomposition._nmf import _initialize_nmf
+
+    # Five well-separated singular values: their vectors are determined (a flat spectrum's are
+    # not, and two sketches then pick different bases of the same subspace).
+    g = torch.Generator().manual_seed(0)
+    m, n = shape
+    scales = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    v = (torch.rand(m, 5, generator=g, dtype=torch.float64) * scales) @ torch.rand(
+        5, n, generator=g, dtype=torch.float64
+    ) + 0.01 * torch.rand(m, n, generator=g, dtype=torch.float64)
+    r = 5
+    ((w, h),) = initial_factors([v.float()], [r], init, seed=0)
+    w_ref, h_ref = _initialize_nmf(v.numpy(), r, init=init, random_state=0)
+    w_ref, h_ref = torch.from_numpy(w_ref).float(), torch.from_numpy(h_ref).float()
+    # The first pair is the leading singular pair in both (exactly determined).
+    torch.testing.assert_close(w[:, 0], w_ref[:, 0], rtol=2e-3, atol=2e-4)
+    torch.testing.assert_close(h[0], h_ref[0], rtol=2e-3, atol=2e-4)
+    # The reconstruction of the start agrees; the fill rule: nndsvda has no zeros (the mean
+    # fills them), nndsvd has zeros (where the entry fell below 1e-6), never a negative.
+    torch.testing.assert_close(w @ h, w_ref @ h_ref, rtol=5e-2, atol=5e-3)
+    assert bool((w >= 0).all() and (h >= 0).all())
+    if init == "nndsvda":
+        assert int((w == 0).sum() + (h == 0).sum()) == 0
+        mean = float(v.float().mean())
+        assert bool(torch.isclose(w[w_ref == float(np.float32(v.numpy().mean()))],
+                                  torch.tensor(mean)).all())  # fmt: skip
+    else:
+        assert bool(((w == 0) == (w_ref < NNDSVD_EPS)).float().mean() > 0.9)
+
+
+def test_exact_rule_gives_the_exact_svd_start():
+    v = torch.rand(40, 60)
+    w, h = nndsvd_start(v, 5, seed=0, fill_average=True)
+    u, s, vh = torch.linalg.svd(v, full_matrices=False)
+    root = s[0].sqrt()
+    torch.testing.assert_close(w[:, 0], root * u[:, 0].abs(), rtol=0, atol=0)
+    torch.testing.assert_close(h[0], root * vh[0].abs(), rtol=0, atol=0)
+
+
+def test_solve_from_randomized_start_fits_like_the_exact_start(monkeypatch):
+    from ong_kernels import nmf_init
+
+    v = torch.rand(400, 300) ** 3
+    assert not use_exact_svd(400, 300, 16)
+    ((w, h),) = nmf_batched([v], 16, max_iter=200, tol=0, init="nndsvda")
+    monkeypatch.setattr(nmf_init, "use_exact_svd", lambda m, n, r: True)
+    ((we, he),) = nmf_batched([v], 16, max_iter=200, tol=0, init="nndsvda")
+    err = float((v - w @ h).norm())
+    exact = float((v - we @ he).norm())
+    assert abs(err - exact) / exact < 1e-3, (err, exact)

@@ -1,0 +1,54 @@
+"""Each NMF kernel's declared workspace against the peak it really allocates (issue 16).
+
+The planner sizes memory_budget groups with nmf_groups.group_bytes, whose kernel part is the
+workspace model each backend registers. Measured here as the growth of peak RSS over a solve
+in a fresh process (V and the warm-up allocated before the baseline), against the model's
+bytes beyond V (which the process already holds): within +-25%.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ong_kernels import backends_available
+
+SCRIPT = """
+import resource, sys, torch
+from ong_kernels import nmf_batched
+from ong_kernels.nmf_groups import solve_bytes
+backend, dtype, init = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[6]
+m, n, r = map(int, sys.argv[3:6])
+torch.set_num_threads(2)
+nmf_batched([torch.rand(8, 9)], 2, max_iter=20, backend=backend, init=init)  # warm-up
+v = torch.rand(m, n, dtype=dtype)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+before = rss()
+assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 <= before * 1.02 + (4 << 20)
+nmf_batched([v], r, max_iter=20, tol=1e-4, backend=backend, init=init)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = solve_bytes([(m, n, r, dtype)], backend, "cpu", init) - v.numel() * v.element_size()
+print("GROWTH", peak - before, "MODEL", model)
+"""
+
+CASES = [
+    ("cpu", "float16", 1536, 4096, 16, "random"),  # the float32 copy of V dominates
+    ("cpu", "bfloat16", 1536, 4096, 16, "nndsvda"),  # the start's float32 copy
+    ("reference", "float32", 1024, 2048, 16, "random"),  # stacked V and the float64 check
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[5]}")
+def test_declared_workspace_matches_measured_peak(case):
+    if not backends_available("nmf_mu")[case[0]]:
+        pytest.skip(f"the {case[0]} kernel is not built")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, case)], capture_output=True,
+                          text=True, check=False, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    growth, model = int(words[words.index("GROWTH") + 1]), int(words[words.index("MODEL") + 1])
+    assert 0.75 * model <= growth <= 1.25 * model, f"measured {growth} B, model {model} B"
