@@ -69,7 +69,9 @@ def _method_kwargs(method: str, context: dict, method_kwargs: dict) -> dict:
     return kwargs
 
 
-def _compute_masks(model, targets, method, sparsity, scope, min_density, context, kwargs):
+def _compute_masks(
+    model, targets, method, sparsity, scope, min_density, context, kwargs, agreement=True
+):
     check_floors([t.numel() for _, t in targets], sparsity, scope, min_density)
     names = [n for n, _ in targets]
 
@@ -82,8 +84,9 @@ def _compute_masks(model, targets, method, sparsity, scope, min_density, context
         return alloc(scores, sparsity), None
     masks = alloc(scores.scores, sparsity)
     # ONG with restarts > 1: how far each restart alone is from the consensus mask.
-    agreement = None if scores.agreement is None else scores.agreement(masks)
-    return masks, agreement
+    if not agreement or scores.agreement is None:
+        return masks, None
+    return masks, scores.agreement(masks)
 
 
 def prune(
@@ -203,7 +206,7 @@ def ong_masks(
     for name, t in targets:
         check_tensor(t, name)
     masks, _ = _compute_masks(
-        model, targets, "ong", sparsity, scope, min_density, {"seed": seed}, kwargs
+        model, targets, "ong", sparsity, scope, min_density, {"seed": seed}, kwargs, False
     )
     return {n: m for (n, _), m in zip(targets, masks, strict=True)}
 
