@@ -7,6 +7,7 @@ of benchmarks/RESULTS.md (issue 16 section):
     .venv/bin/python -m benchmarks.bench_e2e prune      # prune(model, "ong") vs its solve
     .venv/bin/python -m benchmarks.bench_e2e crossover  # exact vs randomized SVD (the rule)
     .venv/bin/python -m benchmarks.bench_e2e quality    # masks: randomized vs exact start
+    .venv/bin/python -m benchmarks.bench_e2e defaults   # masks: default start vs LAPACK's
 
 Every time is the minimum of --repeats runs (the machine is shared: the minimum is the least
 disturbed). Weights are random (the kernels' time does not depend on the values).
@@ -26,13 +27,14 @@ from benchmarks.shapes import prunable as prunable_specs
 from ong_kernels import nmf_init
 from ong_kernels.nmf import nmf_batched
 from ong_kernels.nmf_init import initial_factors, randomized_svd, use_exact_svd
-from ong_kernels.nmf_rules import check_values, kernel_input
+from ong_kernels.nmf_rules import Solver, as_matrix, check_values, kernel_input
 
 SETS = {
     "resnet20": resnet20,
     "resnet56": resnet56,
     "resnet18": resnet18,
     "bert_base": bert_base_encoder,
+    "bert_2layers": lambda: bert_base_encoder(layers=2),
     "llama_layer": llama_block,
 }
 
@@ -64,16 +66,18 @@ def ranks_of(ws, rank) -> list[int]:
 
 
 def breakdown(ws, rank, init: str, repeats: int) -> dict[str, float]:
-    """Seconds of: the value checks, the start, one MU iteration (tol=0 solve of 10, / 10)."""
+    """Seconds of: the value checks, the start, one MU iteration (the op alone, 10 iterations
+    at tol=0, divided by 10)."""
     ranks = ranks_of(ws, rank)
     largest = []
     t_check = best(lambda: largest.__setitem__(slice(None), [check_values(w, "w") for w in ws]),
                    repeats)  # fmt: skip
     mats = [kernel_input(w, hi)[0] for w, hi in zip(ws, largest, strict=True)]
     t_init = best(lambda: initial_factors(mats, ranks, init, 0), repeats)
-    t_iter = best(lambda: nmf_batched(ws, ranks, max_iter=10, tol=0), repeats) / 10
-    t_call = best(lambda: nmf_batched(ws, ranks, init=init), 1)
-    return {"check": t_check, "init": t_init, "iteration": t_iter, "call": t_call}
+    factors = initial_factors(mats, ranks, "random", 0)
+    ten = Solver(max_iter=10, tol=0.0)
+    t_iter = best(functools.partial(_solve_only, mats, factors, ten), repeats) / 10
+    return {"check": t_check, "init": t_init, "iteration": t_iter}
 
 
 def cmd_llama(args) -> None:
@@ -158,8 +162,52 @@ def _solve_with(ws, ranks, exact: bool, power: int | None):
         nmf_init.use_exact_svd, nmf_init.randomized_svd = real_rule, real_svd
 
 
+def _lapack_svd(v: torch.Tensor, r: int):
+    u, s, vh = torch.linalg.svd(v, full_matrices=False)
+    return u[:, :r], s[:r], vh[:r]
+
+
+def _solve_default(ws, ranks, lapack: bool):
+    """nmf_batched at ONG's settings and the default start rule; `lapack`: the exact starts
+    from torch.linalg.svd (the code before issue 16) instead of gram_svd."""
+    real = nmf_init.gram_svd
+    if lapack:
+        nmf_init.gram_svd = _lapack_svd
+    try:
+        return nmf_batched(ws, ranks, init="nndsvda", max_iter=200, tol=1e-4)
+    finally:
+        nmf_init.gram_svd = real
+
+
+def cmd_defaults(args) -> None:
+    """ONG masks (global, 90%) at the default start rule against the pre-issue-16 start (the
+    exact LAPACK SVD of every matrix); and the time of the two starts."""
+    print(
+        "| set | rank | mask IoU vs LAPACK start | error rel. diff | start s (LAPACK) | start s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, rank in args.sets:
+        ws = weights_of(name)
+        ranks = ranks_of(ws, rank)
+        old = _solve_default(ws, ranks, lapack=True)
+        new = _solve_default(ws, ranks, lapack=False)
+        iou = _iou(_masks([w @ h for w, h in new], 0.9), _masks([w @ h for w, h in old], 0.9))
+        diff = abs(_error(ws, new) - _error(ws, old)) / _error(ws, old)
+        start = functools.partial(initial_factors, [as_matrix(w) for w in ws], ranks, "nndsvda", 0)
+        real = nmf_init.gram_svd
+        nmf_init.gram_svd = _lapack_svd
+        try:
+            t_old = best(start, 1)
+        finally:
+            nmf_init.gram_svd = real
+        t_new = best(start, 1)
+        print(f"| {name} | {rank} | {iou:.4f} | {diff:.1e} | {t_old:.2f} | {t_new:.2f} |",
+              flush=True)  # fmt: skip
+
+
 def _error(ws, factors) -> float:
-    return sum(float((v - w @ h).norm() ** 2) for v, (w, h) in zip(ws, factors, strict=True)) ** 0.5
+    pairs = zip(ws, factors, strict=True)
+    return sum(float((as_matrix(v) - w @ h).norm() ** 2) for v, (w, h) in pairs) ** 0.5
 
 
 def cmd_quality(args) -> None:
@@ -198,6 +246,12 @@ def main(argv=None) -> None:
     q.add_argument("--repeats", type=int, default=2)
     q = sub.add_parser("crossover")
     q.add_argument("--repeats", type=int, default=2)
+    q = sub.add_parser("defaults")
+    q.add_argument(
+        "--sets", nargs="+", type=_set_rank,
+        default=[("resnet20", 0.25), ("resnet56", 0.25), ("bert_2layers", 0.25),
+                 ("resnet18", 0.25)],
+    )  # fmt: skip
     q = sub.add_parser("quality")
     q.add_argument("--powers", type=int, nargs="+", default=[1, 2, 4, 7])
     q.add_argument(
@@ -207,7 +261,7 @@ def main(argv=None) -> None:
     )  # fmt: skip
     args = p.parse_args(argv)
     {"llama": cmd_llama, "prune": cmd_prune, "crossover": cmd_crossover,
-     "quality": cmd_quality}[args.cmd](args)  # fmt: skip
+     "quality": cmd_quality, "defaults": cmd_defaults}[args.cmd](args)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,11 +15,20 @@ What is pruned by default: every tensor of 2 or more dimensions with a floating 
 name does not match DEFAULT_EXCLUDE (embeddings and norms). 1-D tensors (biases, norm scales)
 are never pruned; a 2-D+ tensor of another dtype is skipped with a note. ``--include`` keeps
 only names matching it; ``--exclude`` replaces DEFAULT_EXCLUDE.
+
+Under torchrun (``torchrun --nproc-per-node N ong-mask ...``, one or several hosts), each rank
+reads and factorises a share of the tensors (distributed.balance over the MU cost m n r, the
+split prune() uses) on its own device (``--device cuda`` is cuda:LOCAL_RANK), the exact global
+threshold comes from all-reduced radix-select histograms (stream_masks' ``owned=``), and rank 0
+gathers the bit-packed masks and writes the file: the same masks as one process. See _Dist.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import hashlib
 import math
 import os
 import re
@@ -27,9 +36,10 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 
 DEFAULT_EXCLUDE = r"(?i)(embed|wte|wpe|lm_head|norm|ln_)"
@@ -109,7 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="masks file to write (required unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print what would be pruned; no work")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--dist-timeout",
+        type=_positive_seconds,
+        default=3600.0,
+        help="under torchrun: seconds a rank waits for the others at a collective (the slowest "
+        "share's NMF included) before it gives up (default 3600)",
+    )
     return p
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def _header(path: str):
@@ -208,7 +235,7 @@ def _check_sparsity(value: float) -> str | None:
     return None
 
 
-def _check_budget(pruned, args) -> str | None:
+def _check_budget(pruned, args, memory_budget: int | None) -> str | None:
     """The first tensor whose NMF cannot fit --memory-budget, named, before any tensor is
     read (the streaming finds it only when it gets there, after scoring all before it), by the
     streaming's own cost model (nmf_groups.group_bytes with the selected kernel's workspace)."""
@@ -224,7 +251,7 @@ def _check_budget(pruned, args) -> str | None:
         return str(err)
     device = torch.device(args.device)
     try:
-        budget = check_budget(args.memory_budget, device)
+        budget = check_budget(memory_budget, device)
     except ValueError:
         return None  # no default budget on this device type: the streaming says so
     try:
@@ -260,7 +287,8 @@ def _show_progress(off: bool) -> bool:
     return True
 
 
-def run(args) -> int:
+def run(args, ctx: _Dist | None = None) -> int:
+    ctx = _Dist.from_env() if ctx is None else ctx
     path = args.checkpoint
     if not os.path.isfile(path):
         print(f"ong-mask: error: {path!r} does not exist or is not a file", file=sys.stderr)
@@ -307,7 +335,7 @@ def run(args) -> int:
         for name, reason in skipped:
             print(f"  skip  {name:50s} {reason}")
         return 0
-    problem = _check_budget(pruned, args)
+    problem = _check_budget(pruned, args, ctx.budget(args))
     if problem:
         print(f"ong-mask: error: {problem}", file=sys.stderr)
         return 2
@@ -316,25 +344,34 @@ def run(args) -> int:
     from ong_kernels.nmf_groups import Streaming
     from ong_kernels.pruning import stream
     from ong_kernels.pruning.io import write_mask_file
-    from ong_kernels.pruning.ong import Agreement, restart_init
+    from ong_kernels.pruning.ong import restart_init
 
     progress = _show_progress(args.no_progress)
     start = time.perf_counter()
 
     def weights() -> Iterator[torch.Tensor]:
-        for name in names:
-            yield _read(path, name)
+        for i in ctx.share:
+            yield _read(path, names[i])
 
     try:
         restarts = args.restarts
+        share = _rank_share(ctx, args, entries, names, shapes)
         if args.method == "ong":
             init = restart_init(args.init, restarts)
             solver = Solver(args.max_iter, args.tol, init, args.seed, args.backend)
-            streaming = Streaming(args.device, args.memory_budget, progress)
-            factors = stream.ong_factors(
-                weights(), args.rank, solver, streaming, total, restarts, len(names)
-            )
-            passes = stream.ong_score_passes(factors, shapes, restarts)
+            streaming = Streaming(ctx.device(args.device), ctx.budget(args), ctx.progress(progress))
+            mine = [shapes[i] for i in share]
+            total = sum(math.prod(s) for s in mine)  # this rank's (all of them in one process)
+
+            def factorise():
+                if not mine:  # more ranks than tensors
+                    return []
+                return stream.ong_factors(
+                    weights(), args.rank, solver, streaming, total, restarts, len(mine)
+                )
+
+            factors = ctx.local(factorise)
+            passes = stream.ong_score_passes(factors, mine, restarts)
             dtype = torch.float32
         else:
             if restarts > 1:
@@ -346,45 +383,65 @@ def run(args) -> int:
             wide = any(d == "F64" for _, _, d in pruned)
             dtype = torch.float64 if wide else torch.float32
         scored = time.perf_counter() - start
-        masks = stream.stream_masks(
-            passes, shapes, args.sparsity, args.scope, names=names, dtype=dtype
-        )
-        packed, rows, overlaps = {}, [], []
-        t0 = time.perf_counter()
-        for i, (name, shape, mask) in enumerate(zip(names, shapes, masks, strict=True)):
-            mask = mask.cpu().contiguous()
-            packed[name] = pack_mask(mask)  # pruning.io's codec (format version 2)
-            if restarts > 1:  # each restart alone against the consensus mask
-                pairs = factors[i * restarts : (i + 1) * restarts]
-                overlaps.append(stream.restart_overlaps(pairs, mask))
-            kept = int(mask.sum())
-            flat = mask.reshape(-1)
-            t1 = time.perf_counter()
-            rows.append((name, shape, flat.numel(), kept, t1 - t0, _peak_mib()))
-            t0 = t1
+
+        def pack():
+            masks = stream.stream_masks(
+                passes, shapes, args.sparsity, args.scope, names=names, dtype=dtype, **ctx.owned()
+            )
+            packed, rows = {}, []
+            t0 = time.perf_counter()
+            for pos, (i, mask) in enumerate(zip(share, masks, strict=True)):
+                name, shape = names[i], shapes[i]
+                mask = mask.cpu().contiguous()
+                packed[name] = pack_mask(mask)  # pruning.io's codec (format version 2)
+                overlaps = None
+                if restarts > 1:  # each restart alone against the consensus mask
+                    pairs = factors[pos * restarts : (pos + 1) * restarts]
+                    overlaps = stream.restart_overlaps(pairs, mask)
+                kept = int(mask.sum())
+                flat = mask.reshape(-1)
+                t1 = time.perf_counter()
+                rows.append((name, shape, flat.numel(), kept, t1 - t0, _peak_mib(), overlaps))
+                t0 = t1
+            return packed, rows
+
+        packed, rows = ctx.local(pack)
+        packed, rows = ctx.gather(packed, rows, names, shapes, scored, start)
+        layout = dict(zip(names, shapes, strict=True))
+        # Rank 0 writes: a temporary file in the target folder, renamed when complete.
+        ctx.on_rank_0(lambda: write_mask_file(args.output, packed, layout))
+    except OSError as exc:  # the write failed: the old file, if any, is untouched
+        print(f"ong-mask: error: {exc}; {args.output!r} is unchanged", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, RuntimeError) as exc:
         print(f"ong-mask: error: {exc}", file=sys.stderr)
         return 2
-    try:  # a temporary file in the target folder, renamed when complete
-        write_mask_file(args.output, packed, dict(zip(names, shapes, strict=True)))
-    except OSError as exc:
-        print(f"ong-mask: error: {exc}; {args.output!r} is unchanged", file=sys.stderr)
-        return 1
-    _summary(rows, scored, time.perf_counter() - start, args)
-    if overlaps:
-        agreement = Agreement.from_overlaps(overlaps)
-        print(
-            f"restarts: {restarts} (init random, seeds {args.seed}..{args.seed + restarts - 1}); "
-            f"agreement (IoU of each restart's own mask, at the consensus per-layer counts, "
-            f"with the consensus mask): mean {agreement.mean:.4f}, lowest restart "
-            f"{min(agreement.per_restart):.4f}"
-        )
+    if ctx.rank == 0:
+        _summary(rows, scored, time.perf_counter() - start, args)
+        ctx.summary()
+        if restarts > 1:
+            _stability(rows, restarts, args.seed)
     return 0
+    return 0
+
+
+def _stability(rows, restarts: int, seed: int) -> None:
+    """One line: how well the --restarts agree with their consensus mask (rows[i][6]: each
+    restart's (intersection, union) with layer i's mask, from pruning.ong.restart_overlaps)."""
+    from ong_kernels.pruning.ong import Agreement
+
+    agreement = Agreement.from_overlaps([r[6] for r in rows])
+    print(
+        f"restarts: {restarts} (init random, seeds {seed}..{seed + restarts - 1}); agreement "
+        f"(IoU of each restart's own mask, at the consensus per-layer counts, with the "
+        f"consensus mask): mean {agreement.mean:.4f}, lowest restart "
+        f"{min(agreement.per_restart):.4f}"
+    )
 
 
 def _summary(rows, scored: float, elapsed: float, args) -> None:
     print(f"\n{'layer':50s} {'shape':>20s} {'sparsity':>9s} {'time s':>8s} {'peak MiB':>9s}")
-    for name, shape, n, kept, secs, peak in rows:
+    for name, shape, n, kept, secs, peak, _ in rows:
         print(f"{name:50s} {list(shape)!s:>20s} {1 - kept / n:9.4f} {secs:8.2f} {peak:9.0f}")
     n = sum(r[2] for r in rows)
     kept = sum(r[3] for r in rows)
@@ -397,9 +454,222 @@ def _summary(rows, scored: float, elapsed: float, args) -> None:
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 
+# ----------------------------------------------------------------------------- torchrun
+
+
+class _Dist:
+    """This process's part of a torchrun launch; rank 0 of 1, talking to no one, without one.
+
+    Under torchrun (RANK and WORLD_SIZE > 1 in the environment) every rank checks the arguments
+    and the checkpoint header identically before any communication (so a bad command fails on
+    every rank alike), then starts a gloo process group (env://, `--dist-timeout`): only the
+    histograms (65537 int64 per pass), per-layer counts and at the end the bit-packed masks
+    travel, so gloo serves CUDA ranks too. Where one rank can fail alone (reading and
+    factorising its share, its mask pass, rank 0's write) distributed.agree makes every rank
+    raise that error instead of leaving the others waiting. An already started process group
+    (ong-mask called from a distributed script) is used as it is and left open.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, local_world: int = 1):
+        self.rank, self.world = rank, world
+        self.local_rank, self.local_world = local_rank, local_world
+        self.names: list[str] = []  # the pruned tensors
+        self.costs: list[int] = []  # what each costs: MU flops / iteration, or weights
+        self.cost = "MU cost"  # the summary's name for it
+        self.owner: list[int] = []  # rank of each
+        self.share: list[int] = []  # the tensors this rank reads and scores
+        self.close = False  # whether this process started the process group
+        self.stats: list = []  # per rank (after gather): tensors, MU cost, times, peak
+
+    @classmethod
+    def from_env(cls) -> _Dist:
+        started = dist.is_available() and dist.is_initialized()
+        env = os.environ
+        if not started and ("RANK" not in env or "WORLD_SIZE" not in env):
+            return cls()
+        try:
+            values = [int(env.get(k, d)) for k, d in _ENV]
+        except ValueError:
+            raise ValueError(
+                "RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (torchrun "
+                "sets them)"
+            ) from None
+        if started:
+            values[:2] = dist.get_rank(), dist.get_world_size()
+        return cls(*values) if values[1] > 1 else cls()
+
+    @contextlib.contextmanager
+    def session(self):
+        """Ranks other than 0 print no stdout (their errors still go to stderr); the process
+        group this process started is closed at the end."""
+        with contextlib.ExitStack() as stack:
+            if self.rank:
+                devnull = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(devnull))
+            try:
+                yield self
+            finally:
+                if self.close:
+                    dist.destroy_process_group()
+
+    def start(self, timeout_s: float) -> None:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            self.close = True
+        if (dist.get_rank(), dist.get_world_size()) != (self.rank, self.world):
+            raise ValueError("RANK / WORLD_SIZE disagree with the started process group")
+
+    # What this rank computes with.
+    def device(self, device: str) -> str:
+        return f"cuda:{self.local_rank}" if self.world > 1 and device == "cuda" else device
+
+    def budget(self, args) -> int | None:
+        """--memory-budget; without one, ranks sharing a host's memory split its default."""
+        if args.memory_budget is not None or self.world == 1:
+            return args.memory_budget
+        device = torch.device(self.device(args.device))
+        if device.type != "cpu":
+            return None  # each rank has its own GPU
+        from ong_kernels.nmf_groups import check_budget
+
+        return max(1, check_budget(None, device) // self.local_world)
+
+    def progress(self, progress: bool) -> bool:
+        return progress and self.rank == 0  # one bar (rank 0's share), not N interleaved
+
+    def owned(self) -> dict:
+        return {"owned": self.share} if self.world > 1 else {}
+
+    # Agreement points.
+    def local(self, fn: Callable):
+        """fn() on this rank; a failure on any rank raises on every rank."""
+        if self.world == 1:
+            return fn()
+        from ong_kernels.pruning.distributed import agree
+
+        return agree(_naming(fn, [self.names[i] for i in self.share]))
+
+    def on_rank_0(self, fn: Callable) -> None:
+        self.local(fn if self.rank == 0 else lambda: None)
+
+    def gather(self, packed: dict, rows: list, names, shapes, scored: float, start: float):
+        """Rank 0: every tensor's packed mask and summary row, in file order (None elsewhere).
+        Other ranks send their masks as one uint8 message each: rank 0 ends up holding what
+        it would hold alone (one bit per weight)."""
+        if self.world == 1:
+            return packed, rows
+        cost = sum(self.costs[i] for i in self.share) / max(1, sum(self.costs))
+        mine = (len(self.share), cost, scored, time.perf_counter() - start, _peak_mib())
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object((rows, mine), gathered, dst=0)
+        if self.rank:
+            if self.share:
+                dist.send(torch.cat([packed[names[i]] for i in self.share]), dst=0)
+            return None, None
+        by_index = {}
+        for r, (rank_rows, stats) in enumerate(gathered):
+            self.stats.append(stats)
+            idx = [i for i, o in enumerate(self.owner) if o == r]
+            by_index.update(zip(idx, rank_rows, strict=True))
+            if r and idx:
+                sizes = [(math.prod(shapes[i]) + 7) // 8 for i in idx]
+                buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+                dist.recv(buffer, src=r)
+                packed.update(zip((names[i] for i in idx), buffer.split(sizes), strict=True))
+        return {n: packed[n] for n in names}, [by_index[i] for i in range(len(names))]
+
+    def summary(self) -> None:
+        if self.world == 1:
+            return
+        print(f"\n{'rank':>4s} {'tensors':>8s} {self.cost:>8s} {'scoring s':>10s} {'total s':>8s} "
+              f"{'peak MiB':>9s}")  # fmt: skip
+        for r, (count, cost, scored, total, peak) in enumerate(self.stats):
+            print(f"{r:4d} {count:8d} {cost:8.1%} {scored:10.2f} {total:8.2f} {peak:9.0f}")
+
+
+_ENV = (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1))
+
+
+def _naming(fn: Callable, names: list[str]) -> Callable:
+    """fn, whose errors name this rank's j-th tensor instead of 'weights[j]' (an index into
+    the rank's share, which would mean nothing to the user)."""
+
+    def call():
+        try:
+            return fn()
+        except (ValueError, TypeError) as exc:
+            text = re.sub(
+                r"weights\[(\d+)\]",
+                lambda m: repr(names[int(m[1])]) if int(m[1]) < len(names) else m[0],
+                str(exc),
+            )
+            if text == str(exc):
+                raise
+            try:
+                renamed = type(exc)(text)
+            except Exception:  # an error type that takes other arguments: keep it as it is
+                raise exc from None
+            raise renamed from exc
+
+    return call
+
+
+def _rank_share(ctx: _Dist, args, entries, names, shapes) -> list[int]:
+    """The indices of the tensors this rank reads and scores: all of them in one process.
+
+    Under torchrun: first the checks every rank makes alike (before any communication), then
+    the process group, then one comparison of every rank's command and checkpoint header (a
+    rank given other arguments or another file makes all fail alike); the tensors are shared
+    by distributed.balance over their cost per MU iteration, m n r (for magnitude, m n).
+    """
+    if ctx.world == 1:
+        ctx.share = list(range(len(shapes)))
+        return ctx.share
+    from ong_kernels.nmf import Solver
+    from ong_kernels.pruning.allocation import check_floors, check_scope, check_sparsity
+    from ong_kernels.pruning.distributed import balance
+    from ong_kernels.pruning.ong import resolve_ranks
+
+    numels = [math.prod(s) for s in shapes]
+    check_floors(numels, check_sparsity(args.sparsity), check_scope(args.scope), None)
+    if args.method == "ong":
+        Solver(args.max_iter, args.tol, args.init, args.seed, args.backend).checked()
+        ranks = resolve_ranks(args.rank, shapes)
+    else:
+        ranks = [1] * len(shapes)
+        ctx.cost = "weights"
+    ctx.costs = [n * r for n, r in zip(numels, ranks, strict=True)]
+    ctx.owner = balance(ctx.costs, ctx.world)
+    ctx.share = [i for i, r in enumerate(ctx.owner) if r == ctx.rank]
+    ctx.names = list(names)
+    ctx.start(args.dist_timeout)
+    local = {k: v for k, v in vars(args).items() if k not in _PER_RANK}
+    digest = hashlib.sha256(repr((sorted(local.items()), entries)).encode()).hexdigest()
+    digests = [None] * ctx.world
+    dist.all_gather_object(digests, digest)
+    other = next((r for r, d in enumerate(digests) if d != digests[0]), None)
+    if other is not None:
+        raise ValueError(
+            f"rank {other} was given other arguments or another checkpoint than rank 0: run the "
+            "same ong-mask command on the same file on every rank"
+        )
+    return ctx.share
+
+
+# Arguments that may differ between ranks: where each finds the file and computes, what it
+# shows; the output is written by rank 0 alone.
+_PER_RANK = ("checkpoint", "output", "device", "no_progress", "dist_timeout")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run(args)
+    try:
+        ctx = _Dist.from_env()
+    except ValueError as exc:
+        print(f"ong-mask: error: {exc}", file=sys.stderr)
+        return 2
+    with ctx.session():
+        return run(args, ctx)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,23 @@ bit-identical scores and therefore identical masks.
 
 These are collectives: every rank of the group must make the same pruning call. To prune
 on one rank only (and broadcast the masks yourself), pass ``distributed=False``.
+
+Where one rank can fail alone (its share of the work, its reads), :func:`agree` and
+:func:`sum_counts` make every rank raise instead of leaving the others waiting in the next
+collective: the failed rank its own error, the others :class:`RankFailed` quoting it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["balance", "run_sharded", "world"]
+__all__ = ["RankFailed", "agree", "balance", "run_sharded", "sum_counts", "world"]
+
+T = TypeVar("T")
 
 
 def world(group=None, distributed: bool = True) -> tuple[int, int]:
@@ -57,6 +64,57 @@ def _comm_device(group, fallback: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
+class RankFailed(RuntimeError):
+    """Raised on the ranks that did not fail when another rank of the group did."""
+
+
+def _collect(fn: Callable[[], T], size: int, group, device: torch.device):
+    """(fn(), its int64 result summed over the ranks, or None when size is 0): one all-reduce of
+    size + 1 entries, the last counting the ranks whose fn() raised; then every rank raises."""
+    comm = _comm_device(group, device)
+    flat = torch.zeros(size + 1, dtype=torch.int64, device=comm)
+    error: Exception | None = None
+    result = None
+    try:
+        result = fn()
+        if size:  # inside the try: a wrong size or dtype is this rank's error
+            flat[:size] = result.reshape(-1)
+    except Exception as exc:  # re-raised below, after the other ranks have been told
+        error = exc
+        flat.zero_()
+    flat[size] = int(error is not None)
+    dist.all_reduce(flat, group=group)
+    if int(flat[size]):
+        # Rare path: one more collective, so that every rank can name what went wrong.
+        messages: list = [None] * dist.get_world_size(group)
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(messages, mine, group=group)
+        if error is not None:
+            raise error
+        failed = next(r for r, m in enumerate(messages) if m is not None)
+        raise RankFailed(f"failed on another rank (rank {failed}): {messages[failed]}")
+    return result, (flat[:size].cpu() if size else None)
+
+
+def agree(fn: Callable[[], T], group=None, device: torch.device | str = "cpu") -> T:
+    """fn() on this rank; when it raised on any rank of `group`, every rank raises (the failed
+    rank its own exception, the others RankFailed with its message) instead of the others
+    waiting for it in their next collective. A collective: every rank must call it. Without
+    a process group it is fn(). `device`: where the flag lives (CUDA under NCCL)."""
+    if world(group)[1] == 1:
+        return fn()
+    return _collect(fn, 0, group, torch.device(device))[0]
+
+
+def sum_counts(fn: Callable[[], torch.Tensor], size: int, group=None) -> torch.Tensor:
+    """The int64 tensor fn() (`size` entries, any device) summed over the ranks of `group` into
+    a flat CPU tensor: exact, the same bits on every rank. Failures as :func:`agree`, in the
+    same single all-reduce (the flag rides in one extra entry)."""
+    if world(group)[1] == 1:
+        return fn().reshape(-1).to("cpu", torch.int64)
+    return _collect(fn, size, group, torch.device("cpu"))[1]
+
+
 def run_sharded(
     compute: Callable[[list[int]], list[torch.Tensor]],
     costs: Sequence[float],
@@ -83,20 +141,13 @@ def run_sharded(
         offsets.append(offsets[-1] + n)
     comm = _comm_device(group, device)
     buffer = torch.zeros(offsets[-1], dtype=torch.float32, device=comm)
-    failed = torch.zeros(1, dtype=torch.float32, device=comm)
-    error: BaseException | None = None
-    try:
+
+    def fill() -> None:
         if mine:
             for i, result in zip(mine, compute(mine), strict=True):
                 buffer[offsets[i] : offsets[i + 1]] = result.reshape(-1).to(comm, torch.float32)
-    except Exception as exc:  # re-raised below, after the other ranks have been told
-        error = exc
-        failed.fill_(1)
-    dist.all_reduce(failed, group=group)
-    if error is not None:
-        raise error
-    if bool(failed.item()):
-        raise RuntimeError("scoring failed on another rank; see that rank's error")
+
+    agree(fill, group, comm)
     dist.all_reduce(buffer, group=group)
     return [
         buffer[offsets[i] : offsets[i + 1]].reshape(shapes[i]).to(device)

@@ -14,6 +14,12 @@ fresh iterable over the scores (the same values every call), and reads it severa
   exactly as allocation._select_global resolves them), then a last pass writes the masks.
   Memory: 65536 int64 bins plus one layer's score, whatever N is.
 
+Under torch.distributed (``owned=``), each rank's `passes` yields only the layers it scored;
+the histograms and the per-layer counts are summed over the ranks (exact int64 all-reduces,
+65537 entries per histogram pass), so every rank finds the same threshold and ties and makes
+the masks of its own layers exactly as one process would. ``layer`` / ``erk`` need no
+communication at all.
+
 Scores are ranked as allocate ranks them: promoted to at least float32 (every widening is
 exact, so promotion never reorders), -0.0 equal to 0.0, -inf a valid score, NaN an error.
 
@@ -34,6 +40,7 @@ layer, and :func:`restart_overlaps` measures each restart against the consensus 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -53,6 +60,7 @@ from ong_kernels.pruning.allocation import (
     kept_counts,
     select_top,
 )
+from ong_kernels.pruning.distributed import sum_counts, world
 from ong_kernels.pruning.ong import (
     CONSENSUS_INIT,
     DEFAULT_RANK,
@@ -141,13 +149,36 @@ def _rank_dtype(score: torch.Tensor, dtype: torch.dtype, index: int, label: str)
     return dtype
 
 
-def _scores(passes: Passes, shapes, names, dtype, check_nan: bool):
-    """One pass: (index, flat score in `dtype`) per layer, shapes and count checked."""
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """The layers this rank scores (increasing indices); the other ranks of `group` score the
+    rest, and what a pass counts is summed over them."""
+
+    owned: tuple[int, ...]
+    group: object = None
+
+
+def _owned(shard: _Shard | None, shapes) -> Sequence[int]:
+    return range(len(shapes)) if shard is None else shard.owned
+
+
+def _summed(shard: _Shard | None, local: Callable[[], torch.Tensor], size: int) -> torch.Tensor:
+    """A pass's int64 counts: this process's, or summed over the shard's group (where a rank
+    whose pass raised makes every rank raise)."""
+    if shard is None:
+        return local().reshape(-1)
+    return sum_counts(local, size, shard.group)
+
+
+def _scores(passes: Passes, shapes, names, dtype, check_nan: bool, owned: Sequence[int]):
+    """One pass: (index, flat score in `dtype`) per owned layer, shapes and count checked."""
+    what = "of shapes" if len(owned) == len(shapes) else "of the owned layers"
     count = 0
-    for i, score in enumerate(passes()):
+    for j, score in enumerate(passes()):
+        if j >= len(owned):
+            raise ValueError(f"passes() produced more than the {len(owned)} scores {what}")
+        i = owned[j]
         label = names[i] if names is not None and i < len(names) else f"#{i}"
-        if i >= len(shapes):
-            raise ValueError(f"passes() produced more than the {len(shapes)} scores of shapes")
         _rank_dtype(score, dtype, i, label)
         if tuple(score.shape) != tuple(shapes[i]):
             raise ValueError(
@@ -159,34 +190,47 @@ def _scores(passes: Passes, shapes, names, dtype, check_nan: bool):
             raise ValueError(f"scores of layer {label} contain NaN; cannot rank them")
         yield i, flat
         count += 1
-    if count != len(shapes):
-        raise ValueError(f"passes() produced {count} scores, expected {len(shapes)}")
+    if count != len(owned):
+        raise ValueError(f"passes() produced {count} scores, expected {len(owned)}")
 
 
 # ----------------------------------------------------------------------------- global selection
 
 
-def _threshold(passes, shapes, names, dtype, free: set[int], k: int, check_nan: bool):
+def _histogram(passes, shapes, names, dtype, free, owned, level: int, prefix: int, check_nan):
+    """One pass: the 16-bit digit at `level` of the owned free layers' keys whose higher
+    digits are `prefix`, counted in _BINS bins."""
+    _, bits = _key_dtypes(dtype)
+    shift = bits - _DIGIT * (level + 1)
+    hist = torch.zeros(_BINS, dtype=torch.int64)
+    for i, flat in _scores(passes, shapes, names, dtype, check_nan, owned):
+        if i not in free:
+            continue
+        for chunk in _chunks(flat):
+            key = _keys(chunk, dtype)
+            if level > 0:
+                key = key[(key >> (shift + _DIGIT)) == prefix]
+            digit = (key >> shift) & (_BINS - 1)
+            if level == 0:
+                digit = digit ^ (_BINS >> 1)  # signed top digit -> offset binary
+            hist += torch.bincount(digit, minlength=_BINS).cpu()
+    return hist
+
+
+def _threshold(passes, shapes, names, dtype, free: set[int], k: int, check_nan: bool, shard):
     """(T, ties): the k-th largest score over the `free` layers (1 <= k < their size), and how
     many scores equal to T are kept (the first ones in position order), by radix select."""
     _, bits = _key_dtypes(dtype)
     prefix = 0
     remaining = k
     levels = bits // _DIGIT
+    owned = _owned(shard, shapes)
     for level in range(levels):
-        shift = bits - _DIGIT * (level + 1)
-        hist = torch.zeros(_BINS, dtype=torch.int64)
-        for i, flat in _scores(passes, shapes, names, dtype, check_nan and level == 0):
-            if i not in free:
-                continue
-            for chunk in _chunks(flat):
-                key = _keys(chunk, dtype)
-                if level > 0:
-                    key = key[(key >> (shift + _DIGIT)) == prefix]
-                digit = (key >> shift) & (_BINS - 1)
-                if level == 0:
-                    digit = digit ^ (_BINS >> 1)  # signed top digit -> offset binary
-                hist += torch.bincount(digit, minlength=_BINS).cpu()
+        local = functools.partial(
+            _histogram, passes, shapes, names, dtype, free, owned, level, prefix,
+            check_nan and level == 0,
+        )  # fmt: skip
+        hist = _summed(shard, local, _BINS)
         above = torch.flip(hist, (0,)).cumsum(0)  # above[j]: count in bins >= BINS - 1 - j
         j = int(torch.searchsorted(above, remaining))  # first j with above[j] >= remaining
         d = _BINS - 1 - j
@@ -195,16 +239,22 @@ def _threshold(passes, shapes, names, dtype, free: set[int], k: int, check_nan: 
     return _key_to_float(prefix, dtype), remaining
 
 
-def _layer_counts(passes, shapes, names, dtype, free: set[int], threshold: float):
-    gt, eq = {}, {}
-    for i, flat in _scores(passes, shapes, names, dtype, False):
-        if i in free:
-            gt[i] = int(torch.count_nonzero(flat > threshold))
-            eq[i] = int(torch.count_nonzero(flat == threshold))
-    return gt, eq
+def _layer_counts(passes, shapes, names, dtype, free: set[int], threshold: float, shard):
+    """Per free layer, how many scores are above `threshold` and how many equal it."""
+
+    def local() -> torch.Tensor:
+        counts = torch.zeros(2, len(shapes), dtype=torch.int64)
+        for i, flat in _scores(passes, shapes, names, dtype, False, _owned(shard, shapes)):
+            if i in free:
+                counts[0, i] = int(torch.count_nonzero(flat > threshold))
+                counts[1, i] = int(torch.count_nonzero(flat == threshold))
+        return counts
+
+    counts = _summed(shard, local, 2 * len(shapes)).view(2, len(shapes))
+    return {i: int(counts[0, i]) for i in free}, {i: int(counts[1, i]) for i in free}
 
 
-def _global_plan(passes, shapes, names, dtype, sparsity, floors):
+def _global_plan(passes, shapes, names, dtype, sparsity, floors, shard):
     """Per layer, how its mask is made: ("top", count) for a layer forced to its floor, or
     ("cut", threshold, ties) for the others: keep > threshold, plus its first `ties` scores
     equal to it. Resolves the floors as allocation._select_global does."""
@@ -224,8 +274,8 @@ def _global_plan(passes, shapes, names, dtype, sparsity, floors):
                 plan[i] = ("top", numels[i] if keep_all else 0)
             kept = {i: plan[i][1] for i in free}
         else:
-            threshold, ties = _threshold(passes, shapes, names, dtype, free, budget, first)
-            gt, eq = _layer_counts(passes, shapes, names, dtype, free, threshold)
+            threshold, ties = _threshold(passes, shapes, names, dtype, free, budget, first, shard)
+            gt, eq = _layer_counts(passes, shapes, names, dtype, free, threshold, shard)
             kept = {}
             for i in sorted(free):
                 t = min(eq[i], ties)
@@ -263,6 +313,8 @@ def stream_masks(
     min_density: float | None = None,
     names: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    owned: Sequence[int] | None = None,
+    group=None,
 ) -> Iterator[torch.Tensor]:
     """Yield one bool mask (True = kept) per layer, in order: exactly allocate()'s masks.
 
@@ -277,6 +329,13 @@ def stream_masks(
         names: layer names for error messages.
         dtype: what the scores are ranked in: float32 (scores of float32 or narrower), or
             float64 when any score is float64 (allocate promotes the same way).
+        owned: under torch.distributed, the increasing indices of the layers this rank
+            scores: `passes()` yields only their scores and only their masks are yielded.
+            Every rank of `group` (default: the default group) calls stream_masks with the
+            same other arguments, and each layer is owned by exactly one rank (checked by a
+            collective when the call is made). The masks equal one process's bit for bit;
+            an error on one rank (a NaN score, a bad pass) is raised on every rank. Default
+            None: this process scores every layer and talks to no other.
 
     The masks are yielded during the last pass, each on its score's device, so a caller can
     write one and drop it before the next is made.
@@ -290,20 +349,53 @@ def stream_masks(
         raise ValueError("shapes is empty: nothing to allocate")
     numels = [math.prod(s) for s in shapes]
     check_floors(numels, sparsity, scope, min_density)
-    return _stream(passes, shapes, names, dtype, sparsity, scope, min_density, numels)
+    shard = _shard(owned, group, len(shapes))
+    return _yield_masks(passes, shapes, names, dtype, sparsity, scope, min_density, numels, shard)
 
 
-def _stream(passes, shapes, names, dtype, sparsity, scope, min_density, numels):
-    if scope == "global":
-        plan = _global_plan(
-            passes, shapes, names, dtype, sparsity, floor_counts(numels, min_density)
+def _shard(owned, group, count: int) -> _Shard | None:
+    """`owned` checked (on every rank at once: a bad list on one rank fails them all)."""
+    if owned is None:
+        return None
+    _, world_size = world(group)
+
+    def local() -> torch.Tensor:
+        if isinstance(owned, (str, bytes, torch.Tensor)) or not isinstance(owned, Sequence):
+            raise TypeError(
+                f"owned must be a sequence of layer indices, got {type(owned).__name__}"
+            )
+        for j, i in enumerate(owned):
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count:
+                raise ValueError(f"owned[{j}] must be a layer index in [0, {count}), got {i!r}")
+            if j and i <= owned[j - 1]:
+                raise ValueError("owned must be strictly increasing layer indices")
+        times = torch.zeros(count, dtype=torch.int64)
+        times[list(owned)] = 1
+        return times
+
+    if world_size == 1:
+        times = local()
+    else:
+        times = sum_counts(local, count, group)  # every layer scored by exactly one rank
+    wrong = (times != 1).nonzero().reshape(-1).tolist()
+    if wrong:
+        raise ValueError(
+            f"owned: layer {wrong[0]} is scored by {int(times[wrong[0]])} ranks of the "
+            f"{world_size}; each layer must be owned by exactly one"
         )
+    return None if world_size == 1 else _Shard(tuple(owned), group)
+
+
+def _yield_masks(passes, shapes, names, dtype, sparsity, scope, min_density, numels, shard):
+    if scope == "global":
+        floors = floor_counts(numels, min_density)
+        plan = _global_plan(passes, shapes, names, dtype, sparsity, floors, shard)
         check_nan = False
     else:
         counts = kept_counts(shapes, sparsity, scope, min_density)
         plan = {i: ("top", c) for i, c in enumerate(counts)}
         check_nan = True
-    for i, flat in _scores(passes, shapes, names, dtype, check_nan):
+    for i, flat in _scores(passes, shapes, names, dtype, check_nan, _owned(shard, shapes)):
         yield _apply(plan[i], flat).view(shapes[i])
 
 
