@@ -628,12 +628,13 @@ def _rank_share(ctx: _Dist, args, entries, names, shapes) -> list[int]:
     from ong_kernels.nmf import Solver
     from ong_kernels.pruning.allocation import check_floors, check_scope, check_sparsity
     from ong_kernels.pruning.distributed import balance
-    from ong_kernels.pruning.ong import resolve_ranks
+    from ong_kernels.pruning.ong import resolve_ranks, restart_init
 
     numels = [math.prod(s) for s in shapes]
     check_floors(numels, check_sparsity(args.sparsity), check_scope(args.scope), None)
     if args.method == "ong":
-        Solver(args.max_iter, args.tol, args.init, args.seed, args.backend).checked()
+        init = restart_init(args.init, args.restarts)  # --init's default depends on --restarts
+        Solver(args.max_iter, args.tol, init, args.seed, args.backend).checked()
         ranks = resolve_ranks(args.rank, shapes)
     else:
         ranks = [1] * len(shapes)

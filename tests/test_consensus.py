@@ -282,3 +282,18 @@ def test_streamed_consensus_scores_equal_in_memory_ones():
         stream.ong_factors(iter(ws), 0.3, solver, budget, restarts=3)
     with pytest.raises(ValueError, match="init"):
         stream.ong_factors(ws, 0.3, stream.ONG_SOLVER, budget, restarts=3)
+
+
+def test_ong_mask_restarts_under_torchrun_equal_one_process(tmp_path):
+    # Each rank factorises its share's restarts (count = its tensors); rank 0 prints the
+    # stability line of all layers. The helpers are the torchrun tests' own.
+    from test_mask_cli_distributed import assert_same_masks, one_process, torchrun, write
+
+    ckpt = write(tmp_path / "model.safetensors")
+    args = [str(ckpt), "--sparsity", "0.5", "--rank", "3", "--max-iter", "20", "--no-progress",
+            "--restarts", "3"]  # fmt: skip
+    assert one_process([*args, "-o", str(tmp_path / "one.safetensors")]) == 0
+    proc = torchrun([*args, "-o", str(tmp_path / "two.safetensors")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_masks(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
+    assert proc.stdout.count("restarts: 3 (init random, seeds 0..2)") == 1
