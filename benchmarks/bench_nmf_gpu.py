@@ -18,6 +18,11 @@ Cases, in this order (the issue's targets in brackets):
                peers run 3 iterations and are extrapolated (said so in the row)
   tf32_masks   ONG-style masks (top 10% of W H per matrix) of ResNet-18 from "tf32" and
                "tf32x3" factors: IoU against "ieee"
+  resnet56_restarts  consensus ONG (issue 19): the ResNet-56 set with every matrix 8 times
+               (448 matrices, all on the persistent path: 8x the programs of one launch),
+               rank 16, 200 iterations, against the set once; the op alone and the whole
+               nmf_batched call (per-matrix seeds, random starts made on the host)
+               [k = 8 at most 8x k = 1]
 
 The per-matrix loop is reference.mu_iteration_ on one matrix at a time (a batch of one): the
 same PyTorch calls a user's loop makes. Every result line goes to OUT/nmf_gpu.jsonl; the
@@ -42,6 +47,7 @@ from benchmarks.shapes import WORKLOADS, weight_matrix_shapes
 from ong_kernels import _ops, nmf_plan
 from ong_kernels.backends.reference import mu_iteration_
 from ong_kernels.backends.triton import nmf as tnmf
+from ong_kernels.nmf import nmf_batched
 
 SPARSITY = 0.9
 LLAMA_BLOCK = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
@@ -347,6 +353,45 @@ def case_tf32_masks(device, small):
     return row
 
 
+def case_resnet56_restarts(device, small, k: int = 8):
+    shapes = weight_matrix_shapes(WORKLOADS["resnet56"])
+    iters = 200
+    if small:
+        shapes, iters, k = shapes[:2], 3, 2
+    vs, ws, hs = problem(shapes, 16, device)
+    # k restarts: matrix i k times in a row (the same tensor), each from its own start.
+    vk = [v for v in vs for _ in range(k)]
+    _, wk, hk = problem([s for s in shapes for _ in range(k)], 16, device, seed=1)
+    t1, _ = timed(lambda: op("triton", vs, ws, hs, iters), device, reps=5)
+    tk, got = timed(lambda: op("triton", vk, wk, hk, iters), device, reps=5)
+    # Restart j of matrix i alone gives the factors it gets inside the batch of k (one
+    # program per matrix: bit for bit unless the launch configuration differs).
+    alone = op("triton", [vk[k - 1]], [wk[k - 1]], [hk[k - 1]], iters)
+    diff = max(
+        float(((a - g).abs() / (g.abs() + 1e-6)).max())
+        for a, g in ((alone[0][0], got[0][k - 1]), (alone[1][0], got[1][k - 1]))
+    )
+    seeds = list(range(k))
+
+    def call(mats, seed):
+        return nmf_batched(mats, 16, max_iter=iters, tol=0.0, init="random", seed=seed,
+                           backend="triton")  # fmt: skip
+
+    c1, _ = timed(lambda: call(vs, 0), device, reps=3)
+    ck, _ = timed(lambda: call(vk, seeds * len(vs)), device, reps=3)
+    row = {
+        "matrices": len(vs), "restarts": k, "iterations": iters,
+        "op_ms_k1": t1 * 1e3, f"op_ms_k{k}": tk * 1e3, "op_ratio": tk / t1,
+        "call_ms_k1": c1 * 1e3, f"call_ms_k{k}": ck * 1e3, "call_ratio": ck / c1,
+        "restart_vs_alone_max_rel_diff": diff,
+    }  # fmt: skip
+    expect(diff <= 1e-5, f"a restart in the batch differs from its start alone by {diff:.3g}")
+    if not small:
+        expect(row["op_ratio"] <= k, f"op: {row['op_ratio']:.2f}x for {k} restarts (<= {k}x)")
+        expect(row["call_ratio"] <= k, f"call: {row['call_ratio']:.2f}x (target <= {k}x)")
+    return row
+
+
 CASES = {
     "correctness": case_correctness,
     "resnet56": case_resnet56,
@@ -354,11 +399,12 @@ CASES = {
     "square4096": case_square4096,
     "llama7b": case_llama7b,
     "tf32_masks": case_tf32_masks,
+    "resnet56_restarts": case_resnet56_restarts,
 }
 # Seconds a case needs at least on an H100 (predictions, benchmarks/RESULTS.md): a case starts
 # only when that much of the budget is left.
 MIN_SECONDS = {"correctness": 20, "resnet56": 10, "resnet18": 15, "square4096": 25,
-               "llama7b": 60, "tf32_masks": 10}  # fmt: skip
+               "llama7b": 60, "tf32_masks": 10, "resnet56_restarts": 10}  # fmt: skip
 
 
 def tf32_estimate(workload: str = "resnet56", iters: int = 200) -> dict:

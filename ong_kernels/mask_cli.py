@@ -72,6 +72,12 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def _restarts(text: str) -> int:
+    if not re.fullmatch(r"\s*[0-9]+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ong-mask",
@@ -95,8 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--init", choices=("nndsvda", "nndsvd", "random"), default="nndsvda")
+    p.add_argument(
+        "--init",
+        choices=("nndsvda", "nndsvd", "random"),
+        default=None,
+        help="NMF start (default: nndsvda; random with --restarts > 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--restarts",
+        type=_restarts,
+        default=1,
+        help="consensus ONG: score by the mean W H of this many random starts (seeds SEED, "
+        "SEED+1, ...), all solved in the same streamed groups (default: 1)",
+    )
     p.add_argument("--backend", default="auto")
     p.add_argument("-o", "--output", help="masks file to write (required unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print what would be pruned; no work")
@@ -223,10 +241,14 @@ def _check_budget(pruned, args, memory_budget: int | None) -> str | None:
     streaming's own cost model (nmf_groups.group_bytes with the selected kernel's workspace)."""
     from ong_kernels.backends import registry
     from ong_kernels.nmf_groups import Item, check_budget, format_bytes, group_bytes
-    from ong_kernels.pruning.ong import resolve_ranks
+    from ong_kernels.pruning.ong import resolve_ranks, restart_init
 
     if args.method != "ong":
         return None
+    try:  # --init's default depends on --restarts
+        init = restart_init(args.init, args.restarts)
+    except ValueError as err:
+        return str(err)
     device = torch.device(args.device)
     try:
         budget = check_budget(memory_budget, device)
@@ -239,7 +261,7 @@ def _check_budget(pruned, args, memory_budget: int | None) -> str | None:
     ranks = resolve_ranks(args.rank, [shape for _, shape, _ in pruned])
     for i, ((name, shape, dtype), r) in enumerate(zip(pruned, ranks, strict=True)):
         item = Item(i, torch.empty(shape, dtype=_FLOAT[dtype], device="meta"), r)
-        need = group_bytes([item], kernel, args.init)
+        need = group_bytes([item], kernel, init)
         if need > budget:
             return (
                 f"{name} (shape {list(shape)}, rank {r}) needs {format_bytes(need)} on {device} "
@@ -322,6 +344,7 @@ def run(args, ctx: _Dist | None = None) -> int:
     from ong_kernels.nmf_groups import Streaming
     from ong_kernels.pruning import stream
     from ong_kernels.pruning.io import write_mask_file
+    from ong_kernels.pruning.ong import restart_init
 
     progress = _show_progress(args.no_progress)
     start = time.perf_counter()
@@ -331,9 +354,11 @@ def run(args, ctx: _Dist | None = None) -> int:
             yield _read(path, names[i])
 
     try:
+        restarts = args.restarts
         share = _rank_share(ctx, args, entries, names, shapes)
         if args.method == "ong":
-            solver = Solver(args.max_iter, args.tol, args.init, args.seed, args.backend)
+            init = restart_init(args.init, restarts)
+            solver = Solver(args.max_iter, args.tol, init, args.seed, args.backend)
             streaming = Streaming(ctx.device(args.device), ctx.budget(args), ctx.progress(progress))
             mine = [shapes[i] for i in share]
             total = sum(math.prod(s) for s in mine)  # this rank's (all of them in one process)
@@ -341,12 +366,16 @@ def run(args, ctx: _Dist | None = None) -> int:
             def factorise():
                 if not mine:  # more ranks than tensors
                     return []
-                return stream.ong_factors(weights(), args.rank, solver, streaming, total)
+                return stream.ong_factors(
+                    weights(), args.rank, solver, streaming, total, restarts, len(mine)
+                )
 
             factors = ctx.local(factorise)
-            passes = stream.ong_score_passes(factors, mine)
+            passes = stream.ong_score_passes(factors, mine, restarts)
             dtype = torch.float32
         else:
+            if restarts > 1:
+                raise ValueError(f"--restarts {restarts} needs --method ong")
 
             def passes():
                 return (w.abs() for w in weights())
@@ -361,14 +390,18 @@ def run(args, ctx: _Dist | None = None) -> int:
             )
             packed, rows = {}, []
             t0 = time.perf_counter()
-            for i, mask in zip(share, masks, strict=True):
+            for pos, (i, mask) in enumerate(zip(share, masks, strict=True)):
                 name, shape = names[i], shapes[i]
                 mask = mask.cpu().contiguous()
                 packed[name] = pack_mask(mask)  # pruning.io's codec (format version 2)
+                overlaps = None
+                if restarts > 1:  # each restart alone against the consensus mask
+                    pairs = factors[pos * restarts : (pos + 1) * restarts]
+                    overlaps = stream.restart_overlaps(pairs, mask)
                 kept = int(mask.sum())
                 flat = mask.reshape(-1)
                 t1 = time.perf_counter()
-                rows.append((name, shape, flat.numel(), kept, t1 - t0, _peak_mib()))
+                rows.append((name, shape, flat.numel(), kept, t1 - t0, _peak_mib(), overlaps))
                 t0 = t1
             return packed, rows
 
@@ -386,12 +419,29 @@ def run(args, ctx: _Dist | None = None) -> int:
     if ctx.rank == 0:
         _summary(rows, scored, time.perf_counter() - start, args)
         ctx.summary()
+        if restarts > 1:
+            _stability(rows, restarts, args.seed)
     return 0
+    return 0
+
+
+def _stability(rows, restarts: int, seed: int) -> None:
+    """One line: how well the --restarts agree with their consensus mask (rows[i][6]: each
+    restart's (intersection, union) with layer i's mask, from pruning.ong.restart_overlaps)."""
+    from ong_kernels.pruning.ong import Agreement
+
+    agreement = Agreement.from_overlaps([r[6] for r in rows])
+    print(
+        f"restarts: {restarts} (init random, seeds {seed}..{seed + restarts - 1}); agreement "
+        f"(IoU of each restart's own mask, at the consensus per-layer counts, with the "
+        f"consensus mask): mean {agreement.mean:.4f}, lowest restart "
+        f"{min(agreement.per_restart):.4f}"
+    )
 
 
 def _summary(rows, scored: float, elapsed: float, args) -> None:
     print(f"\n{'layer':50s} {'shape':>20s} {'sparsity':>9s} {'time s':>8s} {'peak MiB':>9s}")
-    for name, shape, n, kept, secs, peak in rows:
+    for name, shape, n, kept, secs, peak, _ in rows:
         print(f"{name:50s} {list(shape)!s:>20s} {1 - kept / n:9.4f} {secs:8.2f} {peak:9.0f}")
     n = sum(r[2] for r in rows)
     kept = sum(r[3] for r in rows)
@@ -578,12 +628,13 @@ def _rank_share(ctx: _Dist, args, entries, names, shapes) -> list[int]:
     from ong_kernels.nmf import Solver
     from ong_kernels.pruning.allocation import check_floors, check_scope, check_sparsity
     from ong_kernels.pruning.distributed import balance
-    from ong_kernels.pruning.ong import resolve_ranks
+    from ong_kernels.pruning.ong import resolve_ranks, restart_init
 
     numels = [math.prod(s) for s in shapes]
     check_floors(numels, check_sparsity(args.sparsity), check_scope(args.scope), None)
     if args.method == "ong":
-        Solver(args.max_iter, args.tol, args.init, args.seed, args.backend).checked()
+        init = restart_init(args.init, args.restarts)  # --init's default depends on --restarts
+        Solver(args.max_iter, args.tol, init, args.seed, args.backend).checked()
         ranks = resolve_ranks(args.rank, shapes)
     else:
         ranks = [1] * len(shapes)

@@ -32,7 +32,11 @@ from ong_kernels.pruning import (
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.98, 0.999]
 # Short runs keep the 90-case grid fast; the defaults are exercised in other tests.
-FAST = {"ong": {"max_iter": 30}, "synflow": {"iterations": 10}}
+FAST = {
+    "ong": {"max_iter": 30},
+    "ong-consensus": {"max_iter": 30, "restarts": 3},
+    "synflow": {"iterations": 10},
+}
 
 
 class OddNet(nn.Module):

@@ -58,6 +58,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch.set_num_threads(1)
         torch.save(ong_scores(model(), **ONG), f"{out_dir}/scores{rank}.pt")
         save_masks(f"{out_dir}/masks{rank}.safetensors", prune(model(), "ong", 0.9, **ONG))
+        # Consensus: each matrix's 3 restarts on one rank, the agreement gathered too.
+        consensus = prune(model(), "ong", 0.9, restarts=3, **ONG)
+        save_masks(f"{out_dir}/consensus{rank}.safetensors", consensus)
+        torch.save(consensus.agreement, f"{out_dir}/agreement{rank}.pt")
         # SNIP on different batches per rank: the gradients are summed over the ranks.
         snip = prune(model(), "snip", 0.9, data=rank_batch(rank))
         save_masks(f"{out_dir}/snip{rank}.safetensors", snip)
@@ -123,6 +127,16 @@ def test_two_gloo_ranks_give_identical_masks(tmp_path):
     local = load_masks(tmp_path / "snip_local.safetensors")
     own = prune(model(), "snip", 0.9, data=rank_batch(1))
     assert all(torch.equal(local[k], own.masks[k]) for k in local)
+
+    # Consensus ONG: the same masks and agreement on both ranks, and as in one process.
+    c0 = load_masks(tmp_path / "consensus0.safetensors")
+    c1 = load_masks(tmp_path / "consensus1.safetensors")
+    assert all(torch.equal(c0[k], c1[k]) for k in c0)
+    a0, a1 = (torch.load(tmp_path / f"agreement{r}.pt", weights_only=False) for r in range(2))
+    assert a0 == a1 and a0.restarts == 3
+    alone = prune(model(), "ong", 0.9, restarts=3, **ONG)
+    assert mask_overlap(alone, c0) > 0.99
+    assert a0.per_layer == pytest.approx(alone.agreement.per_layer, abs=0.02)
 
     outcomes = [(tmp_path / f"outcome{r}.txt").read_text() for r in range(2)]
     assert outcomes == ["other rank", "own error"]

@@ -17,7 +17,7 @@ from ong_kernels.pruning.allocation import (
     check_scope,
     check_sparsity,
 )
-from ong_kernels.pruning.ong import DEFAULT_RANK, _ong
+from ong_kernels.pruning.ong import DEFAULT_RANK, Scored, _ong, _ong_consensus
 from ong_kernels.pruning.result import LayerReport, PruneResult, layer_reports
 from ong_kernels.pruning.scores import _grasp, _magnitude, _random, _snip, _synflow
 from ong_kernels.pruning.targets import prunable_parameters, resolve_targets
@@ -37,6 +37,7 @@ __all__ = [
 
 _SCORERS = {
     "ong": _ong,
+    "ong-consensus": _ong_consensus,
     "magnitude": _magnitude,
     "random": _random,
     "snip": _snip,
@@ -68,7 +69,9 @@ def _method_kwargs(method: str, context: dict, method_kwargs: dict) -> dict:
     return kwargs
 
 
-def _compute_masks(model, targets, method, sparsity, scope, min_density, context, kwargs):
+def _compute_masks(
+    model, targets, method, sparsity, scope, min_density, context, kwargs, agreement=True
+):
     check_floors([t.numel() for _, t in targets], sparsity, scope, min_density)
     names = [n for n, _ in targets]
 
@@ -77,7 +80,13 @@ def _compute_masks(model, targets, method, sparsity, scope, min_density, context
 
     call = _method_kwargs(method, {**context, "sparsity": sparsity, "allocate": alloc}, kwargs)
     scores = _SCORERS[method](model, targets, **call)
-    return alloc(scores, sparsity)
+    if not isinstance(scores, Scored):
+        return alloc(scores, sparsity), None
+    masks = alloc(scores.scores, sparsity)
+    # ONG with restarts > 1: how far each restart alone is from the consensus mask.
+    if not agreement or scores.agreement is None:
+        return masks, None
+    return masks, scores.agreement(masks)
 
 
 def prune(
@@ -100,25 +109,31 @@ def prune(
         model: any ``nn.Module``; its prunable weights (targets.py: Conv*/Linear weights by
             default) are scored, and the pruned entries set to 0. Nothing else about the
             model changes: scores that need forward passes run on a copy.
-        method: "ong" (NMF reconstruction, ong.py), "magnitude", "random", "snip", "grasp"
-            or "synflow" (scores.py).
+        method: "ong" (NMF reconstruction, ong.py), "ong-consensus" (ONG scored by the mean
+            reconstruction of ``restarts`` random starts, 8 by default: the same as "ong"
+            with restarts=8, init="random"), "magnitude", "random", "snip", "grasp" or
+            "synflow" (scores.py).
         sparsity: fraction of the prunable weights to prune, in [0, 1).
         scope: "global", "layer" or "erk" (allocation.py).
         data: (inputs, targets) or an iterable of such batches, all of which are used;
             required by "snip" and "grasp", gives "synflow" its input shape, ignored by
             the others.
         loss_fn: ``loss_fn(outputs, targets)`` for "snip" / "grasp"; cross-entropy if None.
-        seed: seeds "random", ONG's init="random", and dropout during "snip" / "grasp".
+        seed: seeds "random", ONG's init="random" (restart j of ONG's restarts: seed + j),
+            and dropout during "snip" / "grasp".
         include / exclude: module types and/or name patterns (targets.py).
         min_density: per-layer floor; None keeps at least one weight per layer.
         **method_kwargs: the method's own options, e.g. for "ong" rank, max_iter, tol,
-            init, backend; "grasp" temperature; "synflow" iterations, input_shape, dtype;
+            init, restarts (k > 1: consensus ONG, ong.py), backend; "grasp" temperature;
+            "synflow" iterations, input_shape, dtype;
             for "ong", "snip", "grasp" group and distributed (below). An option the method
             does not take is a TypeError.
 
     Returns:
         PruneResult: ``masks`` (name -> bool tensor on the weight's device, True = kept)
-        and ``report`` (one LayerReport per weight, in ``named_parameters()`` order).
+        and ``report`` (one LayerReport per weight, in ``named_parameters()`` order). For
+        ONG with restarts > 1, ``agreement`` (ong.Agreement) says how far each restart
+        alone is from the consensus mask, per layer and overall.
 
     With torch.distributed initialised, "ong" spreads its factorisations over the ranks
     and "snip" / "grasp" sum their gradients over the ranks, so every rank gets the same
@@ -144,7 +159,7 @@ def prune(
     for name, param in targets:
         check_tensor(param, name)  # meta / sparse weights: one line naming the weight
 
-    masks = _compute_masks(
+    masks, agreement = _compute_masks(
         model, targets, method, sparsity, scope, min_density, context, method_kwargs
     )
 
@@ -154,11 +169,12 @@ def prune(
     names = [n for n, _ in targets]
     return PruneResult(
         masks=dict(zip(names, masks, strict=True)),
-        report=layer_reports(names, masks),
+        report=layer_reports(names, masks, agreement),
         method=method,
         scope=scope,
         target_sparsity=sparsity,
         options=dict(method_kwargs),
+        agreement=agreement,
     )
 
 
@@ -178,7 +194,7 @@ def ong_masks(
 
     `model_or_named` is an ``nn.Module`` or an iterable of (name, tensor) pairs (all
     scored). `nmf_kwargs` are ONG's other options (max_iter, tol, init, backend, group;
-    ong.py); the allocation is :func:`prune`'s.
+    ong.py; ``restarts=k`` is consensus ONG); the allocation is :func:`prune`'s.
     """
     sparsity = check_sparsity(sparsity)
     scope = check_scope(scope)
@@ -189,8 +205,8 @@ def ong_masks(
     model, targets = resolve_targets(model_or_named, include, exclude)
     for name, t in targets:
         check_tensor(t, name)
-    masks = _compute_masks(
-        model, targets, "ong", sparsity, scope, min_density, {"seed": seed}, kwargs
+    masks, _ = _compute_masks(
+        model, targets, "ong", sparsity, scope, min_density, {"seed": seed}, kwargs, False
     )
     return {n: m for (n, _), m in zip(targets, masks, strict=True)}
 

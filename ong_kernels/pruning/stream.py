@@ -29,6 +29,12 @@ through the compute device in groups that fit a memory budget) and :func:`ong_sc
 instead of m n; one (m, r) x (r, n) product per layer and pass, ~1/(2 max_iter) of the NMF's
 own work). :func:`stream_ong_scores` yields the scores of a weight iterable once, without
 keeping factors.
+
+Consensus ONG (``restarts=k``, ong.py): every |W| enters the stream k times in a row (the same
+tensor; restart j seeded with ``solver.seed + j``, which needs ``init="random"``:
+CONSENSUS_SOLVER), so its restarts are solved in the same groups' op calls as everything
+else; the score is their mean W H (ong.mean_product), the factors kept are k r (m + n) per
+layer, and :func:`restart_overlaps` measures each restart against the consensus mask.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ong_kernels._validate import check_device
+from ong_kernels._validate import check_device, check_int
 from ong_kernels.backends import registry
 from ong_kernels.nmf_groups import Item, Streaming, check_budget, check_fits, run
 from ong_kernels.nmf_rules import Solver
@@ -55,19 +61,34 @@ from ong_kernels.pruning.allocation import (
     select_top,
 )
 from ong_kernels.pruning.distributed import sum_counts, world
-from ong_kernels.pruning.ong import DEFAULT_RANK, ONG_SOLVER, resolve_ranks
+from ong_kernels.pruning.ong import (
+    CONSENSUS_INIT,
+    DEFAULT_RANK,
+    ONG_SOLVER,
+    check_restarts,
+    mean_product,
+    resolve_ranks,
+    restart_init,
+    restart_overlaps,
+    restart_seeds,
+)
 
 # Solver and Streaming are re-exported: they are the settings ong_factors and
-# stream_ong_scores take.
+# stream_ong_scores take; restart_overlaps measures their restarts against a mask.
 __all__ = [
+    "CONSENSUS_SOLVER",
     "ONG_SOLVER",
     "Solver",
     "Streaming",
     "ong_factors",
     "ong_score_passes",
+    "restart_overlaps",
     "stream_masks",
     "stream_ong_scores",
 ]
+
+# The solver of consensus ONG's restarts: ONG's, from random starts (restart j: seed + j).
+CONSENSUS_SOLVER = dataclasses.replace(ONG_SOLVER, init=CONSENSUS_INIT)
 
 Passes = Callable[[], Iterable[torch.Tensor]]
 # Raw weights: a sequence, or an iterator such as a checkpoint reader.
@@ -378,33 +399,55 @@ def _yield_masks(passes, shapes, names, dtype, sparsity, scope, min_density, num
         yield _apply(plan[i], flat).view(shapes[i])
 
 
-def _abs(weights: Iterable[torch.Tensor], shapes: list) -> Iterator[torch.Tensor]:
+def _abs(weights: Iterable[torch.Tensor], shapes: list, restarts: int) -> Iterator[torch.Tensor]:
     for t in weights:
         if isinstance(t, torch.Tensor):
             shapes.append(t.shape)
-            yield t.detach().abs()
+            v = t.detach().abs()
+            for _ in range(restarts):  # the same |W| for every restart: no copy
+                yield v
         else:
             yield t  # nmf_batched names the bad entry
 
 
 class _LazyRanks(Sequence):
     """Per-matrix ranks of a weight iterator, resolved as each weight arrives (the streaming
-    sizes matrix i only after the iterator produced it)."""
+    sizes matrix i only after the iterator produced it); matrix i is restart i % k of weight
+    i // k."""
 
-    def __init__(self, rank, shapes: list) -> None:
-        self.rank, self.shapes = rank, shapes
+    def __init__(self, rank, shapes: list, restarts: int = 1) -> None:
+        self.rank, self.shapes, self.restarts = rank, shapes, restarts
 
     def __len__(self) -> int:
-        return len(self.shapes)
+        return len(self.shapes) * self.restarts
 
     def __getitem__(self, i):
-        return resolve_ranks(self.rank, [self.shapes[i]])[0]
+        return resolve_ranks(self.rank, [self.shapes[i // self.restarts]])[0]
 
 
-def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total: int | None):
-    """nmf_batched's streamed groups of NMF(|W|) factors for raw weights (never all |W| at
-    once); a sequence's sizes are checked against the budget before any work."""
+def _restart_solver(solver: Solver, restarts: int, count: int | None) -> Solver:
+    """`solver` (checked) for `restarts` restarts of each of `count` weights: per-matrix
+    seeds seed + j (nmf_batched fixes them before the first group, so an iterator's weights
+    must be counted up front)."""
     solver = solver.checked()
+    if restarts == 1:
+        return solver
+    restart_init(solver.init, restarts)  # random starts only: ValueError naming init
+    if count is None:
+        raise ValueError(
+            f"restarts={restarts} of an iterator of weights needs count= (how many weights it "
+            "yields): every restart's seed is fixed before the first group is solved"
+        )
+    check_int(count, "count", 1)
+    seeds = restart_seeds(solver.seed, restarts)
+    return dataclasses.replace(solver, seed=tuple(seeds * count))
+
+
+def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total, restarts, count):
+    """nmf_batched's streamed groups of NMF(|W|) factors for raw weights (never all |W| at
+    once), each weight `restarts` times in a row; a sequence's sizes are checked against the
+    budget before any work."""
+    k = check_restarts(restarts)
     shapes: list = []
     if isinstance(weights, Sequence) and not isinstance(weights, torch.Tensor):
         if len(weights) == 0:
@@ -412,24 +455,35 @@ def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total: i
         for i, t in enumerate(weights):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        ranks: Sequence[int] = resolve_ranks(rank, [t.shape for t in weights])
+        solver = _restart_solver(solver, k, len(weights))
+        weight_ranks = resolve_ranks(rank, [t.shape for t in weights])
         streaming.check()
         device = streaming.device
         compute = weights[0].device if device is None else check_device(device)
         budget = check_budget(streaming.memory_budget, compute)
         kernel = registry.select("nmf_mu", compute.type, solver.backend)
         for i, t in enumerate(weights):
-            check_fits(Item(i, t, ranks[i]), budget, kernel, solver.init)
+            check_fits(Item(i, t, weight_ranks[i]), budget, kernel, solver.init)
         streaming = dataclasses.replace(streaming, memory_budget=budget)
         total = sum(t.numel() for t in weights)
+        ranks: Sequence[int] = [r for r in weight_ranks for _ in range(k)]
     else:
         resolve_ranks(rank, [])  # the rank's type and range, before any work
-        ranks = _LazyRanks(rank, shapes)
-    return run(_abs(weights, shapes), ranks, solver, streaming, total=total)
+        solver = _restart_solver(solver, k, count)
+        ranks = _LazyRanks(rank, shapes, k)
+    if total is not None and k > 1:
+        total *= k  # the progress bar counts every restart's weights
+    return run(_abs(weights, shapes, k), ranks, solver, streaming, total=total)
 
 
 def ong_factors(
-    weights: Weights, rank=DEFAULT_RANK, solver=ONG_SOLVER, streaming=Streaming(), total=None
+    weights: Weights,
+    rank=DEFAULT_RANK,
+    solver=ONG_SOLVER,
+    streaming=Streaming(),
+    total=None,
+    restarts=1,
+    count=None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """NMF factors (W_i, H_i) of |weight_i|, streamed: the ONG part of prune("ong").
 
@@ -439,42 +493,63 @@ def ong_factors(
     `streaming` (device, memory_budget, progress) nmf_batched's (ong_kernels/nmf_groups.py);
     `total` the number of weights, for an iterator's progress bar. The factors equal
     prune()'s: the same ONG matrices factorised by the same op, grouping aside.
+    `restarts=k`: k pairs per weight, in a row (restart j from solver.seed + j; needs
+    ``solver.init == "random"``, e.g. CONSENSUS_SOLVER), equal to prune(restarts=k)'s; an
+    iterator of weights then needs `count`, how many weights it yields.
     """
-    groups = _factor_groups(weights, rank, solver, streaming, total)
+    groups = _factor_groups(weights, rank, solver, streaming, total, restarts, count)
     return [pair for factors, _ in groups for pair in factors]
 
 
 def ong_score_passes(
-    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], shapes: Sequence[Sequence[int]]
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    shapes: Sequence[Sequence[int]],
+    restarts: int = 1,
 ) -> Passes:
-    """`passes` for stream_masks: each call yields W_i @ H_i in shape i, one layer at a time
-    (the product prune("ong") scores with)."""
-    if len(factors) != len(shapes):
-        raise ValueError(f"{len(factors)} factor pairs but {len(shapes)} shapes")
+    """`passes` for stream_masks: each call yields the mean of W_j @ H_j over the `restarts`
+    consecutive pairs of layer i, in shape i, one layer at a time (the score prune("ong")
+    ranks: W @ H itself for one restart)."""
+    k = check_restarts(restarts)
+    if len(factors) != k * len(shapes):
+        raise ValueError(f"{len(factors)} factor pairs but {len(shapes)} shapes x {k} restart(s)")
 
     def passes() -> Iterator[torch.Tensor]:
-        for (w, h), shape in zip(factors, shapes, strict=True):
-            yield (w @ h).reshape(tuple(shape))
+        for i, shape in enumerate(shapes):
+            yield mean_product(factors[i * k : (i + 1) * k]).reshape(tuple(shape))
 
     return passes
 
 
 def stream_ong_scores(
-    weights: Weights, rank=DEFAULT_RANK, solver=ONG_SOLVER, streaming=Streaming(), total=None
+    weights: Weights,
+    rank=DEFAULT_RANK,
+    solver=ONG_SOLVER,
+    streaming=Streaming(),
+    total=None,
+    restarts=1,
+    count=None,
 ) -> Iterator[torch.Tensor]:
     """Yield each weight's ONG score W H (float32, in the weight's shape, on its device) as
-    its group is solved; neither the factors nor earlier scores are kept. Arguments as
-    :func:`ong_factors`. For masks, feed :func:`stream_masks` (which reads the scores several
-    times under global scope: ong_factors + ong_score_passes keep only the factors)."""
+    its group is solved; neither the factors nor earlier scores are kept (with `restarts`,
+    a weight's restarts until their mean is yielded). Arguments as :func:`ong_factors`. For
+    masks, feed :func:`stream_masks` (which reads the scores several times under global
+    scope: ong_factors + ong_score_passes keep only the factors)."""
     shapes: list = []
+    k = check_restarts(restarts)
 
-    def run() -> Iterator[torch.Tensor]:
-        groups = _factor_groups(_record(weights, shapes), rank, solver, streaming, total)
-        pairs = (pair for factors, _ in groups for pair in factors)
-        for index, (w, h) in enumerate(pairs):
-            yield (w @ h).reshape(shapes[index])
+    def scores() -> Iterator[torch.Tensor]:
+        source = _record(weights, shapes)
+        groups = _factor_groups(source, rank, solver, streaming, total, k, count)
+        pending: list = []  # one weight's restarts may straddle two groups
+        index = 0
+        for factors, _ in groups:
+            for pair in factors:
+                pending.append(pair)
+                if len(pending) == k:
+                    yield mean_product(pending).reshape(shapes[index])
+                    pending, index = [], index + 1
 
-    return run()
+    return scores()
 
 
 def _record(weights, shapes: list):

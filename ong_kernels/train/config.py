@@ -14,6 +14,7 @@ from typing import Any
 from ong_kernels._validate import is_finite_real, is_int
 from ong_kernels.pruning.allocation import SCOPES
 from ong_kernels.pruning.api import METHODS as PRUNE_METHODS
+from ong_kernels.pruning.ong import CONSENSUS_RESTARTS
 
 from .data import DATASETS
 from .models import MODELS
@@ -163,7 +164,13 @@ class TrainConfig:
     width: float = _field(1.0, _DATA, "channel-width multiplier of the network")
 
     method: str = _field(
-        "ong", _PRUNE, "pruning method at initialisation, or dense", choices=METHODS, swept=True
+        "ong",
+        _PRUNE,
+        "pruning method at initialisation, or dense; ong-consensus is ONG scored by the mean "
+        f"W H of {CONSENSUS_RESTARTS} random NMF restarts (another count: --method-kwargs "
+        "'{\"restarts\": K}')",
+        choices=METHODS,
+        swept=True,
     )
     sparsity: float = _field(0.9, _PRUNE, "fraction of prunable weights removed", swept=True)
     scope: str = _field("global", _PRUNE, "how sparsity is spread over layers", choices=SCOPES)
