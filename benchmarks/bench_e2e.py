@@ -5,6 +5,7 @@ of benchmarks/RESULTS.md (issue 16 section):
 
     .venv/bin/python -m benchmarks.bench_e2e llama      # validation + init vs MU iterations
     .venv/bin/python -m benchmarks.bench_e2e prune      # prune(model, "ong") vs its solve
+    .venv/bin/python -m benchmarks.bench_e2e mask       # ong-mask defaults vs --init random
     .venv/bin/python -m benchmarks.bench_e2e crossover  # exact vs randomized SVD (the rule)
     .venv/bin/python -m benchmarks.bench_e2e quality    # masks: randomized vs exact start
     .venv/bin/python -m benchmarks.bench_e2e defaults   # masks: default start vs LAPACK's
@@ -27,7 +28,7 @@ from benchmarks.shapes import bert_base_encoder, llama_block, resnet18, resnet20
 from benchmarks.shapes import prunable as prunable_specs
 from ong_kernels import nmf_init
 from ong_kernels.nmf import nmf_batched
-from ong_kernels.nmf_init import initial_factors, randomized_svd, use_exact_svd
+from ong_kernels.nmf_init import gram_svd, initial_factors, randomized_svd, use_exact_svd
 from ong_kernels.nmf_rules import Solver, as_matrix, check_values, kernel_input
 
 SETS = {
@@ -125,17 +126,18 @@ def cmd_prune(args) -> None:
 
 
 def cmd_crossover(args) -> None:
-    print("| m x n | r | exact SVD s | randomized SVD s | rule picks |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| m x n | r | LAPACK SVD s | Gram SVD s | randomized SVD s | rule picks |")
+    print("| --- | --- | --- | --- | --- | --- |")
     cases = [(256, 2304, 64), (512, 4608, 128), (512, 4608, 32), (768, 768, 192),
-             (768, 3072, 192), (768, 3072, 48), (768, 3072, 16), (2048, 2048, 16),
-             (4096, 4096, 64), (4096, 4096, 16)]  # fmt: skip
+             (768, 3072, 192), (768, 3072, 16), (4096, 4096, 64), (4096, 4096, 16)]  # fmt: skip
     for m, n, r in cases:
         v = torch.rand(m, n)
         t_rand = best(lambda v=v, r=r: randomized_svd(v, r, 0), args.repeats)
+        t_gram = best(lambda v=v, r=r: gram_svd(v, r), args.repeats)
         t_exact = best(lambda v=v: torch.linalg.svd(v, full_matrices=False), 1)
-        pick = "exact" if use_exact_svd(m, n, r) else "randomized"
-        print(f"| {m} x {n} | {r} | {t_exact:.3f} | {t_rand:.3f} | {pick} |", flush=True)
+        pick = "exact (Gram)" if use_exact_svd(m, n, r) else "randomized"
+        print(f"| {m} x {n} | {r} | {t_exact:.3f} | {t_gram:.3f} | {t_rand:.3f} | {pick} |",
+              flush=True)  # fmt: skip
 
 
 def _masks(scores, sparsity: float) -> torch.Tensor:
@@ -229,6 +231,35 @@ def cmd_quality(args) -> None:
             print(f"| {name} | {rank} | {power} | {iou:.3f} | {diff:.1e} |", flush=True)
 
 
+def cmd_mask(args) -> None:
+    """ong-mask on a one-layer Llama-7B-shaped fp16 checkpoint at its defaults against the same
+    run with --init random (both --tol 0: the same iterations), wall clock of the command."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "layer.safetensors")
+        g = torch.Generator().manual_seed(0)
+        save_file({f"model.layers.0.{s.name}": torch.randn(s.shape, generator=g).mul_(0.02)
+                   .half() for s in llama_block()}, ckpt)  # fmt: skip
+        print("| run | wall s |")
+        print("| --- | --- |")
+        times = {}
+        for label, extra in (("defaults (nndsvda)", []), ("--init random", ["--init", "random"])):
+            cmd = [sys.executable, "-m", "ong_kernels.mask_cli", ckpt, "--sparsity", "0.5",
+                   "--tol", "0", "--no-progress", "-o", os.path.join(tmp, "m.safetensors"),
+                   *extra]  # fmt: skip
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            times[label] = time.perf_counter() - start
+            print(f"| {label} | {times[label]:.1f} |", flush=True)
+        print(f"ratio {times['defaults (nndsvda)'] / times['--init random']:.3f}")
+
+
 def _set_rank(text: str) -> tuple[str, int | float]:
     name, _, rank = text.partition(":")
     return name, float(rank) if "." in rank else int(rank)
@@ -245,6 +276,7 @@ def main(argv=None) -> None:
     q = sub.add_parser("prune")
     q.add_argument("--models", nargs="+", default=["resnet56", "resnet18"])
     q.add_argument("--repeats", type=int, default=2)
+    sub.add_parser("mask")
     q = sub.add_parser("crossover")
     q.add_argument("--repeats", type=int, default=2)
     q = sub.add_parser("defaults")
@@ -261,8 +293,9 @@ def main(argv=None) -> None:
         help="set:rank pairs, e.g. resnet20:0.25 bert_base:16",
     )  # fmt: skip
     args = p.parse_args(argv)
-    {"llama": cmd_llama, "prune": cmd_prune, "crossover": cmd_crossover,
-     "quality": cmd_quality, "defaults": cmd_defaults}[args.cmd](args)  # fmt: skip
+    commands = {"llama": cmd_llama, "prune": cmd_prune, "crossover": cmd_crossover,
+                "quality": cmd_quality, "defaults": cmd_defaults, "mask": cmd_mask}  # fmt: skip
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -121,9 +121,10 @@ def gram_svd(v: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch
     rounding), from the eigendecomposition of the float64 Gram matrix of its short side.
 
     One O(m n min(m, n)) GEMM and an O(min(m, n)^3) eigh instead of LAPACK's bidiagonalising
-    SVD: measured (2 threads, loaded machine) 0.23 s against torch.linalg.svd's 4.0 s for a
-    512 x 4608 |W| at r = 128, 0.40 s against 4.6 s for 768 x 3072, no gain for a square one
-    (768 x 768: 0.96 s against 0.88 s); singular values within 3e-6 relative of LAPACK's and
+    SVD: measured (2 threads, idle; benchmarks/bench_e2e.py crossover) 0.048 s against
+    torch.linalg.svd's 0.365 s for a 512 x 4608 matrix at r = 128, 0.082 s against 0.440 s for
+    768 x 3072, little gain for a square one (768 x 768: 0.053 s against 0.073 s); singular
+    values within 3e-6 relative of LAPACK's and
     vectors within 3e-5 (|<u, u'>| >= 0.99997). Squaring in float64 keeps the error of the
     r-th value at ~1e-16 (s_1 / s_r)^2, far below float32's rounding for the ratios NNDSVD uses.
     """
