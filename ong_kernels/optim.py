@@ -21,7 +21,7 @@ from ong_kernels._bitmask import block_offsets, compact, expand, pack_mask, unpa
 from ong_kernels._layout import Layout, dense_layout, layout_of
 from ong_kernels._validate import check_real
 from ong_kernels.backends import registry
-from ong_kernels.backends._sgd_args import SgdHyper
+from ong_kernels.backends._sgd_args import SgdHyper, check_compact_args, check_step_args
 
 _HYPER_DEFAULTS = dict(
     momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
@@ -120,8 +120,9 @@ class FusedMaskedSGD(Optimizer):
     ``grad_scale`` and ``found_inf`` and hands them to the op; the CUDA and CPU kernels
     unscale and skip an inf step without a host sync). The scaler's inf check looks at every
     gradient entry, pruned ones too. CUDA graphs: the step refuses capture (RuntimeError).
-    Each op call validates its tensors before it touches any of them; with several param
-    groups, a group whose tensors are refused is refused after the groups before it stepped.
+    Each op call validates its tensors before it touches any of them; with several calls
+    (param groups, devices, state formats) all are validated before the first runs, so a
+    refused tensor leaves every parameter and state as it was.
     """
 
     _step_supports_amp_scaling = True
@@ -439,25 +440,52 @@ class FusedMaskedSGD(Optimizer):
         hypers = [self._hyper(i, group) for i, group in enumerate(self.param_groups)]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        steps = []
         for index, (group, hyper) in enumerate(zip(self.param_groups, hypers, strict=True)):
             grads, calls = self._gather_group(index, group, hyper.momentum)
             for call in calls:
                 gs = grads if call.indices is None else [grads[i] for i in call.indices]
-                scale, inf = grad_scale, found_inf
-                if scale is not None or inf is not None:
-                    scale, inf = _on(scale, inf, call.device)
-                # the op's schema lists SgdHyper's fields in order (_sgd_args.HYPER_SCHEMA)
-                h = hyper._replace(first_step=True) if call.first else hyper
-                if call.compact:
-                    _ops.masked_sgd_compact_step_.default(
-                        call.params, gs, call.bufs, call.bits, call.offsets, *h, self.backend,
-                        scale, inf,
-                    )  # fmt: skip
-                else:
-                    _ops.masked_sgd_step_.default(
-                        call.params, gs, call.bufs, call.bits, *h, self.backend, scale, inf
-                    )
+                steps.append((index, call, gs, hyper))
+        done = 0
+        try:
+            if len(steps) > 1:
+                # Each op validates its own tensors before it writes; with several calls
+                # (groups, devices, formats) every one is validated first, so a bad tensor in
+                # a later group leaves the earlier groups unstepped too. One call (the usual
+                # case) pays the op's check only.
+                for index, call, gs, _ in steps:
+                    _check_call(call, gs, f"param_groups[{index}]")
+            for _, call, gs, hyper in steps:
+                self._run_call(call, gs, hyper, grad_scale, found_inf)
+                done += 1
+        except (ValueError, RuntimeError):
+            # The calls that did not run: the zero momentum their first step created goes
+            # again, so the next step is still a first step (torch SGD's buf = grad).
+            for _, call, _, _ in steps[done:]:
+                if call.first:
+                    name = "momentum_compact" if call.compact else "momentum_buffer"
+                    for p in call.params:
+                        self.state[p].pop(name, None)
+                        if not self.state[p]:
+                            del self.state[p]
+            raise
         return loss
+
+    def _run_call(self, call: _Call, grads: list, hyper: SgdHyper, grad_scale, found_inf):
+        scale, inf = grad_scale, found_inf
+        if scale is not None or inf is not None:
+            scale, inf = _on(scale, inf, call.device)
+        # the op's schema lists SgdHyper's fields in order (_sgd_args.HYPER_SCHEMA)
+        h = hyper._replace(first_step=True) if call.first else hyper
+        if call.compact:
+            _ops.masked_sgd_compact_step_.default(
+                call.params, grads, call.bufs, call.bits, call.offsets, *h, self.backend,
+                scale, inf,
+            )  # fmt: skip
+        else:
+            _ops.masked_sgd_step_.default(
+                call.params, grads, call.bufs, call.bits, *h, self.backend, scale, inf
+            )
 
     def _gather_group(self, index: int, group: dict, momentum: float) -> tuple[list, list[_Call]]:
         """torch's `_init_group` (not named so: dynamo runs a method of that name eagerly and
@@ -524,6 +552,17 @@ class FusedMaskedSGD(Optimizer):
                 )
             )
         return calls
+
+
+def _check_call(call: _Call, grads: list, where: str) -> None:
+    """The op's own tensor check (backends/_sgd_args.py) of one call, before any call runs."""
+    try:
+        if call.compact:
+            check_compact_args(call.params, grads, call.bufs, call.bits, call.offsets)
+        else:
+            check_step_args(call.params, grads, call.bufs, call.bits)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        raise type(err)(f"{where}: {err}") from None
 
 
 def _on(grad_scale, found_inf, device):

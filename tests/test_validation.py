@@ -213,3 +213,34 @@ def test_state_dict_with_wrong_mask_shape_is_rejected_before_loading():
     with pytest.raises(ValueError, match="state_dict: mask of shape"):
         opt.load_state_dict(state)
     assert_unchanged(params, opt, before)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("first_step", [False, True])
+def test_a_bad_gradient_in_a_later_group_changes_no_group(compact, first_step):
+    a, b = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(7))
+    opt = ong_kernels.FusedMaskedSGD(
+        [{"params": [a]}, {"params": [b], "lr": 0.05}], lr=0.1, momentum=0.9, dampening=0.5,
+        masks={a: torch.rand(6, 5) > 0.5}, compact_state=compact,
+    )  # fmt: skip
+    if not first_step:
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+    before = snapshot([a, b], opt)
+    a.grad = torch.randn_like(a)
+    b.grad = torch.randn(7).to_sparse()  # the second group's gradient is refused
+    with pytest.raises(NotImplementedError, match=r"param_groups\[1\]: grads\[0\].*sparse"):
+        opt.step()
+    assert_unchanged([a, b], opt, before)
+    # A first step that was refused is still a first step: buf = grad (no dampening).
+    b.grad = torch.randn_like(b)
+    ref = torch.optim.SGD([torch.nn.Parameter(b.detach().clone())], lr=0.05, momentum=0.9,
+                          dampening=0.5)  # fmt: skip
+    ref_param = ref.param_groups[0]["params"][0]
+    if not first_step:
+        ref.state[ref_param]["momentum_buffer"] = opt.state_dict()["state"][1][
+            "momentum_buffer"].clone()  # fmt: skip
+    ref_param.grad = b.grad.clone()
+    opt.step()
+    ref.step()
+    assert torch.allclose(b.detach(), ref_param.detach(), atol=1e-6)
