@@ -367,8 +367,9 @@ def run(args, ctx: _Dist | None = None) -> int:
                 if not mine:  # more ranks than tensors
                     return []
                 return stream.ong_factors(
-                    weights(), args.rank, solver, streaming, total, restarts, len(mine)
-                )
+                    weights(), args.rank, solver, streaming, total, restarts, len(mine),
+                    names=[names[i] for i in share],
+                )  # fmt: skip
 
             factors = ctx.local(factorise)
             passes = stream.ong_score_passes(factors, mine, restarts)
@@ -473,7 +474,6 @@ class _Dist:
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, local_world: int = 1):
         self.rank, self.world = rank, world
         self.local_rank, self.local_world = local_rank, local_world
-        self.names: list[str] = []  # the pruned tensors
         self.costs: list[int] = []  # what each costs: MU flops / iteration, or weights
         self.cost = "MU cost"  # the summary's name for it
         self.owner: list[int] = []  # rank of each
@@ -547,7 +547,7 @@ class _Dist:
             return fn()
         from ong_kernels.pruning.distributed import agree
 
-        return agree(_naming(fn, [self.names[i] for i in self.share]))
+        return agree(fn)
 
     def on_rank_0(self, fn: Callable) -> None:
         self.local(fn if self.rank == 0 else lambda: None)
@@ -590,30 +590,6 @@ class _Dist:
 _ENV = (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1))
 
 
-def _naming(fn: Callable, names: list[str]) -> Callable:
-    """fn, whose errors name this rank's j-th tensor instead of 'weights[j]' (an index into
-    the rank's share, which would mean nothing to the user)."""
-
-    def call():
-        try:
-            return fn()
-        except (ValueError, TypeError) as exc:
-            text = re.sub(
-                r"weights\[(\d+)\]",
-                lambda m: repr(names[int(m[1])]) if int(m[1]) < len(names) else m[0],
-                str(exc),
-            )
-            if text == str(exc):
-                raise
-            try:
-                renamed = type(exc)(text)
-            except Exception:  # an error type that takes other arguments: keep it as it is
-                raise exc from None
-            raise renamed from exc
-
-    return call
-
-
 def _rank_share(ctx: _Dist, args, entries, names, shapes) -> list[int]:
     """The indices of the tensors this rank reads and scores: all of them in one process.
 
@@ -642,7 +618,6 @@ def _rank_share(ctx: _Dist, args, entries, names, shapes) -> list[int]:
     ctx.costs = [n * r for n, r in zip(numels, ranks, strict=True)]
     ctx.owner = balance(ctx.costs, ctx.world)
     ctx.share = [i for i, r in enumerate(ctx.owner) if r == ctx.rank]
-    ctx.names = list(names)
     ctx.start(args.dist_timeout)
     local = {k: v for k, v in vars(args).items() if k not in _PER_RANK}
     digest = hashlib.sha256(repr((sorted(local.items()), entries)).encode()).hexdigest()

@@ -76,7 +76,7 @@ def nmf_batched(
             GPU the opt-in "tf32x3" / "tf32" (TF32 tensor-core products; benchmarks/RESULTS.md
             has their effect on ONG masks).
         names: optional label per matrix (e.g. parameter names) for error messages:
-            "weights[3] (layer1.0.conv1.weight) contains NaN".
+            "'layer1.0.conv1.weight' contains NaN" instead of "weights[3] contains NaN".
 
     Returns:
         [(W_i, H_i)]: float32 factors on the inputs' device, W_i (m_i, r_i), H_i (r_i, n_i),

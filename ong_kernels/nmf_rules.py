@@ -7,8 +7,8 @@ per concept:
 
 * ``matrix_shape`` / ``as_matrix``: a weight of shape (s0, s1, ...) is the (s0, s1 * ...)
   matrix; a 1-D tensor is (1, n).
-* ``label``: what an error calls matrix i: ``weights[i]``, with its name when the caller gave
-  names (a parameter or checkpoint tensor name).
+* ``label``: what an error calls matrix i: its name when the caller gave names (a parameter
+  or checkpoint tensor name), else ``weights[i]``.
 * ``check_tensor_arg``: the cheap checks (type, dtype, shape, device) that read no data;
   ``check_values``: the one pass over the data (NaN, Inf, negative, float32 range) that also
   returns the largest entry, which ``kernel_input`` uses to keep the solve in float32 range.
@@ -91,9 +91,10 @@ def kernel_input(t: torch.Tensor, largest: float) -> tuple[torch.Tensor, int]:
 
 
 def label(index: int, names: Sequence[str] | None) -> str:
-    """What errors call matrix `index`: weights[i], plus its name when one was given."""
+    """What errors call matrix `index`: its name when the caller gave names (a parameter or
+    checkpoint tensor: 'layer1.0.conv1.weight'), else weights[i]."""
     if names is not None and index < len(names):
-        return f"weights[{index}] ({names[index]})"
+        return repr(names[index])
     return f"weights[{index}]"
 
 

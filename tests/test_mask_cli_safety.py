@@ -146,9 +146,9 @@ def test_progress_bar_only_on_a_terminal(checkpoint, capfd, monkeypatch):
 
     original = stream.ong_factors
 
-    def spy(weights, rank, solver, streaming, *rest):
+    def spy(weights, rank, solver, streaming, *rest, **kw):
         shown.append(streaming.progress)
-        return original(weights, rank, solver, streaming, *rest)
+        return original(weights, rank, solver, streaming, *rest, **kw)
 
     monkeypatch.setattr(stream, "ong_factors", spy)
     assert mask_cli.main(_args(checkpoint, "m.safetensors")) == 0

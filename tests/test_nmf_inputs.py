@@ -82,7 +82,7 @@ def test_a_device_that_is_not_there_is_a_one_line_error(device, message):
 
 def test_names_label_the_matrix_in_errors():
     ws = [torch.rand(3, 4), torch.tensor([[1.0, float("nan")]])]
-    with pytest.raises(ValueError, match=r"weights\[1\] \(fc\.weight\) contains NaN"):
+    with pytest.raises(ValueError, match=r"'fc\.weight' contains NaN"):
         nmf_batched(ws, 2, names=["conv.weight", "fc.weight"])
     with pytest.raises(ValueError, match="names has 1 entries but there are 2 matrices"):
         nmf_batched(ws, 2, names=["conv.weight"])
@@ -92,12 +92,12 @@ def test_prune_ong_names_the_parameter_with_a_nan():
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
     with torch.no_grad():
         model[2].weight[1, 1] = float("nan")
-    with pytest.raises(ValueError, match=r"\(2\.weight\) contains NaN"):
+    with pytest.raises(ValueError, match=r"'2\.weight' contains NaN"):
         prune(model, "ong", 0.5, max_iter=5)
 
 
 def test_budget_error_names_the_matrix():
-    with pytest.raises(ValueError, match=r"weights\[0\] \(big\) \(shape \(300, 300\)\) needs"):
+    with pytest.raises(ValueError, match=r"'big' \(shape \(300, 300\)\) needs"):
         ong_kernels.nmf_batched([torch.rand(300, 300)], 4, memory_budget=1000, names=["big"])
 
 
@@ -107,7 +107,7 @@ def test_a_bad_matrix_late_in_a_generator_raises_the_named_error():
         yield torch.rand(4, 4)
         yield torch.tensor([[1.0, -2.0]])
 
-    with pytest.raises(ValueError, match=r"weights\[2\] \(c\) contains negative entries"):
+    with pytest.raises(ValueError, match=r"'c' contains negative entries"):
         nmf_batched(gen(), 2, memory_budget=10**9, names=["a", "b", "c"])
 
 
@@ -120,3 +120,19 @@ def test_a_bad_matrix_late_in_a_sequence_fails_before_any_solve(monkeypatch):
     with pytest.raises(ValueError, match=r"weights\[2\] contains NaN or Inf"):
         nmf_batched(ws, 2, memory_budget=10**9)
     assert calls == []
+
+
+def test_ong_mask_names_the_tensor_with_a_nan(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from ong_kernels.mask_cli import main
+
+    bad = torch.rand(6, 8)
+    bad[1, 2] = float("nan")
+    path = tmp_path / "model.safetensors"
+    save_file({"a.weight": torch.rand(5, 7), "b.weight": bad}, str(path))
+    out = tmp_path / "masks.safetensors"
+    args = [str(path), "--rank", "2", "--max-iter", "3", "--no-progress", "-o", str(out)]
+    assert main(args) == 2
+    assert "'b.weight' contains NaN" in capsys.readouterr().err
+    assert not out.exists()

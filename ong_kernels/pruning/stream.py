@@ -443,7 +443,9 @@ def _restart_solver(solver: Solver, restarts: int, count: int | None) -> Solver:
     return dataclasses.replace(solver, seed=tuple(seeds * count))
 
 
-def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total, restarts, count):
+def _factor_groups(
+    weights, rank, solver: Solver, streaming: Streaming, total, restarts, count, names
+):
     """nmf_batched's streamed groups of NMF(|W|) factors for raw weights (never all |W| at
     once), each weight `restarts` times in a row; a sequence's sizes are checked against the
     budget before any work."""
@@ -473,7 +475,9 @@ def _factor_groups(weights, rank, solver: Solver, streaming: Streaming, total, r
         ranks = _LazyRanks(rank, shapes, k)
     if total is not None and k > 1:
         total *= k  # the progress bar counts every restart's weights
-    return run(_abs(weights, shapes, k), ranks, solver, streaming, total=total)
+    if names is not None and k > 1:  # errors name the weight and the restart
+        names = [f"{n} (restart {j})" for n in names for j in range(k)]
+    return run(_abs(weights, shapes, k), ranks, solver, streaming, names, total)
 
 
 def ong_factors(
@@ -484,6 +488,7 @@ def ong_factors(
     total=None,
     restarts=1,
     count=None,
+    names=None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """NMF factors (W_i, H_i) of |weight_i|, streamed: the ONG part of prune("ong").
 
@@ -495,9 +500,10 @@ def ong_factors(
     prune()'s: the same ONG matrices factorised by the same op, grouping aside.
     `restarts=k`: k pairs per weight, in a row (restart j from solver.seed + j; needs
     ``solver.init == "random"``, e.g. CONSENSUS_SOLVER), equal to prune(restarts=k)'s; an
-    iterator of weights then needs `count`, how many weights it yields.
+    iterator of weights then needs `count`, how many weights it yields. `names` (one per
+    weight) label them in errors.
     """
-    groups = _factor_groups(weights, rank, solver, streaming, total, restarts, count)
+    groups = _factor_groups(weights, rank, solver, streaming, total, restarts, count, names)
     return [pair for factors, _ in groups for pair in factors]
 
 
@@ -528,6 +534,7 @@ def stream_ong_scores(
     total=None,
     restarts=1,
     count=None,
+    names=None,
 ) -> Iterator[torch.Tensor]:
     """Yield each weight's ONG score W H (float32, in the weight's shape, on its device) as
     its group is solved; neither the factors nor earlier scores are kept (with `restarts`,
@@ -539,7 +546,7 @@ def stream_ong_scores(
 
     def scores() -> Iterator[torch.Tensor]:
         source = _record(weights, shapes)
-        groups = _factor_groups(source, rank, solver, streaming, total, k, count)
+        groups = _factor_groups(source, rank, solver, streaming, total, k, count, names)
         pending: list = []  # one weight's restarts may straddle two groups
         index = 0
         for factors, _ in groups:
