@@ -48,6 +48,7 @@ from ong_kernels import _ops, nmf_plan
 from ong_kernels.backends.reference import mu_iteration_
 from ong_kernels.backends.triton import nmf as tnmf
 from ong_kernels.nmf import nmf_batched
+from ong_kernels.nmf_init import initial_factors
 
 SPARSITY = 0.9
 LLAMA_BLOCK = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
@@ -392,6 +393,42 @@ def case_resnet56_restarts(device, small, k: int = 8):
     return row
 
 
+def case_init_workspace(device, small):
+    """Issue 16 on the GPU: the nndsvda start of one Llama-7B block against its 200-iteration
+    solve (target: at most 10%), and the solve's peak extra device memory against the Triton
+    kernel's declared workspace (target: within 25%)."""
+    shapes = [(m // 128, n // 128) for m, n in LLAMA_BLOCK] if small else LLAMA_BLOCK
+    iters = 3 if small else 200
+    row = {}
+    for rank in (16, 64):
+        vs, ws, hs = problem(shapes, rank, device, dtype=torch.float16)
+        ranks = [w.shape[1] for w in ws]
+        t_init, _ = timed(lambda vs=vs, ranks=ranks: initial_factors(vs, ranks, "nndsvda", 0),
+                          device, reps=2)  # fmt: skip
+        t_solve, _ = timed(lambda vs=vs, ws=ws, hs=hs: op("triton", vs, ws, hs, iters), device)
+        row[f"r{rank}_init_s"], row[f"r{rank}_solve_s"] = t_init, t_solve
+        row[f"r{rank}_init_share"] = t_init / t_solve
+        if device == "cuda":
+            w, h = [t.clone() for t in ws], [t.clone() for t in hs]
+            sync(device)
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            _ops.nmf_mu_(vs, w, h, iters, 1e-4, "triton", "ieee")
+            sync(device)
+            extra = torch.cuda.max_memory_allocated() - base
+            model = tnmf.workspace([(*v.shape, r, v.dtype) for v, r in zip(vs, ranks,
+                                                                         strict=True)])  # fmt: skip
+            row[f"r{rank}_extra_bytes"], row[f"r{rank}_model_bytes"] = extra, model
+            row[f"r{rank}_extra_over_model"] = extra / max(1, model)
+    if not small:
+        expect(row["r16_init_share"] <= 0.1, f"init {row['r16_init_share']:.1%} of the solve")
+    if device == "cuda":
+        for rank in (16, 64):
+            ratio = row[f"r{rank}_extra_over_model"]
+            expect(0.75 <= ratio <= 1.25, f"rank {rank}: peak extra {ratio:.2f}x the model")
+    return row
+
+
 CASES = {
     "correctness": case_correctness,
     "resnet56": case_resnet56,
@@ -400,11 +437,13 @@ CASES = {
     "llama7b": case_llama7b,
     "tf32_masks": case_tf32_masks,
     "resnet56_restarts": case_resnet56_restarts,
+    "init_workspace": case_init_workspace,
 }
 # Seconds a case needs at least on an H100 (predictions, benchmarks/RESULTS.md): a case starts
 # only when that much of the budget is left.
 MIN_SECONDS = {"correctness": 20, "resnet56": 10, "resnet18": 15, "square4096": 25,
-               "llama7b": 60, "tf32_masks": 10, "resnet56_restarts": 10}  # fmt: skip
+               "llama7b": 60, "tf32_masks": 10, "resnet56_restarts": 10,
+               "init_workspace": 30}  # fmt: skip
 
 
 def tf32_estimate(workload: str = "resnet56", iters: int = 200) -> dict:
