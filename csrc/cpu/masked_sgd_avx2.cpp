@@ -26,31 +26,56 @@ inline __m256 lane_mask(unsigned byte) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, bit));
 }
 
+// The hyper-parameters broadcast to 8 lanes, and the step's arithmetic on 8 lanes, shared by
+// the dense and the compact span (one FMA per madd, the same association: the compact
+// trajectory is the dense one bit for bit).
+struct Lanes {
+  __m256 lr, wd, mom, damp, sign;
+  bool use_wd;
+  explicit Lanes(const SgdHyper& h)
+      : lr(_mm256_set1_ps(static_cast<float>(h.lr))),
+        wd(_mm256_set1_ps(static_cast<float>(h.weight_decay))),
+        mom(_mm256_set1_ps(static_cast<float>(h.momentum))),
+        damp(_mm256_set1_ps(static_cast<float>(1.0 - h.dampening))),
+        sign(_mm256_set1_ps(
+            static_cast<float>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)))),
+        use_wd(h.weight_decay != 0.0) {}
+  // The masked, unscaled, decayed gradient of lanes `keep`.
+  __m256 gradient(__m256 keep, const float* grad, __m256 w) const {
+    __m256 g = _mm256_and_ps(keep, _mm256_mul_ps(sign, _mm256_loadu_ps(grad)));
+    return use_wd ? _mm256_fmadd_ps(wd, w, g) : g;
+  }
+  // The new momentum from the old one (ignored on a first step).
+  template <bool kFirst>
+  __m256 momentum(__m256 old, __m256 g) const {
+    return kFirst ? g : _mm256_fmadd_ps(mom, old, _mm256_mul_ps(damp, g));
+  }
+  template <bool kNesterov>
+  __m256 direction(__m256 b, __m256 g) const {
+    return kNesterov ? _mm256_fmadd_ps(mom, b, g) : b;
+  }
+  __m256 weight(__m256 keep, __m256 w, __m256 g) const {
+    return _mm256_and_ps(keep, _mm256_fnmadd_ps(lr, g, w));
+  }
+};
+
 template <bool kMomentum, bool kNesterov, bool kFirst>
 void update_avx2(float* __restrict p, const float* __restrict grad, float* __restrict buf,
                  const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
                  const SgdHyper& h) {
-  const __m256 lr = _mm256_set1_ps(static_cast<float>(h.lr));
-  const __m256 wd = _mm256_set1_ps(static_cast<float>(h.weight_decay));
-  const __m256 mom = _mm256_set1_ps(static_cast<float>(h.momentum));
-  const __m256 damp = _mm256_set1_ps(static_cast<float>(1.0 - h.dampening));
-  const __m256 sign =
-      _mm256_set1_ps(static_cast<float>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)));
-  const bool use_wd = h.weight_decay != 0.0;
+  const Lanes v(h);
   const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   std::int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
     const __m256 keep = bits != nullptr ? lane_mask(bits[i >> 3]) : all;
-    __m256 g = _mm256_and_ps(keep, _mm256_mul_ps(sign, _mm256_loadu_ps(grad + i)));
     const __m256 w = _mm256_loadu_ps(p + i);
-    if (use_wd) g = _mm256_fmadd_ps(wd, w, g);
+    __m256 g = v.gradient(keep, grad + i, w);
     if constexpr (kMomentum) {
-      __m256 b = kFirst ? g : _mm256_fmadd_ps(mom, _mm256_loadu_ps(buf + i), _mm256_mul_ps(damp, g));
-      b = _mm256_and_ps(keep, b);
+      const __m256 b = _mm256_and_ps(keep, v.momentum<kFirst>(_mm256_loadu_ps(buf + i), g));
       _mm256_storeu_ps(buf + i, b);
-      g = kNesterov ? _mm256_fmadd_ps(mom, b, g) : b;
+      g = v.direction<kNesterov>(b, g);
     }
-    _mm256_storeu_ps(p + i, _mm256_and_ps(keep, _mm256_fnmadd_ps(lr, g, w)));
+    _mm256_storeu_ps(p + i, v.weight(keep, w, g));
   }
   update_scalar<float, kMomentum, kNesterov, kFirst>(p, grad, buf, bits, i, end, h);
 }
@@ -113,13 +138,7 @@ template <bool kMomentum, bool kNesterov, bool kFirst>
 void compact_avx2(float* __restrict p, const float* __restrict grad, float* __restrict cbuf,
                   const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
                   std::int64_t buf_begin, std::int64_t buf_numel, const SgdHyper& h) {
-  const __m256 lr = _mm256_set1_ps(static_cast<float>(h.lr));
-  const __m256 wd = _mm256_set1_ps(static_cast<float>(h.weight_decay));
-  const __m256 mom = _mm256_set1_ps(static_cast<float>(h.momentum));
-  const __m256 damp = _mm256_set1_ps(static_cast<float>(1.0 - h.dampening));
-  const __m256 sign =
-      _mm256_set1_ps(static_cast<float>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)));
-  const bool use_wd = h.weight_decay != 0.0;
+  const Lanes v(h);
   std::int64_t k = buf_begin;
   const std::int64_t span_kept = kept_in(bits, begin, end);
   // Sparse spans take the set-bit loop, which touches only kept weights: 20 x 1M, 10% kept,
@@ -153,19 +172,17 @@ void compact_avx2(float* __restrict p, const float* __restrict grad, float* __re
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       const __m256 keep = lane_mask(byte[j]);
-      __m256 g = _mm256_and_ps(keep, _mm256_mul_ps(sign, _mm256_loadu_ps(grad + i + 8 * j)));
       const __m256 w = _mm256_loadu_ps(p + i + 8 * j);
-      if (use_wd) g = _mm256_fmadd_ps(wd, w, g);
+      __m256 g = v.gradient(keep, grad + i + 8 * j, w);
       if constexpr (kMomentum) {
         packed[j] = _mm256_loadu_ps(cbuf + at[j]);
-        b[j] = g;
-        if constexpr (!kFirst) {
-          const __m256 old = _mm256_permutevar8x32_ps(packed[j], perm(kPerm.expand[byte[j]]));
-          b[j] = _mm256_fmadd_ps(mom, old, _mm256_mul_ps(damp, g));
-        }
-        g = kNesterov ? _mm256_fmadd_ps(mom, b[j], g) : b[j];
+        const __m256 old = kFirst ? packed[j]
+                                  : _mm256_permutevar8x32_ps(packed[j],
+                                                             perm(kPerm.expand[byte[j]]));
+        b[j] = v.momentum<kFirst>(old, g);
+        g = v.direction<kNesterov>(b[j], g);
       }
-      w_new[j] = _mm256_and_ps(keep, _mm256_fnmadd_ps(lr, g, w));
+      w_new[j] = v.weight(keep, w, g);
     }
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
