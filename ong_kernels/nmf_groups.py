@@ -60,12 +60,12 @@ class Streaming:
     def requested(self) -> bool:
         return self.device is not None or self.memory_budget is not None or self.progress
 
-    def check(self) -> None:
+    def check(self) -> torch.device | None:
+        """The settings checked; returns the compute device (None: the inputs')."""
         check_bool(self.progress, "progress")
-        if self.device is not None:
-            check_device(self.device, "device")
         if self.memory_budget is not None:
             check_int(self.memory_budget, "memory_budget", 1)
+        return None if self.device is None else check_device(self.device, "device")
 
 
 # ----------------------------------------------------------------------------- the cost model
@@ -237,7 +237,7 @@ def run(weights, rank, solver: Solver, streaming: Streaming, names=None, total=N
     an iterator's progress bar its length; `names` label the matrices in errors.
     """
     solver = solver.checked()
-    streaming.check()
+    device = streaming.check()
     if names is not None and not is_per_matrix(names):
         raise TypeError(f"names must be a list of strings, got {type(names).__name__}")
     is_sequence = not _is_iterator(weights)
@@ -254,7 +254,7 @@ def run(weights, rank, solver: Solver, streaming: Streaming, names=None, total=N
         raise ValueError("weights is empty: pass at least one tensor")
     first = _check_item(first_raw, 0, rank, None, names)
     home = first.tensor.device
-    compute = home if streaming.device is None else check_device(streaming.device, "device")
+    compute = home if device is None else device
     kernel = _select(compute, solver)
     items = _chain(first, (_check_item(t, i, rank, home, names) for i, t in
                            enumerate(source, start=1)))  # fmt: skip

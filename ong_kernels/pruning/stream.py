@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ong_kernels._validate import check_device, check_int
+from ong_kernels._validate import check_int
 from ong_kernels.backends import registry
 from ong_kernels.nmf_groups import Item, Streaming, check_budget, check_fits, run
 from ong_kernels.nmf_rules import Solver
@@ -459,9 +459,8 @@ def _factor_groups(
                 raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
         solver = _restart_solver(solver, k, len(weights))
         weight_ranks = resolve_ranks(rank, [t.shape for t in weights])
-        streaming.check()
-        device = streaming.device
-        compute = weights[0].device if device is None else check_device(device)
+        device = streaming.check()
+        compute = weights[0].device if device is None else device
         budget = check_budget(streaming.memory_budget, compute)
         kernel = registry.select("nmf_mu", compute.type, solver.backend)
         for i, t in enumerate(weights):
