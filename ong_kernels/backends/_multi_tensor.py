@@ -11,7 +11,6 @@ valid even when a parameter's storage is swapped (`p.data = ...`) while the plan
 
 from __future__ import annotations
 
-import operator
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -21,12 +20,13 @@ import torch
 
 from ong_kernels._layout import dense_layout
 from ong_kernels.backends import reference
+from ong_kernels.backends._host import layout_key, write_addresses
 from ong_kernels.backends._sgd_args import SgdHyper, check_compact_args, check_step_args
 
 TABLE_COLUMNS = 5  # param, grad, buf, mask, numel (csrc/include/ong_sgd.h SgdTensor)
 COMPACT_COLUMNS = 7  # + offsets, buf_numel (SgdCompactTensor)
 
-_dtype = operator.attrgetter("dtype")
+GRAD_COLUMN = 1  # the gradient's address in a table row
 
 
 def refuse_capture(device: torch.device) -> None:
@@ -41,34 +41,28 @@ def refuse_capture(device: torch.device) -> None:
         )
 
 
-def step_key(params, grads, bufs, bits, offsets=()) -> tuple:
-    """What a cached TablePlan depends on, per step (each `map` pass over ResNet-18's 62
-    tensors costs ~3.5 us on the 2-core CPU, so only what safety and the mask layout need):
+def step_key(params, grads, bufs, bits, offsets=(), *, grad_addresses: bool = True):
+    """What a cached TablePlan depends on, per step (`_host.layout_key` of each list: dtype,
+    device, sizes, strides, and the data address where the plan's table holds it), or None
+    when a list cannot be keyed (a sparse gradient: the validator says why).
 
-    * parameters: address and strides. A plan keeps aliases of the parameters' storages,
-      so a parameter swapped under it (`p.data = ...`, a layout change) changes its address
-      (the old storage is still alive) or, for a view of the same storage, its strides; its
-      dtype and shape are its gradient's (checked when the plan is built).
-    * gradients: address, strides, shape and dtype: they are new tensors every step and
-      not held by the plan, so what the kernel reads through their address is checked.
-    * buffers, mask bits, offsets: identity. The plan holds these very objects (an id cannot
-      be reused while they live) and aliases of their storages (whatever the objects are made
-      to point to later, the table's addresses stay valid memory).
-    The device is implied by the address (CUDA's unified address space keeps host and device
-    addresses apart). A sparse gradient has no strides: RuntimeError (the validator says why).
+    * parameters, buffers, mask bits, offsets: layout and address. A plan keeps aliases of
+      their storages, so an address it holds stays valid memory, and a tensor swapped under
+      it (`p.data = ...`, `buf.set_(...)`, a layout change) changes the key.
+    * gradients: layout, and the address only when `grad_addresses` (a plan whose table the
+      device reads: CUDA, Triton). A host-table plan (the CPU kernel) writes the gradients'
+      addresses into its table at every step instead (TablePlan.run), so the new gradient
+      tensors of every `zero_grad(set_to_none=True)` step reuse the plan: rebuilding it cost
+      ~300 us a step over ResNet-18's 62 tensors (2-core CPU).
     """
-    t = torch.Tensor
-    return (
-        tuple(map(t.data_ptr, params)),
-        tuple(map(t.stride, params)),
-        tuple(map(t.data_ptr, grads)),
-        tuple(map(t.stride, grads)),
-        tuple(map(t.size, grads)),
-        tuple(map(_dtype, grads)),
-        tuple(map(id, bufs)),
-        tuple(map(id, bits)),
-        tuple(map(id, offsets)),
+    key = (
+        layout_key(params, True),
+        layout_key(grads, grad_addresses),
+        layout_key(bufs, True),
+        layout_key(bits, True),
+        layout_key(offsets, True),
     )
+    return None if None in key else key
 
 
 class PlanCache:
@@ -158,9 +152,11 @@ class TablePlan:
 
     Valid while `step_key` is unchanged; `run` then costs the launch only.
     `launch(dtype, table, n_rows, hyper, grad_scale, found_inf)` is the backend's kernel call;
-    `finish_table(table, rows)` moves the table where the kernel reads it (the CPU kernel
-    reads host memory). `offsets` given: the compact format (SgdCompactTensor rows, `bufs` the
-    compact momentum), whose tensors the kernel cannot take go to the reference's compact step.
+    `finish_table(table, rows)` moves the table where the kernel reads it. Without one (the
+    CPU kernel reads the host table) the plan is `host_table`: `run` writes the gradients'
+    addresses into the tables at every step, so its key leaves them out (step_key).
+    `offsets` given: the compact format (SgdCompactTensor rows, `bufs` the compact momentum),
+    whose tensors the kernel cannot take go to the reference's compact step.
     """
 
     def __init__(
@@ -177,21 +173,30 @@ class TablePlan:
     ) -> None:
         compact = offsets is not None
         self.parts = partition(params, grads, bufs, bits, supported_dtypes, compact)
-        # Aliases (not the Parameters): they keep the storages the table points into alive;
-        # the buffer, mask and offset objects themselves too (step_key compares their ids).
+        # Aliases (not the Parameters): they keep the storages the table points into alive,
+        # whatever the tensors the caller holds are made to point to later.
         self.params = [p.detach() for p in params]
         self.bufs = [b.detach() for b in bufs]
-        self.held = (list(bufs), list(bits), list(offsets) if compact else [])
         self.bits = [None if b is None else b.detach() for b in bits]
         self.offsets = [o.detach() for o in offsets] if compact else None
         self.launch = launch
-        self.tables: list[tuple[torch.dtype, object, int]] = []
+        self.host_table = finish_table is None
+        # per table: (dtype, table, rows, grad_rows); grad_rows[i] is gradient i's row in
+        # this table, -1 for a gradient it does not read (another dtype, the reference's, or
+        # copied into scratch, whose fixed address the row holds)
+        self.tables: list[tuple[torch.dtype, object, int, torch.Tensor | None]] = []
         for dtype, idx in self.parts.by_dtype.items():
             rows = [self._row(i, grads) for i in idx]
             table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
+            grad_rows = None
             if finish_table is not None:
                 table = finish_table(table, rows)
-            self.tables.append((dtype, table, len(idx)))
+            else:
+                grad_rows = torch.full((len(params),), -1, dtype=torch.int64)
+                for row, i in enumerate(idx):
+                    if i not in self.parts.scratch:
+                        grad_rows[i] = row
+            self.tables.append((dtype, table, len(idx), grad_rows))
 
     def _row(self, i: int, grads) -> list[int]:
         grad = self.parts.scratch.get(i, grads[i])
@@ -208,11 +213,14 @@ class TablePlan:
         return row
 
     def run(self, grads, hyper: SgdHyper, grad_scale=None, found_inf=None) -> None:
-        """One step. `grads` must be the tensors the plan was built with (or ones with the
-        same step_key). grad_scale / found_inf: GradScaler's tensors (or None)."""
+        """One step. `grads` must have the step_key the plan was built with (a host-table
+        plan: the same layouts, any addresses). grad_scale / found_inf: GradScaler's tensors
+        (or None)."""
         for i, buf in self.parts.scratch.items():
             buf.copy_(grads[i])
-        for dtype, table, n in self.tables:
+        for dtype, table, n, grad_rows in self.tables:
+            if grad_rows is not None:
+                write_addresses(grads, table, grad_rows, GRAD_COLUMN)
             self.launch(dtype, table, n, hyper, grad_scale, found_inf)
         if self.parts.fallback:
             idx = self.parts.fallback
@@ -229,11 +237,14 @@ class TablePlan:
                 reference.masked_sgd_compact_step_(*lists, hyper, grad_scale, found_inf)
 
 
-def planned_kernel(prepare: Callable, doc: str, *, compact: bool = False) -> Callable:
+def planned_kernel(
+    prepare: Callable, doc: str, *, host_table: bool, compact: bool = False
+) -> Callable:
     """A registry kernel whose step is `prepare(params, grads, bufs, bits[, offsets]).run(...)`,
     with its plans cached (PlanCache) while `step_key` holds: a step then costs the key and
     the launch. A plan is built only after the shared validator accepted the tensors.
-    `compact`: the kernel of the compact format (takes the block offsets too)."""
+    `host_table`: prepare's plans are TablePlan.host_table (they take new gradient addresses
+    at every step). `compact`: the kernel of the compact format (takes the block offsets)."""
     cache = PlanCache()
     check = check_compact_args if compact else check_step_args
     kind = "compact" if compact else "dense"
@@ -241,15 +252,18 @@ def planned_kernel(prepare: Callable, doc: str, *, compact: bool = False) -> Cal
     def step(params, grads, bufs, bits, lists, hyper, grad_scale, found_inf) -> None:
         if not params:
             return
-        try:
-            key = step_key(params, grads, bufs, bits, *lists)
-        except RuntimeError:  # a sparse gradient has no strides: the validator says why
-            key = None
-        slot = (kind, key[0][0] if key else None, len(params))
-        plan = cache.get(slot, key) if key is not None else None
+        key = step_key(params, grads, bufs, bits, *lists, grad_addresses=not host_table)
+        plan = None
+        if key is not None:  # None: not keyable (a sparse gradient): the validator says why
+            slot = (kind, params[0].data_ptr(), len(params))
+            plan = cache.get(slot, key)
         if plan is None:
             check(params, grads, bufs, bits, *lists)
             plan = prepare(params, grads, bufs, bits, *lists)
+            if plan.host_table != host_table:
+                raise RuntimeError(
+                    f"{prepare}: host_table={plan.host_table}, declared {host_table}"
+                )
             if key is not None:
                 cache.put(slot, key, plan, [params[0]])
         plan.run(grads, hyper, grad_scale, found_inf)

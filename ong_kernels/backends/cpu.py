@@ -72,11 +72,13 @@ masked_sgd_step_ = register(
         prepare,
         "The step for every float32/float64 tensor in ONE native call (GIL released); "
         "tensors the kernel cannot take go to the reference kernel.",
+        host_table=True,
     )
 )
 masked_sgd_step_.compact = planned_kernel(
     _prepare_compact,
     "compact_state: ONE native call per dtype touching kept elements only; other dtypes "
     "and layouts go to the reference's gather/scatter.",
+    host_table=True,
     compact=True,
 )

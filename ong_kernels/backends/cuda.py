@@ -77,5 +77,6 @@ masked_sgd_step_ = register(
     planned_kernel(
         prepare,
         "One launch per dtype for all dense tensors; the rest go to the reference kernel.",
+        host_table=False,
     )
 )

@@ -132,5 +132,6 @@ masked_sgd_step_ = register(
     planned_kernel(
         prepare,
         """One Triton launch per dtype; tensors it cannot take go to the reference kernel.""",
+        host_table=False,
     )
 )
