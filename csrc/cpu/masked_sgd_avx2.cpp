@@ -151,6 +151,7 @@ void compact_avx2(float* __restrict p, const float* __restrict grad, float* __re
   const std::int64_t kend = std::min(buf_begin + span_kept, buf_numel);
   std::int64_t i = begin;
   for (; i + 64 <= end; i += 64) {
+    prefetch_ahead(p + i, grad + i);  // masked_sgd_scalar.h: why, and the distance
     std::uint64_t word = 0;
     std::memcpy(&word, bits + (i >> 3), sizeof(word));
     if (word == 0) continue;

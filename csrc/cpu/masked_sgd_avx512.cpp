@@ -73,6 +73,7 @@ void compact_avx512(float* __restrict p, const float* __restrict grad, float* __
   // had just written and waited for it (no store-to-load forwarding for a masked store):
   // timed in cache at 50% kept, the set-bit loop then beat this span.
   for (; i + 64 <= end; i += 64) {
+    prefetch_ahead(p + i, grad + i);  // masked_sgd_scalar.h: why, and the distance
     std::uint64_t word = 0;
     std::memcpy(&word, bits + (i >> 3), sizeof(word));
     if (word == 0) continue;

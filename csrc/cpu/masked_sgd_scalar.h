@@ -77,6 +77,28 @@ void update_scalar(T* __restrict p, const T* __restrict grad, T* __restrict buf,
 // momentum of the k-th kept element of the span is cbuf[buf_begin + k]. Pruned weights are
 // neither read nor written (they were zeroed when the mask was set). Same arithmetic as
 // update_scalar, element by element.
+// Software prefetch of p and the gradient kPrefetchAhead weights ahead of a compact span's
+// 64-weight block. The compact spans read only lines that hold a kept weight, which left the
+// hardware prefetchers behind: ResNet-18 at 90%, 2 threads, Intel VM, AVX-512 compact/dense
+// step 0.89 -> 0.78-0.80 at 512 ahead (256: 0.79-0.80, 1024: 0.83, 2048: 0.82-0.87); with
+// the prefetch kept inside each 16K-weight chunk it gained only 0.89 -> 0.86 (the next chunk,
+// the same thread's under the static schedule, is where the first 512 weights come from).
+// So it may reach up to 2 KiB past a span: a prefetch is a hint that never faults and never
+// changes memory, and the address is formed as an integer (no out-of-range pointer).
+constexpr std::int64_t kPrefetchAhead = 512;
+
+template <typename T>
+inline void prefetch_ahead(const T* p, const T* grad) {
+  constexpr std::uintptr_t kAheadBytes = kPrefetchAhead * sizeof(T);
+  const auto at = [](const T* base, std::uintptr_t offset) {
+    return reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(base) + offset);
+  };
+  for (std::uintptr_t line = 0; line < 64 * sizeof(T); line += 64) {
+    __builtin_prefetch(at(p, kAheadBytes + line), 0);
+    __builtin_prefetch(at(grad, kAheadBytes + line), 0);
+  }
+}
+
 template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
 void update_compact(T* __restrict p, const T* __restrict grad, T* __restrict cbuf,
                     const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
@@ -88,6 +110,7 @@ void update_compact(T* __restrict p, const T* __restrict grad, T* __restrict cbu
   const T sign = static_cast<T>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f));
   std::int64_t k = buf_begin;
   for (std::int64_t base = begin; base < end; base += 64) {
+    prefetch_ahead(p + base, grad + base);
     // up to 8 mask bytes; never a byte past the span's last one (the mask's end)
     const std::int64_t n_bytes = std::min<std::int64_t>(8, (end - base + 7) >> 3);
     std::uint64_t word = 0;
