@@ -151,4 +151,13 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_host",
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C_host() { return PyModule_Create(&module); }
+// The torch it was compiled against: ong_kernels/backends/_host.py does not use a module
+// built for another torch (TensorImpl's layout is not a stable ABI).
+PyMODINIT_FUNC PyInit__C_host() {
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "torch_version", ONG_TORCH_VERSION) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -15,12 +15,22 @@ list, five passes a list). tests/test_optim_host.py checks that the two agree.
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 
 try:
     from ong_kernels import _C_host
 except ImportError:  # built without torch's headers (or ONG_WITH_HOST=0): keys in Python
+    _C_host = None
+if _C_host is not None and _C_host.torch_version != torch.__version__:
+    # TensorImpl's layout is no stable ABI: a module built for another torch is not used
+    warnings.warn(
+        f"ong_kernels._C_host was built for torch {_C_host.torch_version}, this is torch "
+        f"{torch.__version__}: optimizer steps are keyed in Python (~50 us more per step); "
+        "rebuild with `pip install --no-build-isolation -e .` (or `make build`)",
+        stacklevel=2,
+    )
     _C_host = None
 
 _dtype = operator.attrgetter("dtype")
