@@ -1,8 +1,11 @@
-"""Shared test helpers: the devices to run on, and a tensor comparison that says where it fails."""
+"""Shared test helpers: the devices to run on, a tensor comparison that says where it fails, and
+a fresh interpreter for code that must not share this process's imports."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -76,3 +79,13 @@ def _fresh_seed(request):
 
 def compiled_cpu() -> bool:
     return ong_kernels.backends_available()["cpu"]
+
+
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (this venv's), asserted to exit 0 (its stderr shown if
+    not); the finished process, for its stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc

@@ -9,10 +9,8 @@ bytes beyond V (which the process already holds): within +-25%.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from conftest import run_python
 
 from ong_kernels import backends_available
 
@@ -48,9 +46,7 @@ CASES = [
 def test_declared_workspace_matches_measured_peak(case):
     if not backends_available("nmf_mu")[case[0]]:
         pytest.skip(f"the {case[0]} kernel is not built")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, case)], capture_output=True,
-                          text=True, check=False, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = run_python(SCRIPT, *map(str, case))
     words = proc.stdout.split()
     growth, model = int(words[words.index("GROWTH") + 1]), int(words[words.index("MODEL") + 1])
     assert 0.75 * model <= growth <= 1.25 * model, f"measured {growth} B, model {model} B"

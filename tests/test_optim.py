@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import STEP_TOLERANCES, assert_close, compiled_cpu
+from conftest import STEP_TOLERANCES, assert_close, compiled_cpu, run_python
 
 import ong_kernels
 from ong_kernels._bitmask import pack_mask
@@ -283,9 +283,6 @@ def test_closure_and_zero_grad():
 
 def test_works_without_compiled_extension():
     """Importing and training never need _C: a subprocess hides it and uses the reference path."""
-    import subprocess
-    import sys
-
     code = (
         "import sys; sys.modules['ong_kernels._C'] = None\n"
         "import torch, ong_kernels\n"
@@ -298,9 +295,7 @@ def test_works_without_compiled_extension():
         "assert bool((p.detach()[~m] == 0).all())\n"
         "try:\n    _native.lib()\nexcept RuntimeError as e:\n    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "pip install -e ." in out.stdout
+    assert "pip install -e ." in run_python(code).stdout
 
 
 @pytest.mark.parametrize("compact_state", [False, True])

@@ -1,5 +1,7 @@
 """The figures: titled with what was trained, integer epoch ticks, an lr curve."""
 
+from conftest import run_python
+
 from ong_kernels.train import plots
 
 
@@ -38,9 +40,6 @@ def test_sweep_figure_is_titled():
 
 
 def test_kernels_pruning_and_trainer_import_without_the_train_extra():
-    import subprocess
-    import sys
-
     code = (
         "import sys; sys.modules['matplotlib'] = None; sys.modules['tqdm'] = None\n"
         "import ong_kernels, ong_kernels.pruning\n"
@@ -48,5 +47,5 @@ def test_kernels_pruning_and_trainer_import_without_the_train_extra():
         "from ong_kernels.train import plots\n"
         "try:\n    plots.sweep_figure([])\nexcept ImportError as e:\n    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_python(code)
     assert "pip install 'ong_kernels[train]'" in out.stdout
