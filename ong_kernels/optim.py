@@ -23,7 +23,7 @@ from ong_kernels._bitmask import block_offsets, compact, expand, pack_mask, unpa
 from ong_kernels._layout import Layout, dense_layout, layout_of
 from ong_kernels._validate import check_real
 from ong_kernels.backends import registry
-from ong_kernels.backends._host import layout_key
+from ong_kernels.backends._host import grads_of, layout_key
 from ong_kernels.backends._sgd_args import SgdHyper, check_compact_args, check_step_args
 
 _HYPER_DEFAULTS = dict(
@@ -528,9 +528,9 @@ class FusedMaskedSGD(Optimizer):
         the state stay the same (a mask or state change clears them); under torch.compile
         they are built fresh (tracing has no addresses)."""
         params = group["params"]
-        grads = [p.grad for p in params]
-        if id(None) in set(map(id, grads)):
-            params = [p for p, g in zip(params, grads, strict=True) if g is not None]
+        grads = grads_of(params)
+        if grads is None:  # some parameters have no gradient: they are not stepped
+            params = [p for p in params if p.grad is not None]
             grads = [p.grad for p in params]
         if not params:
             return [], []

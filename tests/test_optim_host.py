@@ -1,6 +1,7 @@
 """The fused step's host side (issue 17): the plan cache's keys in C++ (_C_host) and in Python
-agree, new gradient tensors every step reuse the cached plan, and torch's step hooks and
-profiler range still run although the idle step skips torch's wrapper."""
+agree, new gradient tensors every step reuse the cached plan, the C++ dispatcher kernel of the
+CPU steps runs cached plans without Python and hands everything else to Python unchanged, and
+torch's step hooks and profiler range still run although the idle step skips torch's wrapper."""
 
 from __future__ import annotations
 
@@ -111,15 +112,19 @@ def test_cpp_write_addresses_checks_its_tensors(table, rows, what):
 
 @pytest.fixture(params=["cpp", "python"])
 def host_keys(request, monkeypatch):
-    """Run a test with the C++ keys and again with the Python ones."""
+    """Run a test with _C_host (the C++ dispatcher kernel, C++ keys) and again with the op's
+    Python implementation and the Python keys."""
     if request.param == "cpp":
         if not _host.has_host_module():
             pytest.skip("_C_host not built")
-        return "cpp"
+        yield "cpp"
+        return
     monkeypatch.setattr(_multi_tensor, "layout_key", _host.py_layout_key)
     monkeypatch.setattr(_multi_tensor, "write_addresses", _host.py_write_addresses)
     monkeypatch.setattr(ong_kernels.optim, "layout_key", _host.py_layout_key)
-    return "python"
+    monkeypatch.setattr(ong_kernels.optim, "grads_of", _host.py_grads_of)
+    with _host.python_cpu_step():
+        yield "python"
 
 
 @needs_cpu
@@ -229,3 +234,212 @@ def test_steps_without_the_host_module():
         "assert torch.allclose(p.detach(), q.detach(), atol=1e-6), (p, q)\n"
     )
     run_python(code)
+
+
+# ---------------------------------------------------------------- the C++ CPU dispatcher kernel
+
+needs_cpu_step = pytest.mark.skipif(
+    not _host.cpu_step_enabled(), reason="_C_host's CPU step kernel not registered"
+)
+
+
+def _masked_problem(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5, 3, 3), (7, 11), (5,), (3, 4)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+    masks = {params[0]: torch.rand(shapes[0], generator=gen) < 0.4,
+             params[1]: torch.rand(shapes[1], generator=gen) < 0.6}  # fmt: skip
+    return params, masks
+
+
+def _twin(params, masks):
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    index = {id(p): i for i, p in enumerate(params)}
+    return twin, {twin[index[id(p)]]: m for p, m in masks.items()}
+
+
+def _count_python_runs(monkeypatch):
+    runs = []
+    real = _multi_tensor.TablePlan.run
+
+    def run(self, *args, **kwargs):
+        runs.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_multi_tensor.TablePlan, "run", run)
+    return runs
+
+
+@needs_cpu_step
+@pytest.mark.parametrize("compact_state", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_steps_run_in_cpp_and_equal_the_python_path(monkeypatch, compact_state, dtype):
+    """After the step that builds the plan, steps with new gradient tensors run in C++ (no
+    Python plan runs; before, every step ran one) and give the Python path's results bit for
+    bit, GradScaler's unscale and inf-skip included."""
+    params, masks = _masked_problem(dtype)
+    twin, twin_masks = _twin(params, masks)
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    opt = ong_kernels.FusedMaskedSGD(params, **hyper, masks=masks, compact_state=compact_state)
+    with _host.python_cpu_step():
+        peer = ong_kernels.FusedMaskedSGD(
+            twin, **hyper, masks=twin_masks, compact_state=compact_state
+        )
+    runs, python_runs = _count_python_runs(monkeypatch), []
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        for p, q in zip(params, twin, strict=True):
+            g = torch.randn(p.shape, generator=gen, dtype=dtype)
+            p.grad, q.grad = g, g.clone()
+        if step == 4:  # GradScaler's tensors: unscale by 1/8
+            opt.grad_scale = peer.grad_scale = torch.tensor([8.0])
+            opt.found_inf = peer.found_inf = torch.tensor([0.0])
+        if step == 5:  # an inf step changes nothing
+            opt.found_inf = peer.found_inf = torch.tensor([1.0])
+        before = len(runs)
+        opt.step()
+        python_runs.append(len(runs) - before)
+        with _host.python_cpu_step():
+            peer.step()
+    # the first step creates the buffers and builds the plan; the others are C++'s
+    assert python_runs[0] > 0 and python_runs[1:] == [0] * 5, python_runs
+    for p, q in zip(params, twin, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+    for p, q in zip(params, twin, strict=True):
+        assert opt.state[p].keys() == peer.state[q].keys()
+        for name, value in opt.state[p].items():
+            assert torch.equal(value, peer.state[q][name])
+
+
+@needs_cpu_step
+def test_cpp_kernel_hands_misses_to_python_with_their_errors():
+    """Everything but a cached plan goes to the op's Python implementation with the same
+    arguments: its ValueError reaches the caller unchanged, for a first call and for a call
+    at a cached call site whose tensors changed."""
+    from ong_kernels import _ops
+
+    params, _ = _masked_problem()
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    hyper = (0.1, 0.9, 0.0, 0.0, False, False, False)
+    bad = [*grads[:3], torch.randn(4, 3)]
+    with pytest.raises(ValueError, match=r"grads\[3\] is \(4, 3\)"):
+        _ops.masked_sgd_step_(params, bad, bufs, [None] * 4, *hyper)
+    for _ in range(2):  # the plan is cached (and mirrored) now
+        _ops.masked_sgd_step_(params, grads, bufs, [None] * 4, *hyper)
+    with pytest.raises(ValueError, match=r"grads\[3\] is \(4, 3\)"):
+        _ops.masked_sgd_step_(params, bad, bufs, [None] * 4, *hyper)
+    with pytest.raises(ValueError, match="grad_scale must be one float32"):
+        _ops.masked_sgd_step_(
+            params, grads, bufs, [None] * 4, *hyper, grad_scale=torch.tensor([1.0, 2.0])
+        )
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        _ops.masked_sgd_step_(params, grads, bufs, [None] * 4, *hyper, backend="bogus")
+
+
+@needs_cpu_step
+def test_cpp_kernel_runs_other_backends_and_mixed_dtypes_in_python(monkeypatch):
+    """backend="reference" on CPU tensors, and a list with a float16 tensor (the reference
+    takes it), are Python's: they are never mirrored into the C++ cache and step correctly."""
+    from ong_kernels import _ops
+
+    runs = _count_python_runs(monkeypatch)
+    params = [torch.randn(5), torch.randn(3, dtype=torch.float16)]
+    expected = [p.clone() for p in params]
+    grads = [torch.randn(5), torch.randn(3, dtype=torch.float16)]
+    hyper = (0.1, 0.0, 0.0, 0.0, False, False, False)
+    for _ in range(3):
+        _ops.masked_sgd_step_(params, grads, [], [None, None], *hyper)
+        _ops.masked_sgd_step_(expected, grads, [], [None, None], *hyper, backend="reference")
+    assert len(runs) == 3  # every auto step ran its (mixed) plan in Python
+    for p, e in zip(params, expected, strict=True):
+        assert_close(p, e, atol=1e-6, rtol=1e-6, what=str(p.dtype))
+    spied = []
+    real = registry.select
+
+    def select(op, device, backend):
+        spied.append(backend)
+        return real(op, device, backend)
+
+    monkeypatch.setattr(registry, "select", select)
+    x = [torch.randn(4)]
+    for _ in range(2):
+        _ops.masked_sgd_step_(x, [torch.ones(4)], [], [None], 0.1, 0.0, 0.0, 0.0, False, False,
+                              False, backend="reference")  # fmt: skip
+    assert spied == ["reference", "reference"]
+
+
+@needs_cpu_step
+def test_native_plans_follow_the_python_cache():
+    """The C++ copy of the CPU kernel's plans forgets a plan when the Python cache does: the
+    optimizer and its model deleted, or the cache cleared."""
+    import gc
+
+    kernel = registry.get("masked_sgd_step", "cpu").fn
+    mirror = kernel.plans.mirror
+    gc.collect()  # other tests' garbage goes first
+    before = len(mirror)
+    params, masks = _masked_problem()
+    opt = ong_kernels.FusedMaskedSGD(params, lr=0.1, momentum=0.9, masks=masks)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    assert len(mirror) == before + 1
+    del opt, params, masks, p
+    gc.collect()
+    assert len(mirror) == before
+    kernel.plans.clear()
+    assert len(mirror) == 0
+
+
+@needs_cpu_step
+@pytest.mark.parametrize(
+    "tables, match",
+    [
+        (lambda t, r: [(0, t, 2, torch.tensor([0, 2]))], "gradient rows"),  # row past the table
+        (lambda t, r: [(0, t, 2, torch.tensor([0]))], "gradient rows"),  # one row for 2 grads
+        (lambda t, r: [(0, t[:, :4].contiguous(), 2, r)], "x 5"),  # too few columns
+        (lambda t, r: [(0, t, 3, r)], "x 5"),  # more rows than the table has
+        (lambda t, r: [(2, t, 2, r)], "float32/float64"),  # float16: no native kernel
+        (lambda t, r: [(0, t.float(), 2, r)], "int64"),
+    ],
+)
+def test_plan_put_refuses_tables_it_could_index_out_of(tables, match):
+    """The C++ cache checks every table and gradient row before it keeps a plan: its
+    per-step writes then stay inside the table."""
+    a, b = torch.randn(3), torch.randn(3)
+    lists = [[a, b], [torch.randn(3), torch.randn(3)], [], [None, None]]
+    table, rows = torch.zeros(2, 5, dtype=torch.int64), torch.tensor([0, 1])
+    count = _host._C_host.plan_count(0)
+    with pytest.raises(ValueError, match=match):
+        _host._C_host.plan_put(0, lists, tables(table, rows), [a, b])
+    assert _host._C_host.plan_count(0) == count
+
+
+def test_grads_of_matches_python():
+    """grads_of is [p.grad ...] or None when one is missing, in C++ and in Python; a tensor
+    subclass with its own __torch_function__, or a torch function mode, leaves it to Python."""
+    makers = [_host.py_grads_of] + ([_host._C_host.grads_of] if _host.has_host_module() else [])
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(3)
+
+    class Sub(torch.Tensor):
+        pass
+
+    for grads_of in makers:
+        got = grads_of(params)
+        assert all(g is p.grad for g, p in zip(got, params, strict=True))
+        assert grads_of([*params, torch.nn.Parameter(torch.randn(2))]) is None
+        assert grads_of([]) == []
+    if _host.has_host_module():
+        sub = torch.randn(3).as_subclass(Sub)
+        assert _host._C_host.grads_of([sub]) is None
+
+        class Mode(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        with Mode():
+            assert _host._C_host.grads_of(params) is None
