@@ -67,6 +67,10 @@ void update_avx2(float* __restrict p, const float* __restrict grad, float* __res
   const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   std::int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
+    if ((i & 63) == 0) {  // masked_sgd_scalar.h: why, and the measurement
+      prefetch_ahead(p + i, grad + i);
+      if constexpr (kMomentum) prefetch_ahead(buf + i);
+    }
     const __m256 keep = bits != nullptr ? lane_mask(bits[i >> 3]) : all;
     const __m256 w = _mm256_loadu_ps(p + i);
     __m256 g = v.gradient(keep, grad + i, w);

@@ -27,6 +27,10 @@ void update_avx512(float* __restrict p, const float* __restrict grad, float* __r
   const bool use_wd = h.weight_decay != 0.0;
   std::int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
+    if ((i & 63) == 0) {  // masked_sgd_scalar.h: why, and the measurement
+      prefetch_ahead(p + i, grad + i);
+      if constexpr (kMomentum) prefetch_ahead(buf + i);
+    }
     __mmask16 keep = 0xFFFF;
     if (bits != nullptr) std::memcpy(&keep, bits + (i >> 3), sizeof(keep));
     __m512 g = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(keep, grad + i));
