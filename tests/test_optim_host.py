@@ -443,3 +443,28 @@ def test_grads_of_matches_python():
 
         with Mode():
             assert _host._C_host.grads_of(params) is None
+
+
+@needs_cpu_step
+def test_backend_environment_variable_is_seen_after_a_plan_is_cached(monkeypatch):
+    """backend="auto" while ONG_KERNELS_BACKEND is set is the registry's (Python's) choice,
+    even at a call site whose CPU plan is cached in C++."""
+    from ong_kernels import _ops
+
+    params = [torch.randn(6), torch.randn(5)]
+    grads = [torch.randn(6), torch.randn(5)]
+    hyper = (0.1, 0.0, 0.0, 0.0, False, False, False)
+    for _ in range(2):  # cached in both caches now
+        _ops.masked_sgd_step_(params, grads, [], [None, None], *hyper)
+    chosen = []
+    real = registry.select
+    monkeypatch.setattr(registry, "select", lambda *a: chosen.append(a) or real(*a))
+    monkeypatch.setenv("ONG_KERNELS_BACKEND", "reference")
+    before = [p.clone() for p in params]
+    _ops.masked_sgd_step_(params, grads, [], [None, None], *hyper)
+    assert [real(*a).backend for a in chosen] == ["reference"]
+    for p, b, g in zip(params, before, grads, strict=True):
+        assert_close(p, b - 0.1 * g, atol=1e-6, rtol=1e-6, what="reference step")
+    monkeypatch.setenv("ONG_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError):
+        _ops.masked_sgd_step_(params, grads, [], [None, None], *hyper)

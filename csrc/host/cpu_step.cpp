@@ -15,7 +15,9 @@
 // native kernel does not take, another backend than "auto"/"cpu", a GradScaler tensor that
 // is not one float32 CPU value, goes to the op's Python implementation with the same
 // arguments (slow_step), which validates, builds or finds the plan, and raises the Python
-// error (ValueError...) a user would get without this kernel.
+// error (ValueError...) a user would get without this kernel. So does backend="auto" while
+// ONG_KERNELS_BACKEND is set: the registry's choice is Python's. (A kernel registered or a
+// registry patched at run time is seen at the next miss, not by cached plans.)
 //
 // Memory safety: a cached plan was built from validated tensors and keeps them alive (its
 // `keep` aliases); it runs only for lists whose key (layout_key encoding: dtype, device,
@@ -28,6 +30,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -111,6 +114,16 @@ bool scalar_address(const c10::IValue& value, std::uintptr_t& address) {
   return true;
 }
 
+bool backend_env_is_auto() {
+  const char* value = std::getenv("ONG_KERNELS_BACKEND");
+  if (value == nullptr) return true;
+  std::string v(value);
+  const auto first = v.find_first_not_of(" \t\n");
+  if (first == std::string::npos) return true;
+  v = v.substr(first, v.find_last_not_of(" \t\n") - first + 1);
+  return v == "auto";
+}
+
 // The step from the cached plan; false when there is none to run (the caller goes to Python).
 bool fast_step(int kind, c10::ArrayRef<c10::IValue> args) {
   Kind& k = kinds[kind];
@@ -119,17 +132,22 @@ bool fast_step(int kind, c10::ArrayRef<c10::IValue> args) {
   if (!backend.isString()) return false;
   const auto& name = backend.toStringRef();
   if (name != "auto" && name != "cpu") return false;
+  // "auto" with ONG_KERNELS_BACKEND set (any value but "auto"): the registry's choice, in
+  // Python (backends/registry.py reads the variable at every call)
+  if (name == "auto" && !backend_env_is_auto()) return false;
   if (!args[0].isList()) return false;
   const auto params = args[0].toListRef();
   if (params.empty() || !params[0].isTensor() || !params[0].toTensor().has_storage()) return false;
   const Slot slot{reinterpret_cast<int64_t>(params[0].toTensor().data_ptr()),
                   static_cast<int64_t>(params.size())};
   std::shared_ptr<Plan> plan;
+  ong::SgdCpuEntry launch = nullptr;
   {
     std::lock_guard<std::mutex> lock(k.mutex);
     const auto found = k.plans.find(slot);
-    if (found == k.plans.end()) return false;
+    if (found == k.plans.end() || k.launch == nullptr) return false;
     plan = found->second;
+    launch = k.launch;
   }
   MatchSink match{plan->key.data(), plan->key.data() + plan->key.size()};
   if (!key_of_stack(match, kind, args) || !match.matched()) return false;
@@ -152,10 +170,22 @@ bool fast_step(int kind, c10::ArrayRef<c10::IValue> args) {
             reinterpret_cast<int64_t>(grads[i].toTensor().data_ptr());
     }
     char err[256] = {0};
-    const int rc = k.launch(cells, table.rows, table.dtype, &h, threads, err, sizeof err);
+    const int rc = launch(cells, table.rows, table.dtype, &h, threads, err, sizeof err);
     TORCH_CHECK(rc == 0, "ong_kernels CPU masked SGD step: ", err);
   }
   return true;
+}
+
+PyObject* to_python(const c10::IValue& value);
+
+// to_python with a C++ exception turned into a Python error (nullptr returned).
+PyObject* to_python_or_error(const c10::IValue& value) {
+  try {
+    return to_python(value);
+  } catch (const std::exception& err) {
+    PyErr_SetString(PyExc_RuntimeError, err.what());
+    return nullptr;
+  }
 }
 
 PyObject* to_python(const c10::IValue& value) {
@@ -173,7 +203,7 @@ PyObject* to_python(const c10::IValue& value) {
     PyObject* list = PyList_New(static_cast<Py_ssize_t>(items.size()));
     if (list == nullptr) return nullptr;
     for (size_t i = 0; i < items.size(); ++i) {
-      PyObject* item = to_python(items[i]);
+      PyObject* item = to_python_or_error(items[i]);
       if (item == nullptr) {
         Py_DECREF(list);
         return nullptr;
@@ -194,7 +224,7 @@ void slow_step(int kind, c10::ArrayRef<c10::IValue> args) {
   PyObject* call = PyTuple_New(static_cast<Py_ssize_t>(args.size()));
   if (call == nullptr) throw pybind11::error_already_set();
   for (size_t i = 0; i < args.size(); ++i) {
-    PyObject* item = to_python(args[i]);
+    PyObject* item = to_python_or_error(args[i]);
     if (item == nullptr) {
       Py_DECREF(call);
       throw pybind11::error_already_set();
@@ -261,6 +291,10 @@ PyObject* enable_cpu_step(PyObject*, PyObject* args) {
   const auto compact_entry =
       reinterpret_cast<ong::SgdCpuEntry>(PyLong_AsUnsignedLongLong(compact));
   if (PyErr_Occurred()) return nullptr;
+  if (dense_entry == nullptr || compact_entry == nullptr) {
+    PyErr_SetString(PyExc_ValueError, "enable_cpu_step: a null entry point");
+    return nullptr;
+  }
   if (!PyCallable_Check(dense_impl) || !PyCallable_Check(compact_impl)) {
     PyErr_SetString(PyExc_TypeError, "enable_cpu_step: the implementations must be callable");
     return nullptr;
@@ -298,7 +332,20 @@ PyObject* disable_cpu_step(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* plan_put_checked(PyObject* args);
+
+// plan_put_checked with a C++ exception (a tensor whose data cannot be read, no memory) turned
+// into a Python error.
 PyObject* plan_put(PyObject*, PyObject* args) {
+  try {
+    return plan_put_checked(args);
+  } catch (const std::exception& err) {
+    PyErr_SetString(PyExc_RuntimeError, err.what());
+    return nullptr;
+  }
+}
+
+PyObject* plan_put_checked(PyObject* args) {
   int kind = 0;
   PyObject *lists = nullptr, *tables = nullptr, *keep = nullptr;
   if (!PyArg_ParseTuple(args, "iOOO", &kind, &lists, &tables, &keep) || !parse_kind(kind))
@@ -367,8 +414,13 @@ PyObject* plan_put(PyObject*, PyObject* args) {
     if (t != nullptr && t->has_storage()) plan->keep.push_back(t->storage());
   const Slot slot{reinterpret_cast<int64_t>(params[0]->data_ptr()),
                   static_cast<int64_t>(params.size())};
-  std::lock_guard<std::mutex> lock(kinds[kind].mutex);
-  kinds[kind].plans[slot] = std::move(plan);
+  std::shared_ptr<Plan> replaced;  // freed after the lock (freeing storages may run Python)
+  {
+    std::lock_guard<std::mutex> lock(kinds[kind].mutex);
+    std::shared_ptr<Plan>& entry = kinds[kind].plans[slot];
+    replaced = std::move(entry);
+    entry = std::move(plan);
+  }
   Py_RETURN_NONE;
 }
 
@@ -376,11 +428,14 @@ PyObject* plan_drop(PyObject*, PyObject* args) {
   int kind = 0;
   PyObject *address = nullptr, *n = nullptr;
   if (!PyArg_ParseTuple(args, "iOO", &kind, &address, &n) || !parse_kind(kind)) return nullptr;
-  std::shared_ptr<Plan> dropped;  // freed after the lock, a plan another thread runs when it ends
+  // freed after the lock (freeing storages may run Python, which may call here again); a plan
+  // another thread is running goes when that step ends
+  std::shared_ptr<Plan> dropped;
+  std::map<Slot, std::shared_ptr<Plan>> all;
   {
     std::lock_guard<std::mutex> lock(kinds[kind].mutex);
     if (address == Py_None) {
-      kinds[kind].plans.clear();
+      all.swap(kinds[kind].plans);
     } else {
       const Slot slot{PyLong_AsLongLong(address), PyLong_AsLongLong(n)};
       if (PyErr_Occurred()) return nullptr;

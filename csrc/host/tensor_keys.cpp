@@ -119,7 +119,18 @@ bool plain_parameter(PyObject* p) {
          !at::impl::torch_function_mode_enabled();
 }
 
+PyObject* grads_of_checked(PyObject* list);
+
 PyObject* grads_of(PyObject*, PyObject* list) {
+  try {
+    return grads_of_checked(list);
+  } catch (const std::exception& err) {
+    PyErr_SetString(PyExc_RuntimeError, err.what());
+    return nullptr;
+  }
+}
+
+PyObject* grads_of_checked(PyObject* list) {
   const Items params(list, "params");
   if (!params.ok) return nullptr;
   PyObject* out = PyList_New(params.size);
@@ -141,7 +152,18 @@ PyObject* grads_of(PyObject*, PyObject* list) {
       Py_DECREF(out);
       Py_RETURN_NONE;
     }
-    PyList_SET_ITEM(out, i, THPVariable_Wrap(grad));
+    PyObject* wrapped = nullptr;
+    try {
+      wrapped = THPVariable_Wrap(grad);
+    } catch (...) {
+      Py_DECREF(out);
+      throw;
+    }
+    if (wrapped == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, i, wrapped);
   }
   return out;
 }

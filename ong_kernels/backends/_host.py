@@ -133,7 +133,11 @@ def enable_cpu_step(dense_impl, compact_impl) -> bool:
     entries = getattr(_native.lib(), "masked_sgd_entry_points", None)
     if entries is None:
         return False
-    _C_host.enable_cpu_step(entries(), dense_impl, compact_impl)
+    try:
+        _C_host.enable_cpu_step(entries(), dense_impl, compact_impl)
+    except (RuntimeError, ValueError) as exc:  # _C and _C_host of different builds
+        warnings.warn(f"{exc}; CPU optimizer steps run in Python", stacklevel=2)
+        return False
     _cpu_step_impls = (dense_impl, compact_impl)
     return True
 

@@ -84,13 +84,14 @@ class PlanCache:
         return entry[1] if entry is not None and entry[0] == key else None
 
     def put(
-        self, slot: tuple, key: tuple, plan, owners: Sequence[torch.Tensor], lists: tuple = ()
+        self, slot: tuple, key: tuple, plan, owners: Sequence[torch.Tensor], lists: tuple
     ) -> None:
-        """`lists`: the step's tensor lists, for the mirror's own key."""
-        self._slots[slot] = (key, plan)
-        self._slots.move_to_end(slot)
+        """`lists`: the step's tensor lists, for the mirror's own key. The mirror first: if it
+        refuses the plan, neither cache holds it."""
         if self.mirror is not None:
             self.mirror.put(slot, plan, lists)
+        self._slots[slot] = (key, plan)
+        self._slots.move_to_end(slot)
         while len(self._slots) > self.size:
             old, _ = self._slots.popitem(last=False)
             self._unwatch(old)
