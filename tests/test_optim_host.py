@@ -413,7 +413,7 @@ def test_plan_put_refuses_tables_it_could_index_out_of(tables, match):
     table, rows = torch.zeros(2, 5, dtype=torch.int64), torch.tensor([0, 1])
     count = _host._C_host.plan_count(0)
     with pytest.raises(ValueError, match=match):
-        _host._C_host.plan_put(0, lists, tables(table, rows), [a, b])
+        _host._C_host.plan_put(0, lists, tables(table, rows))
     assert _host._C_host.plan_count(0) == count
 
 

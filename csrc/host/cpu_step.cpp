@@ -19,9 +19,11 @@
 // ONG_KERNELS_BACKEND is set: the registry's choice is Python's. (A kernel registered or a
 // registry patched at run time is seen at the next miss, not by cached plans.)
 //
-// Memory safety: a cached plan was built from validated tensors and keeps them alive (its
-// `keep` aliases); it runs only for lists whose key (layout_key encoding: dtype, device,
-// sizes, strides, addresses; gradients without addresses) equals the one it was built for.
+// Memory safety: a cached plan was built from validated tensors; it runs only for lists whose
+// key (layout_key encoding: dtype, device, sizes, strides, addresses; gradients without
+// addresses) equals the one it was built for. Every address in its tables but the gradients'
+// is in that key, so a match means the tables point into the tensors on the stack, alive and
+// of the same layout: the plan needs to keep nothing alive.
 // The gradients' addresses are written into the plan's table at every step, through rows
 // checked against the table's shape when the plan was cached.
 #include <ATen/Parallel.h>
@@ -61,9 +63,6 @@ struct Table {
 struct Plan {
   std::vector<int64_t> key;
   std::vector<Table> tables;
-  // the storages of every tensor whose address is in a table (storages, not tensors: no
-  // Python object is kept alive from here)
-  std::vector<c10::Storage> keep;
   std::mutex running;  // one step at a time writes the gradient addresses and launches
 };
 
@@ -180,12 +179,7 @@ PyObject* to_python(const c10::IValue& value);
 
 // to_python with a C++ exception turned into a Python error (nullptr returned).
 PyObject* to_python_or_error(const c10::IValue& value) {
-  try {
-    return to_python(value);
-  } catch (const std::exception& err) {
-    PyErr_SetString(PyExc_RuntimeError, err.what());
-    return nullptr;
-  }
+  return python_errors([&] { return to_python(value); });
 }
 
 PyObject* to_python(const c10::IValue& value) {
@@ -332,23 +326,19 @@ PyObject* disable_cpu_step(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+namespace {
 PyObject* plan_put_checked(PyObject* args);
-
-// plan_put_checked with a C++ exception (a tensor whose data cannot be read, no memory) turned
-// into a Python error.
-PyObject* plan_put(PyObject*, PyObject* args) {
-  try {
-    return plan_put_checked(args);
-  } catch (const std::exception& err) {
-    PyErr_SetString(PyExc_RuntimeError, err.what());
-    return nullptr;
-  }
 }
 
+PyObject* plan_put(PyObject*, PyObject* args) {
+  return python_errors([&] { return plan_put_checked(args); });
+}
+
+namespace {
 PyObject* plan_put_checked(PyObject* args) {
   int kind = 0;
-  PyObject *lists = nullptr, *tables = nullptr, *keep = nullptr;
-  if (!PyArg_ParseTuple(args, "iOOO", &kind, &lists, &tables, &keep) || !parse_kind(kind))
+  PyObject *lists = nullptr, *tables = nullptr;
+  if (!PyArg_ParseTuple(args, "iOO", &kind, &lists, &tables) || !parse_kind(kind))
     return nullptr;
   const Items list_items(lists, "lists");
   if (!list_items.ok) return nullptr;
@@ -408,13 +398,9 @@ PyObject* plan_put_checked(PyObject* args) {
     // copies: this table is written (gradient addresses) by this kernel only
     plan->tables.push_back({dtype, table->clone(), rows, grad_rows->clone()});
   }
-  std::vector<const at::Tensor*> kept;
-  if (!tensor_items(keep, "keep", kept)) return nullptr;
-  for (const at::Tensor* t : kept)
-    if (t != nullptr && t->has_storage()) plan->keep.push_back(t->storage());
   const Slot slot{reinterpret_cast<int64_t>(params[0]->data_ptr()),
                   static_cast<int64_t>(params.size())};
-  std::shared_ptr<Plan> replaced;  // freed after the lock (freeing storages may run Python)
+  std::shared_ptr<Plan> replaced;  // freed after the lock
   {
     std::lock_guard<std::mutex> lock(kinds[kind].mutex);
     std::shared_ptr<Plan>& entry = kinds[kind].plans[slot];
@@ -423,12 +409,13 @@ PyObject* plan_put_checked(PyObject* args) {
   }
   Py_RETURN_NONE;
 }
+}  // namespace
 
 PyObject* plan_drop(PyObject*, PyObject* args) {
   int kind = 0;
   PyObject *address = nullptr, *n = nullptr;
   if (!PyArg_ParseTuple(args, "iOO", &kind, &address, &n) || !parse_kind(kind)) return nullptr;
-  // freed after the lock (freeing storages may run Python, which may call here again); a plan
+  // freed after the lock (nothing is freed under it); a plan
   // another thread is running goes when that step ends
   std::shared_ptr<Plan> dropped;
   std::map<Slot, std::shared_ptr<Plan>> all;

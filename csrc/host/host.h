@@ -96,6 +96,19 @@ inline const at::Tensor* int64_host(PyObject* obj, int64_t dim, const char* name
   return &t;
 }
 
+// `body()` (a PyObject* or nullptr with a Python error set) with a C++ exception (a tensor
+// whose data cannot be read, no memory) turned into a Python RuntimeError: nothing thrown
+// crosses a C-API function.
+template <typename Body>
+PyObject* python_errors(Body&& body) {
+  try {
+    return body();
+  } catch (const std::exception& err) {
+    PyErr_SetString(PyExc_RuntimeError, err.what());
+    return nullptr;
+  }
+}
+
 // The methods of cpu_step.cpp, in the module's method table (tensor_keys.cpp).
 PyObject* enable_cpu_step(PyObject*, PyObject* args);
 PyObject* disable_cpu_step(PyObject*, PyObject*);

@@ -180,7 +180,7 @@ PyMethodDef methods[] = {
     {"disable_cpu_step", ong_host::disable_cpu_step, METH_NOARGS,
      "disable_cpu_step(): deregister it (the ops' Python implementation serves CPU tensors)"},
     {"plan_put", ong_host::plan_put, METH_VARARGS,
-     "plan_put(kind, lists, tables, keep): cache a host-table plan for the dispatcher kernel"},
+     "plan_put(kind, lists, tables): cache a host-table plan for the dispatcher kernel"},
     {"plan_drop", ong_host::plan_drop, METH_VARARGS,
      "plan_drop(kind, address, n): forget the plan of a call site (None: every plan)"},
     {"plan_count", ong_host::plan_count, METH_VARARGS, "plan_count(kind) -> cached plans"},

@@ -9,7 +9,7 @@ gradient is None. `write_addresses(tensors, table, rows, column)` writes
 `tensors[i].data_ptr()` into `table[rows[i], column]` for every `rows[i] >= 0`, bounds
 checked.
 
-Both run in ong_kernels._C_host (csrc/host/tensor_keys.cpp, C++ against libtorch: 0.8 us per
+Both run in ong_kernels._C_host (csrc/host/tensor_keys.cpp, C++ against libtorch: ~2 us per
 list of 62 tensors) when it was built, else in Python here (~3.5 us per `map` pass over such a
 list, five passes a list). tests/test_optim_host.py checks that the two agree.
 
@@ -147,7 +147,7 @@ def _drop_native_plans() -> None:
         _C_host.plan_drop(kind, None, None)
 
 
-if _C_host is not None:  # the plans' storages go before the interpreter, not in static teardown
+if _C_host is not None:  # the C++ plans go before the interpreter does, not in static teardown
     atexit.register(_drop_native_plans)
 
 
@@ -187,7 +187,7 @@ class NativePlans:
         if tables is None:  # tensors the reference or a scratch copy serves: Python runs it
             _C_host.plan_drop(self.kind, slot[1], slot[2])
         else:
-            _C_host.plan_put(self.kind, list(lists), tables, plan.kept_tensors())
+            _C_host.plan_put(self.kind, list(lists), tables)
 
     def drop(self, slot: tuple) -> None:
         if _C_host is not None:

@@ -238,10 +238,6 @@ class TablePlan:
             for dtype, table, n, grad_rows in self.tables
         ]
 
-    def kept_tensors(self) -> list[torch.Tensor | None]:
-        """Every tensor whose address the tables hold (the aliases)."""
-        return [*self.params, *self.bufs, *self.bits, *(self.offsets or [])]
-
     def run(self, grads, hyper: SgdHyper, grad_scale=None, found_inf=None) -> None:
         """One step. `grads` must have the step_key the plan was built with (a host-table
         plan: the same layouts, any addresses). grad_scale / found_inf: GradScaler's tensors
