@@ -56,9 +56,12 @@ def nmf_batched(
             start or randomized SVD (a fresh CPU generator per matrix, as scikit-learn's
             random_state per call). A matrix's start depends only on itself, its rank and
             its seed, so k restarts of V are nmf_batched([V] * k, r, seed=[s0, ..., sk-1]),
-            equal bit for bit to k single calls.
+            equal bit for bit to k single calls: by construction on the "reference" and
+            "cpu" backends (each matrix runs its own operations, whatever else shares the
+            call, on any CPU vendor); the Triton kernel is checked for it in its
+            interpreter only, not yet on a GPU.
         backend: "auto" (the best kernel for the inputs' device), or one of "reference"
-            (batched PyTorch matmuls), "cpu" (the C++ solve), "cuda", "triton";
+            (PyTorch matmuls, one matrix at a time), "cpu" (the C++ solve), "cuda", "triton";
             ong_kernels.backends_available() says which can run here. An explicit backend
             that cannot run raises; ONG_KERNELS_BACKEND sets one when this is "auto".
         device: where to compute (default: the inputs' device). With `device`,

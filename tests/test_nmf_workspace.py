@@ -38,7 +38,7 @@ print("GROWTH", peak - before, "MODEL", model)
 CASES = [
     ("cpu", "float16", 1536, 4096, 16, "random"),  # the float32 copy of V dominates
     ("cpu", "bfloat16", 1536, 4096, 16, "nndsvda"),  # the start's float32 copy
-    ("reference", "float32", 1024, 2048, 16, "random"),  # stacked V and the float64 check
+    ("reference", "float32", 1024, 2048, 16, "random"),  # V copies and the float64 check
 ]
 
 

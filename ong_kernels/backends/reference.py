@@ -1,7 +1,7 @@
 """Pure-PyTorch kernels: the oracle every compiled kernel is tested against, and the fallback.
 
-Written for clarity first, but not naively slow: NMF runs each bucket of same-shape matrices
-as batched matmuls, so a ResNet's ~60 matrices take a handful of bmm calls per iteration.
+Written for clarity first. NMF updates each matrix with its own 2-D products, so a matrix's
+result never depends on the other matrices of the call (see _MatrixStepper).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import torch
 
 from ong_kernels import nmf_plan
-from ong_kernels._batching import group_indices
 from ong_kernels._bitmask import unpack_mask
 from ong_kernels._layout import kept_view
 from ong_kernels.backends._sgd_args import SgdHyper, check_compact_args, check_step_args
@@ -134,83 +133,79 @@ masked_sgd_step_.compact = masked_sgd_compact_step_
 
 
 def frobenius_error(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """||V - W H||_F per matrix of a batch, computed in float64 (the exact error of the
-    float32 factors: the oracle for the kernels' cheaper float64 accumulations)."""
-    return torch.linalg.matrix_norm(v.double() - torch.bmm(w.double(), h.double()))
+    """||V - W H||_F of one matrix (or per matrix of a batch), computed in float64 (the exact
+    error of the float32 factors: the oracle for the kernels' cheaper float64 accumulations)."""
+    return torch.linalg.matrix_norm(v.double() - torch.matmul(w.double(), h.double()))
 
 
 def mu_iteration_(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> None:
-    """One Lee-Seung iteration on a batch, in scikit-learn's order and epsilon rule.
+    """One Lee-Seung iteration of one matrix (or a batch), in scikit-learn's order and
+    epsilon rule.
 
     W <- W * (V H^T) / (W (H H^T)),  then  H <- H * (W^T V) / ((W^T W) H).
     """
     eps = nmf_plan.EPS
-    ht = h.transpose(1, 2)
-    numerator = torch.bmm(v, ht)
-    denominator = torch.bmm(w, torch.bmm(h, ht))
+    ht = h.transpose(-2, -1)
+    numerator = torch.matmul(v, ht)
+    denominator = torch.matmul(w, torch.matmul(h, ht))
     w.mul_(numerator.div_(denominator.masked_fill_(denominator == 0, eps)))
-    wt = w.transpose(1, 2)
-    numerator = torch.bmm(wt, v)
-    denominator = torch.bmm(torch.bmm(wt, w), h)
+    wt = w.transpose(-2, -1)
+    numerator = torch.matmul(wt, v)
+    denominator = torch.matmul(torch.matmul(wt, w), h)
     h.mul_(numerator.div_(denominator.masked_fill_(denominator == 0, eps)))
 
 
-class _BucketStepper:
-    """nmf_plan.Stepper over same-shape buckets: each bucket is one stacked batch, so a
-    ResNet's ~60 matrices take a handful of bmm calls per iteration. Stopped matrices leave
-    the batch (the host reads the flags: this is the reference, not the fast path)."""
+class _MatrixStepper:
+    """nmf_plan.Stepper that updates each matrix with its own 2-D products.
+
+    Why not one bmm per same-shape bucket: a batched product need not round like the
+    unbatched one. On an AMD EPYC (Zen 4) a bucket of 4 restarts gave W and H that differ in
+    the last bits from 4 single calls, where the Intel Xeons happened to agree (issue 24). So
+    each matrix works on its own freshly allocated float32 copies of V, W and H (same sizes,
+    same allocator alignment, whatever the batch it came in) and runs the same sequence of
+    2-D products: a matrix's result depends only on itself, its start and the thread count,
+    never on which other matrices share the call or the streamed group. The cost against
+    the bucketed version is in benchmarks/RESULTS.md (issue 24). This backend is the oracle
+    and the fallback; the C++ and Triton kernels are the fast paths."""
 
     syncs = True
 
     def __init__(self, v_list, w_list, h_list) -> None:
-        self.w_list, self.h_list = w_list, h_list
-        self.n = len(v_list)
-        shapes = [(v.shape[0], v.shape[1], w.shape[1]) for v, w in zip(v_list, w_list, strict=True)]
-        self.buckets = []
-        for indices in group_indices(shapes).values():
-            v = torch.stack([v_list[i].to(torch.float32) for i in indices])
-            w = torch.stack([w_list[i] for i in indices])
-            h = torch.stack([h_list[i] for i in indices])
-            self.buckets.append((torch.tensor(indices), v, w, h))
+        self.w_out, self.h_out = w_list, h_list
+        self.v = [v.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+                  for v in v_list]  # fmt: skip
+        self.w = [w.clone(memory_format=torch.contiguous_format) for w in w_list]
+        self.h = [h.clone(memory_format=torch.contiguous_format) for h in h_list]
 
     def iterate(self, n: int, active: torch.Tensor | None) -> None:
-        for indices, v, w, h in self.buckets:
-            keep = None if active is None else active.cpu()[indices]
-            if keep is None or bool(keep.all()):
+        flags = [True] * len(self.v) if active is None else active.tolist()
+        for v, w, h, on in zip(self.v, self.w, self.h, flags, strict=True):
+            if on:
                 for _ in range(n):
                     mu_iteration_(v, w, h)
-            elif bool(keep.any()):
-                sub = keep.nonzero().squeeze(1).to(v.device)
-                vs, ws, hs = v[sub], w[sub], h[sub]
-                for _ in range(n):
-                    mu_iteration_(vs, ws, hs)
-                w[sub], h[sub] = ws, hs
 
     def errors(self) -> torch.Tensor:
-        out = torch.empty(self.n, dtype=torch.float64, device=self.buckets[0][1].device)
-        for indices, v, w, h in self.buckets:
-            out[indices.to(out.device)] = frobenius_error(v, w, h)
-        return out
+        triples = zip(self.v, self.w, self.h, strict=True)
+        return torch.stack([frobenius_error(v, w, h) for v, w, h in triples])
 
     def finish(self) -> None:
-        for indices, _, w, h in self.buckets:
-            for j, i in enumerate(indices.tolist()):
-                self.w_list[i].copy_(w[j])
-                self.h_list[i].copy_(h[j])
+        for w_out, h_out, w, h in zip(self.w_out, self.h_out, self.w, self.h, strict=True):
+            w_out.copy_(w)
+            h_out.copy_(h)
 
 
 def nmf_workspace(shapes: Sequence[Shape]) -> int:
-    """Peak extra bytes of _BucketStepper: per matrix its stacked float32 V (plus the float32
-    conversion of a non-float32 V, alive until the stack is built), stacked W and H and an
-    iteration's products (numerator, Gram, denominator: ~3 more factor-sized tensors); and,
-    for the largest bucket during an error check, V.double(), (W H).double(), their
-    difference and matrix_norm's temporary (32 bytes per entry; measured 80 MB of peak RSS
-    growth for one float32 1024 x 2048 matrix, tests/test_nmf_workspace.py)."""
-    held, buckets = 0, {}
+    """Peak extra bytes of _MatrixStepper: per matrix its float32 copy of V (plus the float32
+    conversion's source read of a non-float32 V), its W and H copies and an iteration's
+    products (numerator, Gram, denominator: ~3 more factor-sized tensors); and, for the
+    largest matrix during an error check, V.double(), (W H).double(), their difference and
+    matrix_norm's temporary (32 bytes per entry; measured 80 MB of peak RSS growth for one
+    float32 1024 x 2048 matrix, tests/test_nmf_workspace.py)."""
+    held, largest = 0, 0
     for m, n, r, dtype in shapes:
         held += 4 * m * n * (1 if dtype == torch.float32 else 2) + 4 * 4 * r * (m + n)
-        buckets[(m, n, r)] = buckets.get((m, n, r), 0) + m * n
-    return held + 32 * max(buckets.values())
+        largest = max(largest, m * n)
+    return held + 32 * largest
 
 
 @register("nmf_mu", "reference", devices=(ANY_DEVICE,), workspace=nmf_workspace)
@@ -218,6 +213,6 @@ def nmf_mu_(
     v_list: Matrices, w_list: Matrices, h_list: Matrices, max_iter: int, tol: float
 ) -> torch.Tensor:
     """Multiplicative-update NMF of a ragged batch, W and H updated in place; returns n_iter
-    per matrix (int64, on the matrices' device). Batched PyTorch matmuls per shape bucket."""
-    stepper = _BucketStepper(v_list, w_list, h_list)
+    per matrix (int64, on the matrices' device). One matrix's 2-D products at a time."""
+    stepper = _MatrixStepper(v_list, w_list, h_list)
     return nmf_plan.run_stepwise(stepper, len(v_list), v_list[0].device, max_iter, tol)

@@ -28,9 +28,10 @@ OPS = ("nmf_mu", "masked_sgd_step")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 # The default order per op and device type, best first. Why each order (benchmarks/RESULTS.md):
-# - nmf_mu on cpu: the C++ solve, then the batched-matmul reference.
-# - nmf_mu on cuda: Triton first, a handful of launches per iteration instead of ~10 per shape
-#   bucket; not yet measured on a GPU (no GPU lent so far), so this is the predicted order.
+# - nmf_mu on cpu: the C++ solve, then the reference (PyTorch matmuls, one matrix at a time).
+# - nmf_mu on cuda: Triton first, a handful of launches per iteration instead of the
+#   reference's ~10 per matrix; not yet measured on a GPU (no GPU lent so far), so this is the
+#   predicted order.
 # - masked_sgd_step on cuda: the CUDA C++ kernel until gpu_check.sh measures Triton against it.
 # Device types absent here (mps, xpu, ...) get the reference.
 DEFAULT_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
