@@ -26,6 +26,7 @@ from ong_kernels.backends._sgd_args import (
     HYPER_SCHEMA,
     SgdHyper,
     check_compact_args,
+    check_momentum,
     check_step_args,
 )
 
@@ -95,7 +96,9 @@ def _masked_sgd_step_impl(
     params, grads, momentum_buffers, mask_bits, lr, momentum, dampening, weight_decay,
     nesterov, maximize, first_step, backend="auto", grad_scale=None, found_inf=None,
 ) -> None:  # fmt: skip
-    """The kernel validates (the shared check_step_args) when it builds or misses its plan."""
+    """The kernel validates (the shared check_step_args) when it builds or misses its plan;
+    momentum against its buffers is checked here, at every call."""
+    check_momentum(momentum, len(params), momentum_buffers)
     if not params:
         check_step_args(params, grads, momentum_buffers, mask_bits)
         return
@@ -108,6 +111,7 @@ def _masked_sgd_compact_step_impl(
     params, grads, momentum_compact, mask_bits, offsets, lr, momentum, dampening, weight_decay,
     nesterov, maximize, first_step, backend="auto", grad_scale=None, found_inf=None,
 ) -> None:  # fmt: skip
+    check_momentum(momentum, len(params), momentum_compact, "momentum_compact")
     if not params:
         check_compact_args(params, grads, momentum_compact, mask_bits, offsets)
         return
@@ -143,12 +147,16 @@ _host.enable_cpu_step(_masked_sgd_step_impl, _masked_sgd_compact_step_impl)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")
-def _masked_sgd_step_fake(params, grads, momentum_buffers, mask_bits, *_hyper) -> None:
+def _masked_sgd_step_fake(params, grads, momentum_buffers, mask_bits, _lr, momentum, *_h) -> None:
+    check_momentum(momentum, len(params), momentum_buffers)
     check_step_args(params, grads, momentum_buffers, mask_bits)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_compact_step_")
-def _masked_sgd_compact_step_fake(params, grads, momentum_compact, mask_bits, offsets, *_h) -> None:
+def _masked_sgd_compact_step_fake(
+    params, grads, momentum_compact, mask_bits, offsets, _lr, momentum, *_h
+) -> None:
+    check_momentum(momentum, len(params), momentum_compact, "momentum_compact")
     check_compact_args(params, grads, momentum_compact, mask_bits, offsets)
 
 

@@ -8,6 +8,7 @@ TRITON_INTERPRET=1 when there is no GPU), or compiled on a CUDA device; sizes ar
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -257,3 +258,203 @@ def test_registered_for_cuda_first():
     assert "cuda" in kernel.devices
     assert registry.DEFAULT_ORDER["nmf_mu"]["cuda"][0] == "triton"
     assert tnmf.TABLE_COLUMNS[:6] == nmf_plan.TABLE_COLUMNS
+
+
+# ----------------------------------------------------------------------------- GPU semantics
+# What the interpreter cannot show by running (issue 27): each defect checked where it lives.
+
+
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("rank", [24, 40, 64], ids=["rb32", "rb64", "rb64-full"])
+def test_grouped_rank_blocks_with_wide_tiles_and_several_row_blocks(rank, monkeypatch):
+    """The grouped configurations the conformance sizes never reach, against the reference:
+    rank blocks of 32 and 64 with the 64-row update tiles large batches get (RB 64 w8: the
+    Llama / 4096^2 configuration), and matrices spanning several row blocks in the update
+    and in the error kernel (whose partials are summed per matrix), with stopping checks."""
+    monkeypatch.setattr(tnmf, "is_small", lambda m, n, r: False)
+    monkeypatch.setattr(tnmf, "MIN_TILES", 0)
+    shapes = [(130, 66, rank), (66, 97, rank)]
+    (group,) = tnmf.plan(shapes, [torch.float32] * 2)
+    assert group.config.rb == (32 if rank <= 32 else 64) and group.config.one_chunk
+    assert group.config.launch("update_w").br == 64
+    assert all(m > group.config.launch("error").br for m, _, _ in shapes)
+    vs, ws, hs = batch(shapes, seed=11)
+    compare(run("triton", vs, ws, hs, 12, 1e-6), run("reference", vs, ws, hs, 12, 1e-6),
+            rtol=5e-4)  # fmt: skip
+
+
+@needs_triton
+def test_error_sum_does_not_depend_on_the_order_of_row_blocks(monkeypatch):
+    """The grouped path's ||V - W H|| of a matrix of many row blocks is the same bits whatever
+    order its blocks' programs run in (an atomic_add per block is not: the last bits, and so a
+    borderline n_iter, would vary run to run). Reversing the error grid reorders the blocks."""
+    monkeypatch.setattr(tnmf, "is_small", lambda m, n, r: False)
+    gen = torch.Generator().manual_seed(13)
+    m, n, r = 512, 17, 3
+    # Row blocks of very different sizes of residual: float64 sums of them round by order.
+    scale = torch.logspace(0, 7, m)[torch.randperm(m, generator=gen)]
+    v = (torch.rand(m, n, generator=gen) * scale[:, None]).to(DEVICE)
+    w = (torch.rand(m, r, generator=gen) * 1e-3).to(DEVICE)
+    h = torch.rand(r, n, generator=gen).to(DEVICE)
+    (group,) = tnmf.plan([(m, n, r)], [torch.float32])
+    stepper = tnmf._GroupedStepper([v], [w], [h], group.config, "ieee")
+    spec, (tiles, count) = stepper.error
+    assert count >= 8, "the case needs many row blocks"
+    forward = stepper.errors()
+    stepper.error = (spec, (tiles.view(-1, 2).flip(0).reshape(-1).contiguous(), count))
+    backward = stepper.errors()
+    assert forward.item() == backward.item(), (forward.item(), backward.item())
+    exact = torch.linalg.matrix_norm(v.double() - w.double() @ h.double())
+    assert forward.item() == pytest.approx(exact.item(), rel=1e-6)
+
+
+def test_stopping_error_is_ieee_whatever_the_precision():
+    """A TF32 product in ||V - W H|| carries ~1e-3 relative noise against tol ~1e-4: the
+    stopping rule would depend on rounding. The error kernel gets no precision."""
+    for precision in tnmf.PRECISIONS:
+        launches = tnmf.launch_constexprs(tnmf.config_for("grouped", 40), None, precision)
+        (error,) = [c for name, c, _ in launches if name == "_error_kernel"]
+        assert error.get("PRECISION", "ieee") == "ieee", (precision, error)
+
+
+@needs_triton
+@pytest.mark.usefixtures("poisoned")
+def test_workspace_counts_what_the_kernels_allocate(monkeypatch):
+    """The declared workspace (the `memory_budget` grouping and the GPU check of issue 16 rely
+    on it) against the scratch the call allocates: the denominators D only for ranks that span
+    several rank blocks (one_chunk keeps them in registers), plus small per-call tensors."""
+    allocated = []
+    poisoned_empty = tnmf._empty
+
+    def recording(size, dtype, device):
+        if dtype == torch.float32:
+            allocated.append(4 * size)
+        return poisoned_empty(size, dtype, device)
+
+    monkeypatch.setattr(tnmf, "_empty", recording)
+    monkeypatch.setattr(tnmf, "MIN_TILES", 0)
+    # A Llama-7B block scaled down 32x per side (every matrix on the grouped path) at rank 16,
+    # and ranks past one rank block (80: D in scratch).
+    block = [(128, 128)] * 4 + [(344, 128)] * 2 + [(128, 344)]
+    for rank, one_chunk in ((16, True), (80, False)):
+        shapes = [(m, n, rank) for m, n in block] if one_chunk else [(90, 100, rank)]
+        (group,) = tnmf.plan(shapes, [torch.float32] * len(shapes))
+        assert group.config.one_chunk == one_chunk
+        allocated.clear()
+        vs, ws, hs = batch(shapes, seed=rank)
+        run("triton", vs, ws, hs, 1, 0.0)
+        scratch = sum(allocated)
+        model = tnmf.workspace([(*s, torch.float32) for s in shapes])
+        # one 512-B allocator block per small tensor at most on top of the scratch
+        assert scratch <= model <= scratch + 64 * 512 + 8 * sum(m + n for m, n, _ in shapes), (
+            rank, scratch, model,
+        )  # fmt: skip
+        denominators = 4 * sum(max(m, n) * r for m, n, r in shapes)
+        assert (scratch >= denominators) == (not one_chunk), (rank, scratch, denominators)
+
+
+@needs_triton
+@pytest.mark.parametrize("op", ["nmf", "sgd"])
+def test_every_launch_runs_under_the_tensors_device_guard(op, monkeypatch):
+    """Triton launches on torch.cuda.current_device(), not on the tensors' device: without a
+    guard, `nmf_batched(..., device="cuda:1")` or a torchrun rank on cuda:k launches on GPU 0
+    with GPU-k addresses. Every launch must happen inside _common.on_device(tensors' device)."""
+    from ong_kernels._bitmask import pack_mask
+    from ong_kernels.backends.triton import sgd as tsgd
+
+    state = {"guards": [], "inside": 0, "launches": 0}
+
+    @contextlib.contextmanager
+    def guard(device):
+        state["guards"].append(torch.device(device))
+        state["inside"] += 1
+        try:
+            yield
+        finally:
+            state["inside"] -= 1
+
+    class Checked:
+        """A kernel whose launches assert that a guard is entered."""
+
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert state["inside"] > 0, "a Triton launch outside the device guard"
+                state["launches"] += 1
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(_common, "on_device", guard)
+    if op == "nmf":
+        module = tnmf._kernels()
+        proxy = type("Kernels", (), {})()
+        for name in tnmf.SIGNATURES:
+            setattr(proxy, name, Checked(getattr(module, name)))
+        monkeypatch.setattr(tnmf, "_kernels", lambda: proxy)
+        # both paths: one small matrix (persistent), one "large" (grouped), with checks
+        monkeypatch.setattr(tnmf, "is_small", lambda m, n, r: m * n < 100)
+        vs, ws, hs = batch([(6, 9, 3), (30, 20, 2)])
+        run("triton", vs, ws, hs, 11, 1e-9)
+    else:
+        kernel = tsgd._kernel()
+        monkeypatch.setattr(tsgd, "_kernel", lambda: Checked(kernel))
+        params = [torch.randn(50, device=DEVICE), torch.randn(7, 3, device=DEVICE)]
+        grads = [torch.randn_like(p) for p in params]
+        bufs = [torch.zeros_like(p) for p in params]
+        bits = [pack_mask(torch.rand(50, device=DEVICE) > 0.5), None]
+        _ops.masked_sgd_step_(params, grads, bufs, bits, 0.1, 0.9, 0.0, 0.0, False, False,
+                              True, "triton")  # fmt: skip
+    assert state["launches"] > 0 and state["inside"] == 0
+    assert set(state["guards"]) == {torch.device(DEVICE)}
+
+
+def test_the_device_guard_is_the_tensors_cuda_device(monkeypatch):
+    """on_device(cuda:k) enters torch.cuda.device(cuda:k) (checked without a GPU: the guard
+    class is replaced by a recorder); CPU tensors (the interpreter) need none."""
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    with _common.on_device(torch.device("cuda", 1)):
+        pass
+    with _common.on_device("cuda:3"):
+        pass
+    with _common.on_device("cpu"):
+        pass
+    assert entered == [torch.device("cuda", 1), torch.device("cuda", 3)]
+
+
+@needs_triton
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_triton_sgd_keys_momentum_on_the_buffers(momentum):
+    """Called directly (below the op's check), the Triton kernel decides momentum from the
+    buffers, as the reference and the CUDA kernel do: momentum without buffers is a plain
+    step (never a store through address 0), buffers with momentum 0 are written."""
+    from ong_kernels.backends._sgd_args import SgdHyper
+
+    gen = torch.Generator().manual_seed(29)
+    params = [torch.randn(n, generator=gen).to(DEVICE) for n in (1100, 9)]
+    grads = [torch.randn(p.numel(), generator=gen).to(DEVICE) for p in params]
+    bufs = [] if momentum else [torch.randn(p.numel(), generator=gen).to(DEVICE) for p in params]
+    hyper = SgdHyper(0.05, momentum, 0.25, 1e-3, False, False, False)
+    expected = [p.clone() for p in params], [b.clone() for b in bufs]
+    registry.get("masked_sgd_step", "reference").fn(
+        expected[0], grads, expected[1], [None, None], hyper, None, None
+    )
+    registry.get("masked_sgd_step", "triton").fn(params, grads, bufs, [None, None], hyper, None,
+                                                 None)  # fmt: skip
+    for got, want in zip(params + bufs, expected[0] + expected[1], strict=True):
+        assert_close(got, want, atol=1e-6, rtol=1e-5, what=f"momentum={momentum}")

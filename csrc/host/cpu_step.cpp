@@ -153,6 +153,9 @@ bool fast_step(int kind, c10::ArrayRef<c10::IValue> args) {
   ong::SgdHyper h{args[h0].toDouble(),     args[h0 + 1].toDouble(), args[h0 + 2].toDouble(),
                   args[h0 + 3].toDouble(), args[h0 + 4].toBool(),   args[h0 + 5].toBool(),
                   args[h0 + 6].toBool(),   0,                       0};
+  // Momentum without buffers, or buffers without momentum: Python refuses it (ValueError,
+  // _sgd_args.check_momentum); the kernel would write through a null buffer.
+  if ((h.momentum != 0.0) == args[2].toListRef().empty()) return false;
   if (!scalar_address(args[h0 + kHyperFields + 1], h.grad_scale) ||
       !scalar_address(args[h0 + kHyperFields + 2], h.found_inf))
     return false;

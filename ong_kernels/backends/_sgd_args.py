@@ -81,6 +81,25 @@ def _check_param(i: int, p: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"params[{i}] has dtype {p.dtype}; supported: {SGD_DTYPES}")
 
 
+def check_momentum(momentum: float, n_params: int, buffers, name: str = "momentum_buffers"):
+    """Momentum and its buffers come together: every kernel decides from one of the two
+    (the reference and CUDA from the buffers, the CPU kernel from momentum != 0), so a
+    mismatch would mean a write through a null buffer or a step the kernels disagree on.
+    Checked at every call (not only when a plan is built: momentum may change between
+    steps of one plan)."""
+    if not n_params:
+        return
+    if momentum != 0 and not buffers:
+        raise ValueError(
+            f"masked_sgd_step: momentum={momentum} needs {name} (one per parameter), got none"
+        )
+    if momentum == 0 and buffers:
+        raise ValueError(
+            f"masked_sgd_step: {name} given with momentum=0 (pass [] without momentum, as "
+            "FusedMaskedSGD does)"
+        )
+
+
 def check_step_args(params, grads, momentum_buffers, mask_bits) -> None:
     """A ValueError naming the first tensor a kernel could read or write out of bounds
     through (or that is not a step's input): another device, dtype or shape than its

@@ -1,6 +1,9 @@
 """Every Triton kernel configuration a dispatcher can pick, compiled ahead of time for sm_90
 (H100/H200) and sm_80 (A100) on this GPU-less machine: no compile error, no register spills
-(stack or local memory), shared memory within the target's limit.
+(stack or local memory; exactly none with the pinned triton, a small tolerance with another:
+the GPU machine's triton 3.6 brings its own ptxas), shared memory within the target's limit;
+and, read from the TTIR and PTX, what the interpreter cannot show: exact float32 divisions,
+a barrier in every update, fp32 products in the stopping error.
 
 The configurations come from each kernel module's `aot_configs()` (every module of
 ong_kernels.backends.triton that has one: a new kernel module is checked without an edit
@@ -13,9 +16,11 @@ the rest (half-precision inputs, the TF32 opt-ins): run them with
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 import re
+from pathlib import Path
 
 import pytest
 
@@ -105,6 +110,71 @@ def test_an_interpreting_process_is_refused_a_compile_with_the_reason():
     config = next(c for c in _aot.configs("sgd") if _aot.is_default(c))
     with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1.*_aot\.reports"):
         _aot.compile_report(arch=90, **config)
+
+
+def _nmf_reports(reports: dict, name: str) -> list:
+    out = []
+    for (module, index, arch), report in reports.items():
+        if module == "nmf" and _aot.configs(module)[index]["fn"].__name__ == name:
+            assert isinstance(report, _aot.Report), report
+            out.append(report)
+    assert out, name
+    return out
+
+
+def test_nmf_divisions_round_to_nearest(default_reports):
+    """`num / den` lowers to div.full.f32 (up to 2 ulp) on the GPU, while the interpreter and
+    the reference divide exactly: the update uses tl.div_rn (div.rn.f32)."""
+    for name in ("_update_kernel", "_solve_kernel", "_gram_kernel", "_error_kernel"):
+        for report in _nmf_reports(default_reports, name):
+            assert report.approx_divisions == 0, report.row()
+
+
+def test_every_update_orders_its_reads_of_x_before_its_writes(default_reports):
+    """The update reads X (the denominator) and then overwrites it from other threads: a
+    barrier between them in every configuration, the one-chunk one included."""
+    for name in ("_update_kernel", "_solve_kernel"):
+        for report in _nmf_reports(default_reports, name):
+            assert report.barriers >= 1, report.row()
+
+
+def test_the_stopping_error_is_fp32_under_tf32():
+    """The error's products are "ieee" even when the update's are TF32 (the persistent
+    kernel's checks; the grouped error kernel takes no precision, test_triton_nmf)."""
+    cases = [
+        ("nmf", i, 90)
+        for i, c in enumerate(_aot.configs("nmf"))
+        if c["fn"].__name__ == "_solve_kernel"
+        and c["constexprs"].get("PRECISION") == "tf32"
+        and c["constexprs"].get("CHECKS")
+        and c["constexprs"].get("RB") == 16
+        and str(c["constexprs"].get("V_DTYPE")) == "fp32"
+    ]
+    assert len(cases) == 1, cases
+    (report,) = _aot.reports(cases).values()
+    assert isinstance(report, _aot.Report), report
+    assert 0 < report.ieee_dots < report.dots, report  # the error's dots, and TF32 updates
+    for report in _nmf_reports(_aot.reports([("nmf", i, 90) for i, c in enumerate(
+            _aot.configs("nmf")) if c["fn"].__name__ == "_error_kernel"][:1]), "_error_kernel"):
+        assert report.ieee_dots == report.dots > 0, report
+
+
+def test_the_pinned_triton_is_the_makefiles():
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    spec = re.search(r"^TRITON_SPEC \?= triton==(\S+)", makefile, re.M)
+    assert spec and spec.group(1) == _aot.PINNED_TRITON
+
+
+def test_spill_budget_is_exact_only_for_the_pinned_triton():
+    """With the pinned triton no configuration may spill; the GPU machine's triton 3.6 gave
+    4 default configurations 8 B of stack (its own ptxas): allowed there, up to a limit."""
+    small = _aot.Report("k", 90, "", 128, stack=8, local=0, shared=0)
+    large = _aot.Report("k", 90, "", 255, stack=_aot.SPILL_TOLERANCE + 8, local=0, shared=0)
+    assert _aot.problems(small, triton_version=_aot.PINNED_TRITON)
+    assert not _aot.problems(small, triton_version="3.6.0")
+    assert _aot.problems(large, triton_version="3.6.0")
+    assert not _aot.problems(dataclasses.replace(small, triton="3.6.0"))
+    assert _aot.problems(dataclasses.replace(small, triton=_aot.PINNED_TRITON))
 
 
 def test_problems_are_found():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -28,3 +29,13 @@ def available() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     return interpreting() or torch.cuda.is_available()
+
+
+def on_device(device) -> contextlib.AbstractContextManager:
+    """The tensors' CUDA device made current around Triton launches (Triton launches on
+    torch.cuda.current_device() and its current stream, whatever device the pointers are
+    on); nothing for CPU tensors (the interpreter)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -15,13 +15,21 @@ rows x r entries: the W step is X = W (rows = m) with A = V, B = H^T; the H step
 
     X <- X * (A B) / (X G),   G = B^T B (the r x r Gram product), 0 -> eps in the denominator
 
+The division is tl.div_rn (IEEE round-to-nearest, as torch and the interpreter divide): a plain
+`/` lowers to div.full.f32 on the GPU (up to 2 ulp), which could move a borderline stopping
+check away from the reference's iteration.
+
 A program owns a block of BR rows of X and all r of its columns, so it reads only old values
 of the rows it writes: the update is fused into the epilogue of the numerator product A B
 without a race. When r > RB (several rank blocks) the denominators of all rank blocks are
 formed first (from the old X) into the scratch D, then the numerators and the updates.
 
 Products are tl.dot with input_precision=PRECISION: "ieee" (fp32 FMA, the default, faithful
-to float32), "tf32x3" or "tf32" (tensor cores; opt-in).
+to float32), "tf32x3" or "tf32" (tensor cores; opt-in) for the updates; the stopping error is
+always "ieee".
+
+V is read in float32, float16, bfloat16 or float64 (V_DTYPE; float64 is converted to float32 in
+the load, as the reference computes in float32).
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ import triton
 import triton.language as tl
 
 NCOLS: tl.constexpr = tl.constexpr(8)
+# The stopping error's products are always fp32 FMA ("ieee"): a TF32 product carries ~1e-3
+# relative noise into ||V - W H|| against tol ~1e-4, which would make n_iter depend on rounding.
+IEEE: tl.constexpr = tl.constexpr("ieee")
 EPS: tl.constexpr = tl.constexpr(1.1920928955078125e-07)  # float32 eps (nmf_plan.EPS)
 CHECK_EVERY: tl.constexpr = tl.constexpr(10)  # nmf_plan.CHECK_EVERY
 
@@ -131,7 +142,7 @@ def _apply(x, x_sr, x_sc, r, rows, rmask, c0, num, den, RB: tl.constexpr):
     ptr = x + rows[:, None].to(tl.int64) * x_sr + cols[None, :] * x_sc
     old = tl.load(ptr, mask=mask, other=0.0)
     den = tl.where(den == 0.0, EPS, den)
-    tl.store(ptr, old * (num / den), mask=mask)
+    tl.store(ptr, old * tl.div_rn(num, den), mask=mask)
 
 
 @triton.jit
@@ -158,6 +169,10 @@ def _update_tile(v, w, h, m, n, r, g, d, row0, SIDE: tl.constexpr, BR: tl.conste
         den = _den_chunk(x, x_sr, x_sc, g, r, rows, rmask, 0, BR, BK, RB, PRECISION)
         num = _num_chunk(a, a_sr, a_sk, b, b_sk, b_sc, size_k, r, rows, rmask, 0, BR, BK, RB,
                          PRECISION)  # fmt: skip
+        # Every thread's reads of X (the denominator) before any thread overwrites X: today the
+        # compiler stages the dot operands through shared memory with its own barriers (triton
+        # 3.6 TTGIR), but nothing promises that a later one will.
+        tl.debug_barrier()
         _apply(x, x_sr, x_sc, r, rows, rmask, 0, num, den, RB)
     else:
         # Every rank block's denominator from the old X first (D is rows x r, row-major) ...
@@ -241,16 +256,18 @@ def _update_kernel(table, scratch, tiles, active, SIDE: tl.constexpr, BR: tl.con
 
 
 @triton.jit
-def _error_kernel(table, scratch, tiles, active, err2, BR: tl.constexpr, BK: tl.constexpr,
-                  RB: tl.constexpr, PRECISION: tl.constexpr, V_DTYPE: tl.constexpr):  # fmt: skip
-    """err2[i] += sum of (V - W H)^2 over a row block of matrix i (float64; err2 zeroed)."""
+def _error_kernel(table, scratch, tiles, active, err2, max_blocks, BR: tl.constexpr,
+                  BK: tl.constexpr, RB: tl.constexpr, V_DTYPE: tl.constexpr):  # fmt: skip
+    """err2[i, block] = sum of (V - W H)^2 over row block `block` of matrix i (float64,
+    [matrices x max_blocks], zeroed): one slot per tile, summed by the host in a fixed order
+    (an atomic_add would make the last bits, and so a borderline n_iter, run-dependent)."""
     pid = tl.program_id(0)
     i = tl.load(tiles + 2 * pid)
     block = tl.load(tiles + 2 * pid + 1)
     if tl.load(active + i) != 0:
         v, w, h, m, n, r, _g, _d = _matrix(table, scratch, i, V_DTYPE)
-        part = _error_tile(v, w, h, m, n, r, block * BR, BR, BK, RB, PRECISION)
-        tl.atomic_add(err2 + i, part)
+        part = _error_tile(v, w, h, m, n, r, block * BR, BR, BK, RB, IEEE)
+        tl.store(err2 + i.to(tl.int64) * max_blocks + block, part)
 
 
 # ----------------------------------------------------------------------------- persistent
@@ -280,7 +297,7 @@ def _solve_kernel(table, scratch, n_iter, params, max_iter, CHECKS: tl.constexpr
     tol = tl.load(params)
     initial = tl.zeros([], dtype=tl.float64)
     if CHECKS:
-        initial = _error(v, w, h, m, n, r, BR, BK, RB, PRECISION)
+        initial = _error(v, w, h, m, n, r, BR, BK, RB, IEEE)
     previous = initial
     safe_initial = tl.where(initial > 0, initial, 1.0)
     it = 0
@@ -304,7 +321,7 @@ def _solve_kernel(table, scratch, n_iter, params, max_iter, CHECKS: tl.constexpr
         it += 1
         if CHECKS:
             if (it % CHECK_EVERY == 0) & (it < max_iter):
-                current = _error(v, w, h, m, n, r, BR, BK, RB, PRECISION)
+                current = _error(v, w, h, m, n, r, BR, BK, RB, IEEE)
                 stop = (initial <= 0) | ((previous - current) / safe_initial < tol)
                 running = tl.where(stop, 0, 1)
                 previous = current

@@ -12,7 +12,7 @@ def masked_sgd_kernel(
     hyper,  # float64 [5]: lr, momentum, 1 - dampening, weight_decay, sign
     grad_scale,  # float32 [1] (read when has_scale)
     found_inf,  # float32 [1] (read when has_scale)
-    flags,  # int32: 1 momentum buffer, 2 first step, 4 nesterov, 8 GradScaler
+    flags,  # int32: 2 first step, 4 nesterov, 8 GradScaler (buffers: the row's address != 0)
     DTYPE: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -23,7 +23,8 @@ def masked_sgd_kernel(
     row = table + t * 5
     p_ptr = tl.load(row).to(tl.pointer_type(DTYPE), bitcast=True)
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE), bitcast=True)
-    b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE), bitcast=True)
+    b_addr = tl.load(row + 2)
+    b_ptr = b_addr.to(tl.pointer_type(DTYPE), bitcast=True)
     m_addr = tl.load(row + 3)
     m_ptr = m_addr.to(tl.pointer_type(tl.uint8), bitcast=True)
     numel = tl.load(row + 4)
@@ -50,7 +51,7 @@ def masked_sgd_kernel(
     w = tl.load(p_ptr + offs, mask=keep, other=0).to(ACC)
     g = tl.where(keep, sign * g, 0.0)  # select, never multiply: NaN at pruned stays out
     g = g + wd * w
-    if (flags & 1) != 0:
+    if b_addr != 0:  # momentum buffers: keyed on the buffer, as the CUDA kernel and reference
         if (flags & 2) != 0:
             b = g
         else:

@@ -15,8 +15,15 @@ Two paths, chosen per matrix by `plan` from the shapes alone (no GPU needed to t
   matrix.
 
 Errors: residuals and their squares in float32, summed in float64 (not the trace identity,
-whose cancellation float32 cannot carry). Half-precision V (float16, bfloat16) is read as it
-is and converted in the loads; matrices of different V dtypes go to separate launches.
+whose cancellation float32 cannot carry), always with fp32 FMA products (whatever the
+precision of the updates), and the grouped path's per-row-block partials summed on the host in
+a fixed order: the same call stops every matrix at the same iteration. V in float16, bfloat16
+or float64 is read as it is and converted to float32 in the loads (the reference computes in
+float32 too); matrices of different V dtypes go to separate launches.
+
+Device: every launch runs under the tensors' device guard (Triton launches on the current
+CUDA device: `nmf_batched(..., device="cuda:1")` or a torchrun rank on cuda:k without
+set_device would otherwise launch on GPU 0 with GPU-k addresses).
 
 Precision: "ieee" (default) makes every tl.dot an fp32 FMA product, faithful to float32;
 "tf32x3" (three TF32 tensor-core products, ~fp32 accuracy) and "tf32" (one, 10-bit
@@ -182,9 +189,15 @@ def _kernels():
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[
-        dtype
-    ]
+    return {
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float64: tl.float64,
+    }[dtype]
+
+
+V_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _empty(size: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -192,20 +205,28 @@ def _empty(size: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(size, dtype=dtype, device=device)
 
 
-def _device_table(v, w, h, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int64 table [len(v), 8] on the device, float32 scratch) for one group."""
-    base = nmf_plan.matrix_table(v, w, h)
+def _scratch_offsets(shapes: Sequence[tuple[int, int, int]], config: Config):
+    """([G offset, D offset] per matrix, total float32 entries) of one group's scratch: the
+    r x r Gram product of every matrix, and max(m, n) x r denominators only when the group
+    spans several rank blocks (one_chunk keeps them in registers)."""
     offsets, total = [], 0
-    for vi, wi in zip(v, w, strict=True):
-        (m, n), r = vi.shape, wi.shape[1]
+    for m, n, r in shapes:
         g_off = total
         total += r * r
         d_off = total
         if not config.one_chunk:
             total += max(m, n) * r
         offsets.append([g_off, d_off])
+    return offsets, max(total, 1)
+
+
+def _device_table(v, w, h, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int64 table [len(v), 8] on the device, float32 scratch) for one group."""
+    base = nmf_plan.matrix_table(v, w, h)
+    shapes = [(vi.shape[0], vi.shape[1], wi.shape[1]) for vi, wi in zip(v, w, strict=True)]
+    offsets, total = _scratch_offsets(shapes, config)
     table = torch.cat([base, torch.tensor(offsets, dtype=torch.int64)], dim=1)
-    scratch = _empty(max(total, 1), torch.float32, v[0].device)
+    scratch = _empty(total, torch.float32, v[0].device)
     return table.to(v[0].device), scratch
 
 
@@ -229,7 +250,7 @@ _GROUPED_ARGS = {"table": "*i64", "scratch": "*fp32", "tiles": "*i32", "active":
 SIGNATURES = {
     "_gram_kernel": _GROUPED_ARGS,
     "_update_kernel": _GROUPED_ARGS,
-    "_error_kernel": {**_GROUPED_ARGS, "err2": "*fp64"},
+    "_error_kernel": {**_GROUPED_ARGS, "err2": "*fp64", "max_blocks": "i32"},
     "_solve_kernel": {
         "table": "*i64", "scratch": "*fp32", "n_iter": "*i64", "params": "*fp64", "max_iter": "i32",
     },
@@ -258,7 +279,8 @@ def launch_constexprs(config: Config, v_dtype, precision: str) -> list[tuple[str
         constexprs = dict(SIDE=side, BR=update.br, BK=BK, RB=c.rb, ONE_CHUNK=c.one_chunk,
                           PRECISION=precision, V_DTYPE=v_dtype)  # fmt: skip
         out.append(("_update_kernel", constexprs, update))
-    constexprs = dict(BR=error.br, BK=BK, RB=c.rb, PRECISION=precision, V_DTYPE=v_dtype)
+    # The stopping error is computed in "ieee" whatever `precision` (the kernel's IEEE).
+    constexprs = dict(BR=error.br, BK=BK, RB=c.rb, V_DTYPE=v_dtype)
     out.append(("_error_kernel", constexprs, error))
     return out
 
@@ -284,7 +306,7 @@ def aot_configs() -> list[dict]:
 
 def _add_configs(out: list, seen: set, k, config: Config) -> None:
     """Append the not yet listed launches of `config` for every V dtype and precision."""
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for dtype in V_DTYPES:
         for precision in PRECISIONS:
             for name, constexprs, launch in launch_constexprs(config, _tl_dtype(dtype), precision):
                 key = (name, repr(sorted(constexprs.items())), launch)
@@ -320,8 +342,9 @@ class _GroupedStepper:
         # One iteration: G = H H^T, the W step, G = W^T W, the H step (launch_constexprs order).
         self.iteration = list(zip(self.launches[:4], (gram, rows_w, gram, rows_h), strict=True))
         br = config.launch("error").br
-        self.error = (self.launches[4], _tiles([math.ceil(m / br) for m, _, _ in shapes],
-                                               self.device))  # fmt: skip
+        error_blocks = [math.ceil(m / br) for m, _, _ in shapes]
+        self.error = (self.launches[4], _tiles(error_blocks, self.device))
+        self.max_blocks = max(error_blocks)
         self.flags = torch.ones(self.n, dtype=torch.int32, device=self.device)
 
     def _launch(self, spec, tiles, *args) -> None:
@@ -340,9 +363,11 @@ class _GroupedStepper:
                 self._launch(spec, tiles)
 
     def errors(self) -> torch.Tensor:
-        err2 = torch.zeros(self.n, dtype=torch.float64, device=self.device)
-        self._launch(*self.error, err2)
-        return err2.sqrt()
+        # One float64 slot per (matrix, row block), summed by torch in a fixed order: the
+        # same call gives the same bits (an atomic_add per block would not).
+        err2 = torch.zeros(self.n, self.max_blocks, dtype=torch.float64, device=self.device)
+        self._launch(*self.error, err2, self.max_blocks)
+        return err2.sum(dim=1).sqrt()
 
     def finish(self) -> None:
         pass  # the kernels update the op's W and H in place
@@ -370,15 +395,45 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+# The CUDA caching allocator rounds every allocation up to 512 bytes (kMinBlockSize); the
+# small per-call tensors (tables, tile lists, flags, n_iter, the stopping rule's error vectors
+# and masks) are each one such block at least.
+_ALLOCATION = 512
+# Small tensors alive at once besides the scratch, per group: table, 4 tile lists, flags,
+# error partials, initial / previous / current errors, active, n_iter, and the stopping
+# rule's temporaries (~4), counted from _GroupedStepper and nmf_plan.run_stepwise.
+_SMALL_TENSORS = 16
+
+
+def _rounded(nbytes: int) -> int:
+    return -(-nbytes // _ALLOCATION) * _ALLOCATION
+
+
 def workspace(shapes: Sequence[tuple[int, int, int, torch.dtype]]) -> int:
-    """Peak extra bytes on the device: V is read in place; each matrix has an r x r Gram
-    product and (multi-block ranks) max(m, n) x r denominators in the float32 scratch
-    (_device_table), a table row and tile lists; n_iter, flags and errors are per matrix."""
-    per_matrix = sum(4 * (r * r + max(m, n) * r) + 8 * 8 + 8 * 3 for m, n, r, _ in shapes)
-    tiles = sum(
-        8 * (-(-m // 16) + -(-n // 16) + (-(-r // MIN_BLOCK)) ** 2) for m, n, r, _ in shapes
-    )
-    return per_matrix + tiles
+    """Peak extra bytes on the device: V is read in place; each launch group has a float32
+    scratch of the r x r Gram products and (groups whose ranks span several rank blocks only)
+    max(m, n) x r denominators (_scratch_offsets, what _device_table allocates), a table,
+    tile lists, flags and per-(matrix, row block) error partials; each allocation rounded up
+    as the caching allocator does."""
+    total = _rounded(8 * len(shapes))  # the op's n_iter
+    for group in plan([s[:3] for s in shapes], [s[3] for s in shapes]):
+        sub = [shapes[i][:3] for i in group.indices]
+        n = len(sub)
+        _, floats = _scratch_offsets(sub, group.config)
+        total += _rounded(4 * floats) + _rounded(8 * 8 * n)
+        if group.config.kernel == "grouped":
+            c = group.config
+            br_w, br_h, br_e = (c.launch(k).br for k in ("update_w", "update_h", "error"))
+            total += _rounded(8 * n * max(math.ceil(m / br_e) for m, _, _ in sub))  # partials
+            for count in (  # the tile lists: Gram, W step, H step, error (int32 pairs)
+                sum(math.ceil(r / c.rb) ** 2 for _, _, r in sub),
+                sum(math.ceil(m / br_w) for m, _, _ in sub),
+                sum(math.ceil(n_ / br_h) for _, n_, _ in sub),
+                sum(math.ceil(m / br_e) for m, _, _ in sub),
+            ):
+                total += _rounded(8 * count)
+        total += _SMALL_TENSORS * _rounded(8 * n)
+    return total
 
 
 @register("nmf_mu", "triton", devices=_common.devices(), available=_common.available,
@@ -395,6 +450,11 @@ def nmf_mu_(
     place; n_iter per matrix (int64, on the device). See the module docstring."""
     check_precision(precision)
     device = v_list[0].device
+    with _common.on_device(device):
+        return _nmf_mu(v_list, w_list, h_list, max_iter, tol, precision, device)
+
+
+def _nmf_mu(v_list, w_list, h_list, max_iter, tol, precision, device) -> torch.Tensor:
     shapes = [(v.shape[0], v.shape[1], w.shape[1]) for v, w in zip(v_list, w_list, strict=True)]
     n_iter = _empty(len(v_list), torch.int64, device)
     for group in plan(shapes, [v.dtype for v in v_list]):

@@ -6,8 +6,12 @@ ong_kernels/backends/_multi_tensor.py) plus a chunk table built once per plan: r
 instead of a search. Hyper-parameters are read from a small float64 tensor (exact for
 float64 parameters; Triton passes Python floats as float32), GradScaler's scale and inf flag
 from device memory (an inf step is skipped without a host sync). Flags that only choose a
-branch (momentum buffer, first step, Nesterov, mask present) are runtime values, so one
-compiled kernel per dtype serves every configuration: `aot_configs()` lists all of them.
+branch (first step, Nesterov, GradScaler) and the table's buffer and mask addresses (0: none)
+are runtime values, so one compiled kernel per dtype serves every configuration:
+`aot_configs()` lists all of them. Whether a tensor has a momentum buffer is its table row's
+buffer address, as in the CUDA kernel and the reference (the op refuses momentum != 0
+without buffers and buffers with momentum == 0, _sgd_args.check_momentum); each launch runs
+under the parameters' device guard (Triton launches on the current device).
 """
 
 from __future__ import annotations
@@ -100,22 +104,23 @@ def prepare(params, *lists) -> TablePlan:
             -1.0 if hyper.maximize else 1.0,
         ]
         hyper_t = torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
-        flags = (hyper.momentum != 0) | (hyper.first_step << 1) | (hyper.nesterov << 2)
+        flags = (hyper.first_step << 1) | (hyper.nesterov << 2)
         if grad_scale is not None or found_inf is not None:
             flags |= 8
         element, acc = _tl_dtypes(dtype)
-        _kernel()[(programs,)](
-            table,
-            chunks,
-            hyper_t,
-            one if grad_scale is None else grad_scale,
-            zero if found_inf is None else found_inf,
-            int(flags),
-            DTYPE=element,
-            ACC=acc,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
-        )
+        with _common.on_device(device):
+            _kernel()[(programs,)](
+                table,
+                chunks,
+                hyper_t,
+                one if grad_scale is None else grad_scale,
+                zero if found_inf is None else found_inf,
+                int(flags),
+                DTYPE=element,
+                ACC=acc,
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
 
     return TablePlan(
         params, *lists, supported_dtypes=SUPPORTED_DTYPES, launch=launch, finish_table=chunk_table
