@@ -204,6 +204,8 @@ def case_correctness(device, small):
             30,
         ),
         "rank blocks": ([(40 * big, 130), (90, 71 * big)], 80, 10),
+        # ranks 17-32 on the grouped path (rank blocks of 32), several row blocks each
+        "grouped rb32": ([(75 * big, 65 * big), (70 * big, 75 * big)], 24, 20),
         "bf16": ([(37, 53), (130, 75 * big)], 16, 20),
         "fp16": ([(37, 53), (130, 75 * big)], 24, 20),
     }
@@ -294,9 +296,14 @@ def case_square4096(device, small):
         row[f"{precision}_ms"] = t * 1e3
         row[f"{precision}_fraction_of_matmul"] = work / t / rate
         row[f"{precision}_error_rel_diff_vs_ieee"] = float(((errors - base).abs() / base).max())
-    t_ref, _ = timed(lambda: op("reference", vs, ws, hs, iters), device)
+    t_ref, ref = timed(lambda: op("reference", vs, ws, hs, iters), device)
     t_loop, _ = timed(lambda: torch_loop(vs, ws, hs, iters), device)
     row.update(reference_ms=t_ref * 1e3, torch_loop_ms=t_loop * 1e3)
+    # The RB 64, 8-warp, 64-row update (the Llama / square configuration) against the
+    # reference: the "ieee" errors, not only the precisions against each other.
+    gap = error_gap(base, rel_errors(vs, list(zip(ref[0], ref[1], strict=True))))
+    row["ieee_error_gap_vs_reference"] = gap
+    expect(gap <= 1, f"ieee errors differ from the reference's (gap {gap:.3g} > 1)")
     if not small:
         share = row["ieee_fraction_of_matmul"]
         expect(share >= 0.5, f"{share:.0%} of the fp32 matmul rate (target 50%)")
@@ -423,9 +430,12 @@ def case_init_workspace(device, small):
     if not small:
         expect(row["r16_init_share"] <= 0.1, f"init {row['r16_init_share']:.1%} of the solve")
     if device == "cuda":
+        # Within 25%, plus 16 KiB: 32 of the caching allocator's 512-B blocks for small
+        # temporaries the model does not list one by one (the stopping rule's).
         for rank in (16, 64):
-            ratio = row[f"r{rank}_extra_over_model"]
-            expect(0.75 <= ratio <= 1.25, f"rank {rank}: peak extra {ratio:.2f}x the model")
+            extra, model = row[f"r{rank}_extra_bytes"], row[f"r{rank}_model_bytes"]
+            expect(abs(extra - model) <= 0.25 * model + 16384,
+                   f"rank {rank}: peak extra {extra} B against the model's {model} B")  # fmt: skip
     return row
 
 

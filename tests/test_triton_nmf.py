@@ -292,8 +292,11 @@ def test_error_sum_does_not_depend_on_the_order_of_row_blocks(monkeypatch):
     monkeypatch.setattr(tnmf, "is_small", lambda m, n, r: False)
     gen = torch.Generator().manual_seed(13)
     m, n, r = 512, 17, 3
-    # Row blocks of very different sizes of residual: float64 sums of them round by order.
-    scale = torch.logspace(0, 7, m)[torch.randperm(m, generator=gen)]
+    # Seven row blocks whose squared residuals sum to ~100 each, and one to ~2^60 (ulp 256):
+    # added small blocks first, the smalls survive; the large block first, each small one is
+    # below half an ulp and lost. A fixed-order sum gives one answer either way.
+    scale = torch.full((m,), 0.5)
+    scale[-64:] = 2.0**25
     v = (torch.rand(m, n, generator=gen) * scale[:, None]).to(DEVICE)
     w = (torch.rand(m, r, generator=gen) * 1e-3).to(DEVICE)
     h = torch.rand(r, n, generator=gen).to(DEVICE)

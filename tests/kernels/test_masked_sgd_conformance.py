@@ -215,7 +215,8 @@ def test_momentum_and_buffers_come_together(
     and the reference from the buffers): momentum without buffers wrote through address 0,
     buffers without momentum stepped differently. The op refuses both, naming the argument,
     before any tensor changes; twice, so that a cached plan is no way around it."""
-    from ong_kernels._bitmask import block_offsets, compact as to_compact
+    from ong_kernels._bitmask import block_offsets
+    from ong_kernels._bitmask import compact as to_compact
 
     gen = torch.Generator().manual_seed(23)
     sizes = [300, 17]

@@ -114,7 +114,7 @@ def test_an_interpreting_process_is_refused_a_compile_with_the_reason():
 
 def _nmf_reports(reports: dict, name: str) -> list:
     out = []
-    for (module, index, arch), report in reports.items():
+    for (module, index, _arch), report in reports.items():
         if module == "nmf" and _aot.configs(module)[index]["fn"].__name__ == name:
             assert isinstance(report, _aot.Report), report
             out.append(report)
@@ -139,24 +139,27 @@ def test_every_update_orders_its_reads_of_x_before_its_writes(default_reports):
 
 
 def test_the_stopping_error_is_fp32_under_tf32():
-    """The error's products are "ieee" even when the update's are TF32 (the persistent
-    kernel's checks; the grouped error kernel takes no precision, test_triton_nmf)."""
-    cases = [
-        ("nmf", i, 90)
-        for i, c in enumerate(_aot.configs("nmf"))
-        if c["fn"].__name__ == "_solve_kernel"
-        and c["constexprs"].get("PRECISION") == "tf32"
-        and c["constexprs"].get("CHECKS")
-        and c["constexprs"].get("RB") == 16
-        and str(c["constexprs"].get("V_DTYPE")) == "fp32"
-    ]
-    assert len(cases) == 1, cases
-    (report,) = _aot.reports(cases).values()
-    assert isinstance(report, _aot.Report), report
-    assert 0 < report.ieee_dots < report.dots, report  # the error's dots, and TF32 updates
-    for report in _nmf_reports(_aot.reports([("nmf", i, 90) for i, c in enumerate(
-            _aot.configs("nmf")) if c["fn"].__name__ == "_error_kernel"][:1]), "_error_kernel"):
-        assert report.ieee_dots == report.dots > 0, report
+    """The error's products are "ieee" even when the update's are TF32: the persistent
+    kernel's checks (TF32 updates, fp32 error), and the grouped error kernel (which takes no
+    precision: test_triton_nmf)."""
+    configs = _aot.configs("nmf")
+
+    def index(name: str, **constexprs) -> int:
+        (found,) = [
+            i
+            for i, c in enumerate(configs)
+            if c["fn"].__name__ == name
+            and all(str(c["constexprs"].get(k)) == str(v) for k, v in constexprs.items())
+        ]
+        return found
+
+    solve = index("_solve_kernel", PRECISION="tf32", CHECKS=True, RB=16, V_DTYPE="fp32")
+    error = index("_error_kernel", RB=64, V_DTYPE="fp32")
+    reports = _aot.reports([("nmf", solve, 90), ("nmf", error, 90)])
+    solve_report, error_report = reports[("nmf", solve, 90)], reports[("nmf", error, 90)]
+    assert isinstance(solve_report, _aot.Report) and isinstance(error_report, _aot.Report)
+    assert 0 < solve_report.ieee_dots < solve_report.dots, solve_report
+    assert error_report.ieee_dots == error_report.dots > 0, error_report
 
 
 def test_the_pinned_triton_is_the_makefiles():

@@ -5,7 +5,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# flags is a runtime value: specialised (Triton marks an int argument divisible by 16, e.g.
+# 0), the first step (flags 2) and the next ones (0) would compile two variants.
+@triton.jit(do_not_specialize=["flags"])
 def masked_sgd_kernel(
     table,  # int64 [n x 5]: param, grad, buf, mask, numel
     chunks,  # int64 [programs x 2]: tensor index, first element
