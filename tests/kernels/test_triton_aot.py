@@ -182,7 +182,7 @@ def test_spill_budget_is_exact_only_for_the_pinned_triton():
 
 def test_problems_are_found():
     # The check itself can fail: a spilling or oversized report is flagged.
-    spilled = _aot.Report("k", 80, "", 255, stack=8, local=0, shared=0)
+    spilled = _aot.Report("k", 80, "", 255, stack=8, local=0, shared=0, triton=_aot.PINNED_TRITON)
     too_big = _aot.Report("k", 90, "", 64, stack=0, local=0, shared=_aot.SHARED_LIMIT[90] + 1)
     assert _aot.problems(spilled) and _aot.problems(too_big)
     assert not _aot.problems(_aot.Report("k", 90, "", 64, stack=0, local=0, shared=1024))
