@@ -21,7 +21,7 @@
 #   results.jsonl     every measured row: phases, NMF cases, pytest-benchmark rows, environment
 #   tests_short.txt   per test phase: counts, every failure / error, every test id that passed
 #   logs.tgz          every log of build/gpu_check/logs (build, pytest -v, benchmarks, sanitizer)
-# Working files stay in build/gpu_check/logs.
+# Working files stay in build/gpu_check/logs (build/gpu_check_dry/logs for --dry-run).
 #
 # Build (measured on the 2-core Xeon that has no GPU: nvcc 13 compiles masked_sgd.cu for
 # sm_80 + sm_90 + compute_90 in ~4 s of CPU; the whole extension, CPU ISAs included, in ~2
@@ -39,6 +39,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
 WORK="$ROOT/build/gpu_check"
+if ((DRY)); then WORK="$ROOT/build/gpu_check_dry"; fi # never the real run's logs (its tests run this)
 LOGS="$WORK/logs"
 OUT_DIR="${OUT:-$WORK/out}"
 rm -rf "$LOGS"
@@ -50,8 +51,9 @@ TOTAL_S="${GPU_CHECK_TOTAL_S:-340}"
 RESERVE_S=10 # kept for the last publish and the summary
 START_S=$SECONDS
 export LOGS PY DRY
-# The dry run has no GPU: Triton's interpreter runs the kernels on CPU tensors.
-if ((DRY)); then export TRITON_INTERPRET=1; fi
+# The dry run uses no GPU, even on a GPU machine (the real run's test phase runs it):
+# Triton's interpreter runs the kernels on CPU tensors.
+if ((DRY)); then export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""; fi
 
 # No download can succeed there: pip fails at once instead of retrying an index, and installs
 # into the system interpreter (PEP 668 would refuse an "externally managed" one).
