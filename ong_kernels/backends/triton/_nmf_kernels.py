@@ -255,7 +255,10 @@ def _update_kernel(table, scratch, tiles, active, SIDE: tl.constexpr, BR: tl.con
         _update_tile(v, w, h, m, n, r, g, d, block * BR, SIDE, BR, BK, RB, ONE_CHUNK, PRECISION)
 
 
-@triton.jit
+# Runtime ints not specialised (Triton would compile a variant for 1 and for multiples of 16:
+# max_blocks 1 vs 2 in one solve, max_iter 200 vs 400), so the first GPU run compiles each
+# configuration once.
+@triton.jit(do_not_specialize=["max_blocks"])
 def _error_kernel(table, scratch, tiles, active, err2, max_blocks, BR: tl.constexpr,
                   BK: tl.constexpr, RB: tl.constexpr, V_DTYPE: tl.constexpr):  # fmt: skip
     """err2[i, block] = sum of (V - W H)^2 over row block `block` of matrix i (float64,
@@ -283,7 +286,7 @@ def _error(v, w, h, m, n, r, BR: tl.constexpr, BK: tl.constexpr, RB: tl.constexp
     return tl.sqrt(total)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_iter"])
 def _solve_kernel(table, scratch, n_iter, params, max_iter, CHECKS: tl.constexpr,
                   BR: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr,
                   ONE_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
