@@ -116,12 +116,22 @@ def nmf_rows(logs: Path) -> list[dict]:
     return rows
 
 
-def _figures(row: dict, limit: int = 320) -> str:
+def _flat(row: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _figures(row: dict, limit: int = 500) -> str:
+    """A case's figures on one line (nested ones as `batch.figure`), cut at `limit`."""
     skip = {"kind", "case", "device", "status", "why", "trace"}
     text = ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in row.items()
-        if k not in skip and not isinstance(v, dict)
+        for k, v in _flat({k: v for k, v in row.items() if k not in skip}).items()
     )
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

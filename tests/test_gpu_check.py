@@ -67,3 +67,34 @@ def test_dry_run_keeps_the_leases_limits(tmp_path):
     assert len(summary) < 12_000
     # The test phases collected their files (a wrong path or marker would fail here).
     assert re.search(r"tests_gpu: .*\d+ tests collected", summary), summary
+
+
+def test_report_of_a_killed_phase_names_what_ran(tmp_path):
+    """What the GPU run will hand back when its test phase is killed mid-run: the pytest -v
+    lines name every test that ended, failures are listed, nested NMF figures are flattened,
+    and every row lands in results.jsonl."""
+    import json
+
+    from benchmarks import gpu_check_report
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "phases.tsv").write_text("env\tok\t3\t20\ntests_gpu\tTIMEOUT 130s\t130\t130\n")
+    (logs / "tests_gpu.log").write_text(
+        "tests/a.py::test_x[cuda] PASSED [  1%]\n"
+        "tests/a.py::test_y[triton-cuda] FAILED [  2%]\n"
+        "tests/b.py::test_z PASSED [  3%]\n"
+    )
+    nmf = {"case": "correctness", "status": "FAIL", "why": "n_iter", "bf16": {"error_gap": 0.5}}
+    (logs / "nmf_gpu.jsonl").write_text(json.dumps(nmf) + "\n")
+    (logs / "env.json").write_text(json.dumps({"gpu": "NVIDIA H100", "triton": "3.6.0"}))
+    out = tmp_path / "out"
+    assert gpu_check_report.main(["--logs", str(logs), "--out", str(out), "--total", "340"]) == 0
+    summary = (out / "summary.txt").read_text()
+    assert "tests_gpu      TIMEOUT 130s" in summary
+    assert "tests_gpu: 1 failed, 2 passed" in summary
+    assert "FAILED tests/a.py::test_y[triton-cuda]" in summary
+    assert "bf16.error_gap=0.5" in summary and "NVIDIA H100" in summary
+    kinds = [json.loads(line)["kind"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert kinds == ["env", "phase", "phase", "nmf", "tests"]
+    assert "PASSED tests/b.py::test_z" in (out / "tests_short.txt").read_text()
