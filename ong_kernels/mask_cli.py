@@ -373,7 +373,9 @@ def run(args, ctx: _Dist | None = None) -> int:
 
             factors = ctx.local(factorise)
             passes = stream.ong_score_passes(factors, mine, restarts)
-            dtype = torch.float32
+            # A float64 tensor outside float32's range has float64 factors and scores
+            # (nmf_rules.factor_dtype); float32 scores rank the same in float64.
+            dtype = torch.float64 if any(d == "F64" for _, _, d in pruned) else torch.float32
         else:
             if restarts > 1:
                 raise ValueError(f"--restarts {restarts} needs --method ong")

@@ -41,9 +41,11 @@ def nmf_batched(
             iterable such as a generator reading a checkpoint; not a mapping: pass its
             values); each is viewed as (shape[0], prod(shape[1:])) (a conv weight is
             out x in*kh*kw, a 1-D tensor 1 x n). Any finite non-negative float input is
-            solved: a matrix whose largest entry is outside [2^-40, 2^40] is solved as
-            V / 4^j and its factors scaled by 2^j (exact; multiplicative updates are
-            scale-equivariant), so it neither overflows to NaN nor underflows to zeros.
+            solved, subnormal entries included: a matrix whose largest entry is outside
+            [2^-40, 2^40] is solved as V / 4^j and its factors scaled by 2^j (exact;
+            multiplicative updates are scale-equivariant; the scaling is applied by
+            exponent steps, never as one unrepresentable factor), so it neither overflows to
+            NaN nor underflows to zeros.
         rank: one int for all, or one per matrix; clipped to min(m, n) per matrix.
         max_iter: iterations per matrix (>= 1).
         tol: a matrix stops when (previous_error - error) / initial_error < tol, checked every
@@ -82,7 +84,9 @@ def nmf_batched(
             "'layer1.0.conv1.weight' contains NaN" instead of "weights[3] contains NaN".
 
     Returns:
-        [(W_i, H_i)]: float32 factors on the inputs' device, W_i (m_i, r_i), H_i (r_i, n_i),
+        [(W_i, H_i)]: float32 factors on the inputs' device (float64 for a float64 matrix
+        whose largest entry is outside float32's normal range [2^-126, 3.4e38]: float32
+        cannot hold its factors), W_i (m_i, r_i), H_i (r_i, n_i),
         always detached (the solve is not differentiable; inputs that require grad are read
         as data).
 

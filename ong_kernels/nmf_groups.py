@@ -35,12 +35,14 @@ from ong_kernels.nmf_rules import (
     check_sequence,
     check_tensor_arg,
     check_values,
+    factor_dtype,
     is_per_matrix,
     kernel_input,
     label,
     matrix_shape,
     rank_for,
     scale_exponent,
+    unscaled_factors,
 )
 
 # Share of the compute device's free memory the default budget takes: the rest is headroom for
@@ -103,19 +105,26 @@ def _start_bytes(m: int, n: int, r: int, dtype: torch.dtype, init) -> int:
     return copy + 3 * 4 * k * (m + n) + 4 * k * k + min(LAPACK_ALLOWANCE, 4 * m * n)
 
 
-def matrix_bytes(m: int, n: int, r: int, dtype: torch.dtype, needs_copy: bool = False) -> int:
+def matrix_bytes(
+    m: int, n: int, r: int, dtype: torch.dtype, needs_copy: bool = False, wide: bool = False
+) -> int:
     """What a matrix itself holds during its group's solve: V in its dtype, a float32 copy when
-    the op needs one (float64 V, or a V out of float32's safe range), W and H in float32."""
+    the op needs one (float64 V, or a V out of float32's safe range), W and H in float32, and
+    their float64 copies when the factors are float64 (`wide`, nmf_rules.factor_dtype)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     copy = 4 * m * n if (needs_copy or dtype == torch.float64) else 0
-    return itemsize * m * n + copy + 4 * r * (m + n)
+    return itemsize * m * n + copy + (12 if wide else 4) * r * (m + n)
 
 
 def group_bytes(items: Sequence[Item], kernel: registry.Kernel, init) -> int:
     """Peak bytes the group holds on the compute device while it is solved."""
     shapes = [it.shape for it in items]
     held = sum(
-        matrix_bytes(*s, needs_copy=it.largest is not None and scale_exponent(it.largest) != 0)
+        matrix_bytes(
+            *s,
+            needs_copy=it.largest is not None and scale_exponent(it.largest) != 0,
+            wide=factor_dtype(it.tensor.dtype, it.largest) == torch.float64,
+        )
         for it, s in zip(items, shapes, strict=True)
     )
     start = max(_start_bytes(*s, init) for s in shapes)
@@ -200,10 +209,9 @@ def solve_group(items: Sequence[Item], solver: Solver, compute: torch.device, ho
     )
     del mats, inputs
     out = []
-    for w, h, j in zip(w_list, h_list, exponents, strict=True):
-        if j:  # the op solved V / 4^j: (2^j W, 2^j H) factorise V, exactly
-            w.mul_(2.0**j)
-            h.mul_(2.0**j)
+    for it, w, h, j in zip(items, w_list, h_list, exponents, strict=True):
+        # The op solved V / 4^j: (2^j W, 2^j H) factorise V, exactly.
+        w, h = unscaled_factors(w, h, j, factor_dtype(it.tensor.dtype, it.largest))
         out.append((w.to(home), h.to(home)))
     return out, n_iter.tolist()
 

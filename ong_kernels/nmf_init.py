@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ong_kernels.nmf_rules import Factors, check_init_pair, seed_for
+from ong_kernels.nmf_rules import Factors, check_init_pair, scale_by_power_of_two, seed_for
 
 # scikit-learn's _initialize_nmf(eps=1e-6): NNDSVD entries below this are set to zero.
 NNDSVD_EPS = 1e-6
@@ -191,6 +191,15 @@ def nndsvd_start(v: torch.Tensor, r: int, seed: int, fill_average: bool) -> Fact
     return w.contiguous(), h.contiguous()
 
 
+def _custom_start(t: torch.Tensor, device: torch.device, j: int) -> torch.Tensor:
+    """A user's W0 or H0 as a float32 start of the solve of V / 4^j: divided by 2^j, exactly
+    (in float64 for a float64 start, then rounded once). A detached copy: the solve is not
+    differentiable, and the user's pair is never written."""
+    wide = torch.float64 if t.dtype == torch.float64 and j else torch.float32
+    x = t.detach().to(device, wide, copy=True, memory_format=torch.contiguous_format)
+    return scale_by_power_of_two(x, -j).to(torch.float32).contiguous()
+
+
 def initial_factors(
     mats: Sequence[torch.Tensor],
     ranks: Sequence[int],
@@ -213,16 +222,7 @@ def initial_factors(
     for v, r, i, j in zip(mats, ranks, indices, exponents, strict=True):
         if not isinstance(init, str):
             w0, h0 = check_init_pair(init[i], i, v.shape[0], v.shape[1], r)
-            # Detached copies: the solve is not differentiable, and the user's pair is
-            # never written.
-            pair = tuple(
-                t.detach().to(v.device, torch.float32).mul(2.0**-j).contiguous()
-                if j
-                else t.detach()
-                .to(v.device, torch.float32)
-                .clone(memory_format=torch.contiguous_format)
-                for t in (w0, h0)
-            )
+            pair = tuple(_custom_start(t, v.device, j) for t in (w0, h0))
         elif init == "random":
             pair = random_start(v, r, seed_for(seed, i))
         else:

@@ -10,8 +10,9 @@ per concept:
 * ``label``: what an error calls matrix i: its name when the caller gave names (a parameter
   or checkpoint tensor name), else ``weights[i]``.
 * ``check_tensor_arg``: the cheap checks (type, dtype, shape, device) that read no data;
-  ``check_values``: the one pass over the data (NaN, Inf, negative, float32 range) that also
-  returns the largest entry, which ``kernel_input`` uses to keep the solve in float32 range.
+  ``check_values``: the one pass over the data (NaN, Inf, negative) that also returns the
+  largest entry, which ``kernel_input`` uses to keep the solve in float32 range and
+  ``factor_dtype`` to choose float64 factors where float32 cannot hold them.
 * ``rank_for`` / ``seed_for`` / ``PerMatrix``: an int for every matrix or one per matrix.
 """
 
@@ -39,11 +40,14 @@ Factors = tuple[torch.Tensor, torch.Tensor]
 
 INITS = ("random", "nndsvd", "nndsvda")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # 2^-126, float32's smallest normal
 # The solve stays in float32 when V's largest entry lies in [2^-40, 2^40]: a product of the
 # update, e.g. W (H H^T) ~ max(V)^2 * n, then stays far inside [2^-126, 2^128) for any n below
 # 2^40. A matrix outside is solved as V / 4^j (max in [1, 4)) and its factors multiplied by
 # 2^j: multiplicative updates are scale-equivariant (NMF(cV) = (sqrt(c) W, sqrt(c) H)) and
 # scaling by a power of two is exact in the normal range, so this changes no bit there.
+# The factor 4^-j is applied by exponent steps (`scale_by_power_of_two`), never formed as one
+# float: for a float32 subnormal V (max < 2^-126) it is above 2^128, inf in float32.
 SAFE_MAX_LOG2 = 40
 
 
@@ -65,10 +69,36 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
 
 
 def scale_exponent(largest: float) -> int:
-    """j such that V / 4^j has its largest entry in [1, 4), or 0 when V needs no scaling."""
+    """j such that V / 4^j has its largest entry in [1, 4), or 0 when V needs no scaling.
+
+    Exact exponent arithmetic (math.frexp), so it holds down to float64's smallest subnormal:
+    largest = mantissa * 2^e with mantissa in [0.5, 1), floor(log2(largest)) = e - 1."""
     if largest == 0 or abs(math.log2(largest)) <= SAFE_MAX_LOG2:
         return 0
-    return math.floor(math.log2(largest)) // 2
+    return (math.frexp(largest)[1] - 1) // 2
+
+
+def scale_by_power_of_two(t: torch.Tensor, exponent: int) -> torch.Tensor:
+    """t *= 2^exponent in place, in steps whose factor is a normal number of t's dtype (at most
+    2^±126 for float32): each step is exact while the results stay normal, and no step's
+    factor overflows to inf or underflows to 0, whatever the exponent."""
+    # 126 for float32 and bfloat16, 1022 for float64: 2^-step is the smallest normal.
+    step = -math.frexp(torch.finfo(t.dtype).smallest_normal)[1] + 1
+    while exponent:
+        e = max(-step, min(step, exponent))
+        t.mul_(2.0**e)
+        exponent -= e
+    return t
+
+
+def factor_dtype(dtype: torch.dtype, largest: float | None) -> torch.dtype:
+    """The dtype of V's factors: float32, except for a float64 V whose largest entry is
+    outside float32's normal range [2^-126, 3.4e38]: float32 cannot hold such factors
+    (W H ~ 1e-100 needs entries ~1e-50, below float32's smallest subnormal), so they are
+    float64, computed from the float32 solve of V / 4^j."""
+    if dtype != torch.float64 or not largest:
+        return torch.float32
+    return torch.float32 if FLOAT32_TINY <= largest <= FLOAT32_MAX else torch.float64
 
 
 def kernel_input(t: torch.Tensor, largest: float) -> tuple[torch.Tensor, int]:
@@ -76,15 +106,28 @@ def kernel_input(t: torch.Tensor, largest: float) -> tuple[torch.Tensor, int]:
 
     float32, float16 and bfloat16 are passed as they are (the kernels convert in their loads:
     no float32 copy of a half-precision model); float64 is cast to float32. A matrix that
-    needs scaling (see SAFE_MAX_LOG2) is divided by 4^j, exactly, in float32.
+    needs scaling (see SAFE_MAX_LOG2) is divided by 4^j, exactly: in float32 (a float64 V in
+    float64, then cast: one rounding).
     """
     mat = as_matrix(t)
     j = scale_exponent(largest)
-    if j:  # in float64 for a float64 V (its range is checked against float32's first)
-        mat = (mat if mat.dtype == torch.float64 else mat.float()) * 2.0 ** (-2 * j)
+    if j:  # a copy: the caller's tensor is never written
+        mat = mat.to(torch.float64 if mat.dtype == torch.float64 else torch.float32, copy=True)
+        scale_by_power_of_two(mat, -2 * j)
     if mat.dtype == torch.float64:
         mat = mat.to(torch.float32)
     return mat.contiguous(), j
+
+
+def unscaled_factors(w: torch.Tensor, h: torch.Tensor, j: int, dtype: torch.dtype) -> Factors:
+    """The solve's factors of V / 4^j as factors of V: (2^j W, 2^j H) in `dtype`
+    (factor_dtype), exactly."""
+    if dtype != w.dtype:
+        w, h = w.to(dtype), h.to(dtype)
+    if j:
+        scale_by_power_of_two(w, j)
+        scale_by_power_of_two(h, j)
+    return w, h
 
 
 # ----------------------------------------------------------------------------- checks
@@ -129,11 +172,11 @@ def check_tensor_arg(t, what: str, device: torch.device | None) -> torch.Tensor:
     return t.detach()
 
 
-def check_values(t: torch.Tensor, what: str, *, float32_range: bool = True) -> float:
+def check_values(t: torch.Tensor, what: str, *, float32_range: bool = False) -> float:
     """One pass over `t` (torch.aminmax: NaN propagates into the min and max); returns its
-    largest entry. Raises when `t` holds NaN, Inf or a negative entry, or (float32_range) a
-    float64 entry above float32's range (the factors are float32). The precise message (where
-    the first NaN is) costs a second pass only on the error path."""
+    largest entry. Raises when `t` holds NaN, Inf or a negative entry, or (float32_range, for
+    a custom start that is used as float32) a float64 entry above float32's range. The precise
+    message (where the first NaN is) costs a second pass only on the error path."""
     lo, hi = (float(x) for x in torch.aminmax(t.detach()))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
@@ -146,7 +189,7 @@ def check_values(t: torch.Tensor, what: str, *, float32_range: bool = True) -> f
     if float32_range and hi > FLOAT32_MAX:
         raise ValueError(
             f"{what} has entries above the float32 range (max {hi:.3g} > {FLOAT32_MAX:.3g}); "
-            "the factors are float32: rescale the matrix first"
+            "the starting factors are float32: rescale them first"
         )
     return hi
 
@@ -221,7 +264,7 @@ def check_init_pair(pair, index: int, m: int, n: int, r: int) -> Factors:
                 f"min(m, n) = {r})"
             )
         check_tensor(t, what, dtypes=FLOAT_DTYPES)
-        check_values(t, what)
+        check_values(t, what, float32_range=True)
     return pair[0], pair[1]
 
 

@@ -45,9 +45,60 @@ def test_scaling_by_a_power_of_four_changes_no_bit():
     assert torch.equal(w, w1 * 2.0**50) and torch.equal(h, h1 * 2.0**50)
 
 
-def test_float64_above_float32_range_is_refused_naming_it():
-    with pytest.raises(ValueError, match=r"weights\[0\] has entries above the float32 range"):
-        nmf_batched([torch.full((3, 3), 1e39, dtype=torch.float64)], 2)
+# Every backend that runs here: Triton under its interpreter on this CPU (tests/conftest.py).
+ALL_BACKENDS = [b for b in ("reference", "cpu", "triton") if backends_available("nmf_mu")[b]]
+
+
+def _levels(bits: int, gen: torch.Generator) -> torch.Tensor:
+    """A 7 x 9 matrix with entries in [1, 3) of `bits` fractional bits: V * 2^-2k is exact in
+    every dtype whose ulp at that scale is at most 2^(-bits - 2k), subnormal or not."""
+    return 1 + torch.randint(0, 2 ** (bits + 1), (7, 9), generator=gen).double() / 2**bits
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("init", ["random", "nndsvd", "nndsvda"])
+@pytest.mark.parametrize(
+    ("dtype", "bits", "k"),
+    [(torch.float32, 9, 70),  # V in [2^-140, 3 * 2^-140): deep in float32's subnormals
+     (torch.bfloat16, 1, 66),  # bfloat16 subnormals
+     (torch.float64, 20, 200),  # ~1e-120: below float32's range
+     (torch.float64, 20, 511),  # down to float64's smallest normal, 2^-1022
+     (torch.float64, 20, -100)],  # ~1e60: above float32's range
+)  # fmt: skip
+def test_extreme_scales_solve_exactly_as_scale_one(backend, init, dtype, bits, k):
+    # Issue 29 rows 1-2: a float32/bfloat16 subnormal V gave NaN (random) or a raw LinAlgError
+    # (nndsvd: 4^-j was inf in float32); a float64 V of 1e-100 gave all-zero factors.
+    v = _levels(bits, torch.Generator().manual_seed(k))
+    ((w1, h1),) = nmf_batched([v.float()], 3, max_iter=20, init=init, backend=backend)
+    tiny = (v * 2.0 ** (-2 * k)).to(dtype)
+    assert torch.equal(tiny.double() * 2.0 ** (2 * k), v)  # the input is exactly v * 4^-k
+    ((w, h),) = nmf_batched([tiny], 3, max_iter=20, init=init, backend=backend)
+    wide = dtype == torch.float64 and not (2.0**-126 <= float(tiny.max()) <= 3.4e38)
+    assert w.dtype == h.dtype == (torch.float64 if wide else torch.float32)
+    # V / 4^j is exactly v, so the factors are (2^-k W1, 2^-k H1) to the bit.
+    assert torch.equal(w, w1.to(w.dtype) * 2.0**-k) and torch.equal(h, h1.to(h.dtype) * 2.0**-k)
+    assert float(w.max()) > 0 and float(h.max()) > 0
+    # The fit, measured at scale one (the norm of a 1e-300 matrix underflows in float64).
+    assert _error(v, w.double() * 2.0**k, h.double() * 2.0**k) < 0.3
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_smallest_subnormal_solves(backend, dtype):
+    v = torch.full((4, 5), float(torch.finfo(dtype).smallest_normal) * 2.0**-7, dtype=dtype)
+    ((w, h),) = nmf_batched([v], 2, max_iter=10, init="nndsvda", backend=backend)
+    assert torch.isfinite(w).all() and float(w.max()) > 0 and float(h.max()) > 0
+    assert _error(v, w, h) < 1e-3
+
+
+def test_prune_ong_on_subnormal_and_tiny_float64_weights():
+    for dtype, scale in ((torch.float32, 1e-39), (torch.float64, 1e-200)):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4)).to(dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+        masks = prune(model, "ong", 0.5, max_iter=5, init="nndsvd").masks
+        assert sum(int((~m).sum()) for m in masks.values()) == round(0.5 * (48 + 24))
 
 
 def test_factors_are_detached_whatever_requires_grad():
