@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -21,10 +22,26 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def as_int(value) -> int | None:
+    """`value` as a Python int when it is integer-like: an int, a numpy integer (what
+    np.arange gives), or a 0-d integer tensor; None otherwise (a bool, a float, 3.0, a
+    string, a tensor with more than one entry)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, torch.Tensor):
+        integer = not (value.is_floating_point() or value.is_complex())
+        if value.dim() == 0 and integer and value.dtype != torch.bool:
+            return int(value.item())
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    return None
+
+
 def is_int(value) -> bool:
-    """An int that is not a bool (the test behind :func:`check_int`, for callers that word
-    their own messages, e.g. TrainConfig's ``field: ...``)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer-like value (:func:`as_int`; not a bool): the test behind :func:`check_int`,
+    for callers that word their own messages, e.g. TrainConfig's ``field: ...``."""
+    return as_int(value) is not None
 
 
 def is_finite_real(value) -> bool:
@@ -33,14 +50,16 @@ def is_finite_real(value) -> bool:
 
 
 def check_int(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
-    """`value` as an int in [minimum, maximum] (bool is not an int here)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """`value` as a Python int in [minimum, maximum]: integer-like values (numpy integers,
+    0-d integer tensors) are accepted and converted (:func:`as_int`); bool is not an int."""
+    number = as_int(value)
+    if number is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {number}")
+    return number
 
 
 def check_real(
@@ -81,8 +100,8 @@ def check_choice(value, name: str, choices: Iterable[str]) -> str:
 
 
 def check_seed(value, name: str = "seed") -> int:
-    """An int seed in [0, 2**64 - 1] (what torch.Generator.manual_seed accepts)."""
-    check_int(value, name, 0)
+    """An int seed in [0, 2**64 - 1] (what torch.Generator.manual_seed accepts), as an int."""
+    value = check_int(value, name, 0)
     if value > MAX_SEED:
         raise ValueError(f"{name} must be <= 2**64 - 1 (torch.Generator's range), got {value}")
     return value

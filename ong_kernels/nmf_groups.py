@@ -32,11 +32,11 @@ from ong_kernels.nmf_rules import (
     Factors,
     Solver,
     check_count,
+    check_names,
     check_sequence,
     check_tensor_arg,
     check_values,
     factor_dtype,
-    is_per_matrix,
     kernel_input,
     label,
     matrix_shape,
@@ -246,8 +246,7 @@ def run(weights, rank, solver: Solver, streaming: Streaming, names=None, total=N
     """
     solver = solver.checked()
     device = streaming.check()
-    if names is not None and not is_per_matrix(names):
-        raise TypeError(f"names must be a list of strings, got {type(names).__name__}")
+    check_names(names)
     is_sequence = not _is_iterator(weights)
     if is_sequence:
         weights = check_sequence(weights)

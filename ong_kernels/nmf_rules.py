@@ -141,6 +141,17 @@ def label(index: int, names: Sequence[str] | None) -> str:
     return f"weights[{index}]"
 
 
+def check_names(names) -> None:
+    """names is None or a list/tuple of strings (the labels errors use)."""
+    if names is None:
+        return
+    if not is_per_matrix(names):
+        raise TypeError(f"names must be a list of strings, got {type(names).__name__}")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(f"names[{i}] must be a str, got {type(name).__name__}")
+
+
 def check_sequence(weights) -> Sequence:
     """`weights` as a sequence, or the TypeError saying what to pass instead."""
     if isinstance(weights, Mapping):

@@ -76,7 +76,7 @@ def resolve_ranks(rank, shapes: Sequence[torch.Size]) -> list[int]:
         fraction = check_real(rank, "rank (a fraction of min(m, n))", minimum=0.0, maximum=1.0,
                               min_open=True)  # fmt: skip
         return [max(1, round(fraction * min(matrix_shape(s)))) for s in shapes]
-    check_int(rank, "rank", 1)  # bool, str, ...: TypeError naming rank
+    rank = check_int(rank, "rank", 1)  # bool, str, ...: TypeError naming rank
     return [min(rank, *matrix_shape(s)) for s in shapes]
 
 

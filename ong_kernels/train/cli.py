@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunFolderError, read_json_object
-from .config import METHODS, PRESET_SPARSITIES, PRESETS, Option, TrainConfig, option_of, preset
+from .config import (
+    METHODS,
+    PRESET_SPARSITIES,
+    PRESETS,
+    Option,
+    TrainConfig,
+    option_of,
+    preset,
+    unused_options,
+)
 from .data import DatasetError
 from .report import format_table
 from .sweep import ChangedRunsError, check_workers, plan_runs, run_sweep
@@ -196,6 +205,22 @@ class _UsageError(Exception):
     """A bad option value or combination: exit code 2, no traceback."""
 
 
+def _check_used(methods: Sequence[str], given: dict[str, Any], sweep: bool = False) -> None:
+    """ValueError naming the options given that none of ``methods`` reads
+    (config.unused_options); ong-sweep's --sparsities stands for --sparsity."""
+    unused = [flag for flag in unused_options(methods[0], given)
+              if all(flag in unused_options(m, given) for m in methods[1:])]  # fmt: skip
+    if sweep:
+        unused = ["--sparsities" if f == "--sparsity" else f for f in unused]
+    if unused:
+        what = "--method" if len(methods) == 1 else "--methods"
+        raise ValueError(
+            f"{', '.join(unused)}: not used by {what} {' '.join(methods)}, so "
+            f"{'it' if len(unused) == 1 else 'they'} would be silently ignored; drop "
+            f"{'it' if len(unused) == 1 else 'them'}"
+        )
+
+
 # Failures the user can act on from the message alone: no traceback, exit code 1.
 _RUNTIME_ERRORS = (DatasetError, CheckpointError, FloatingPointError, RunFolderError)
 
@@ -299,6 +324,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             values = {**_saved_run_config(saved), **given}
         else:
             values = _base_config(given)
+        _check_used([values["method"]], given)
         name = TrainConfig.from_dict({**values, "run_dir": None}).run_name()
         values["run_dir"] = run_dir or str(Path(runs_root) / name)
         return TrainConfig.from_dict(values)
@@ -330,6 +356,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
 
+        used = {**given, **({"sparsity": 1} if ns.sparsities is not None else {})}
+        _usage(lambda: _check_used(ns.methods, used, sweep=True))
         base = _usage(lambda: TrainConfig.from_dict({**_base_config(given), "method": "dense"}))
         _usage(lambda: plan_runs(base, **swept))
         command = ["ong-sweep", *(sys.argv[1:] if argv is None else argv)]

@@ -11,9 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ong_kernels._validate import is_finite_real, is_int
+from ong_kernels._validate import as_int, is_finite_real, is_int
 from ong_kernels.pruning.allocation import SCOPES
 from ong_kernels.pruning.api import METHODS as PRUNE_METHODS
+from ong_kernels.pruning.api import READS_DATA
 from ong_kernels.pruning.ong import CONSENSUS_RESTARTS
 
 from .data import DATASETS
@@ -236,6 +237,7 @@ class TrainConfig:
                 raise exc(f"{name}: {what}, got {getattr(self, name)!r}")
 
         is_num = is_finite_real
+        self._integers_as_ints()
         for f in dataclasses.fields(self):
             choices = getattr(option_of(f), "choices", None)
             if choices is not None:
@@ -320,6 +322,16 @@ class TrainConfig:
         check(isinstance(self.progress, bool), "progress", "expected a bool", TypeError)
         check(self.run_dir is None or isinstance(self.run_dir, str), "run_dir", "expected a path")
 
+    def _integers_as_ints(self) -> None:
+        """Integer-like values of the int fields (numpy integers, 0-d integer tensors) as
+        Python ints: config.json and the checkpoint hold plain ints."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "int | None") and is_int(value):
+                setattr(self, f.name, as_int(value))
+            elif f.type in ("list[int]", "list[int] | None") and isinstance(value, (list, tuple)):
+                setattr(self, f.name, [as_int(v) if is_int(v) else v for v in value])
+
     # ------------------------------------------------------------------ helpers
     def resolved_milestones(self) -> list[int]:
         """Multistep milestones in epochs: the configured ones, or 50% and 75% of training
@@ -347,6 +359,23 @@ class TrainConfig:
         """A folder name describing the run, e.g. ``resnet20-fashion-mnist-ong-0.9-seed0``."""
         method = self.method if self.method == "dense" else f"{self.method}-{self.sparsity:g}"
         return f"{self.model}-{self.dataset}-{method}-seed{self.seed}"
+
+
+def unused_options(method: str, given: dict[str, Any]) -> list[str]:
+    """The options in ``given`` (explicitly set: command-line flags) that ``method`` does not
+    read, as flags: a dense run prunes nothing (--sparsity, --scope, --prune-batches,
+    --method-kwargs), only the data-reading methods take --prune-batches. Dropping them
+    silently would train something other than what the command says."""
+    unused = []
+    if method == "dense":
+        if given.get("sparsity", 0) != 0:
+            unused.append("sparsity")
+        if given.get("method_kwargs"):
+            unused.append("method_kwargs")
+        unused += [k for k in ("scope",) if k in given]
+    if method not in READS_DATA and "prune_batches" in given:
+        unused.append("prune_batches")
+    return ["--" + k.replace("_", "-") for k in unused]
 
 
 # The paper's settings: 200 epochs, batch 128, SGD with nesterov momentum 0.9, lr 0.1,
