@@ -145,7 +145,7 @@ def test_format_table_and_mean_std():
         "| 10.00 | long |",
     ]
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
-    assert mean_std([5.0]) == (5.0, 0.0)
+    assert mean_std([5.0]) == (5.0, None)  # one value has no spread
 
 
 # ----------------------------------------------------------------------------- ong-train

@@ -98,25 +98,29 @@ def plot_history(
 
 
 def sweep_figure(summary: Sequence[Mapping[str, Any]], title: str = ""):
-    """Mean +- std final test accuracy vs sparsity, one line per method; dense as a band."""
+    """Mean +- std final test accuracy vs sparsity, one line per method; dense as a band.
+    A row without a std (one seed: None) gets no error bar."""
     fig = _figure()
     ax = fig.add_subplot()
     methods = sorted({row["method"] for row in summary if row["method"] != "dense"})
     for method in methods:
         rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["sparsity"])
+        # A point of one seed has no std (None): no error bar (NaN draws none), not a 0 one.
+        stds = [r["test_acc_std"] for r in rows]
         ax.errorbar(
             [100 * r["sparsity"] for r in rows],
             [r["test_acc_mean"] for r in rows],
-            yerr=[r["test_acc_std"] for r in rows],
+            yerr=None if all(s is None for s in stds) else
+            [float("nan") if s is None else s for s in stds],
             marker="o",
             capsize=3,
             label=method,
-        )
+        )  # fmt: skip
     for r in summary:
         if r["method"] == "dense":
             mean, std = r["test_acc_mean"], r["test_acc_std"]
             ax.axhline(mean, color="black", linestyle="--", label="dense")
-            if std > 0:
+            if std:  # None (one seed) or 0: no band
                 ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("final test accuracy (%)")

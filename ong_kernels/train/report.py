@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["format_table", "mean_std"]
+__all__ = ["format_mean_std", "format_table", "mean_std"]
 
 
 def _cell(value: Any) -> str:
@@ -32,12 +32,18 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str,
     return "\n".join([line(header), sep, *(line(r) for r in body)])
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation; None for a single value (one value has no
+    spread: not 0, which would claim a measured one)."""
     if not values:
         raise ValueError("values: empty")
     mean = sum(values) / len(values)
     if len(values) == 1:
-        return mean, 0.0
+        return mean, None
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return mean, math.sqrt(var)
+
+
+def format_mean_std(mean: float, std: float | None) -> str:
+    """``88.12 ± 0.40``, or ``88.12 (std n/a)`` when there is no std (one seed)."""
+    return f"{mean:.2f} (std n/a)" if std is None else f"{mean:.2f} ± {std:.2f}"

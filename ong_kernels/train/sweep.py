@@ -4,7 +4,8 @@ Each combination trains into ``OUT_DIR/<run name>``. A run whose results.json sa
 complete is reused, a run with only a checkpoint is resumed, so re-running an interrupted
 sweep continues it. The summary (``results.md``, ``summary.json``,
 ``accuracy_vs_sparsity.png``) reports the mean +- sample standard deviation over seeds of
-the final test accuracy (the last epoch's, not the best: picking the best epoch on the
+the final test accuracy (a row of one seed has no std: "n/a" in the tables, null in the JSON,
+no error bar) (the last epoch's, not the best: picking the best epoch on the
 test set would be selecting on it).
 
 The summary of an out-dir covers every finished run in it made with the sweep's settings
@@ -40,7 +41,7 @@ from .checkpoint import (
 from .config import METHODS, TrainConfig, config_differences, describe_differences
 from .data import ImageDataset, load_dataset
 from .plots import missing_matplotlib
-from .report import format_table, mean_std
+from .report import format_mean_std, format_table, mean_std
 from .trainer import Trainer
 
 __all__ = [
@@ -142,8 +143,8 @@ def _display(row: dict[str, Any]) -> dict[str, Any]:
         "method": row["method"],
         "sparsity": f"{row['sparsity']:g}",
         "seeds": row["seeds"],
-        "test_acc": f"{row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f}",
-        "best_test_acc": f"{row['best_test_acc_mean']:.2f} ± {row['best_test_acc_std']:.2f}",
+        "test_acc": format_mean_std(row["test_acc_mean"], row["test_acc_std"]),
+        "best_test_acc": format_mean_std(row["best_test_acc_mean"], row["best_test_acc_std"]),
         "measured": f"{row['measured_sparsity']:.4f}",
         "train_time": f"{row['train_time_s']:.0f}s",
     }
@@ -424,8 +425,12 @@ def run_sweep(
     table = format_table([_display(r) for r in rows], SUMMARY_COLUMNS)
     all_seeds = sorted({r["config"]["seed"] for r in table_runs})
     coverage = _coverage(out_dir, len(runs), earlier, other)
+    spread = (
+        "mean ± sample std over seeds" if any(r["seeds"] > 1 for r in rows)
+        else "one seed per row, so no std"
+    )  # fmt: skip
     header = (
-        f"Setup: {_describe(base)}; mean ± std over seeds {', '.join(map(str, all_seeds))}.\n\n"
+        f"Setup: {_describe(base)}; {spread} (seeds {', '.join(map(str, all_seeds))}).\n\n"
         f"{coverage}"
     )
     if command:
