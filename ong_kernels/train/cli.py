@@ -38,6 +38,7 @@ from .config import (
 from .data import DatasetError
 from .report import format_table
 from .sweep import ChangedRunsError, check_workers, plan_runs, run_sweep
+from .sweep_lock import OutDirBusyError
 from .trainer import SparsityError, Trainer
 
 __all__ = ["build_sweep_parser", "build_train_parser", "sweep_main", "train_main"]
@@ -205,24 +206,32 @@ class _UsageError(Exception):
     """A bad option value or combination: exit code 2, no traceback."""
 
 
-def _check_used(methods: Sequence[str], given: dict[str, Any], sweep: bool = False) -> None:
-    """ValueError naming the options given that none of ``methods`` reads
-    (config.unused_options); ong-sweep's --sparsities stands for --sparsity."""
+def _unused_message(methods: Sequence[str], given: dict[str, Any], sweep: bool = False) -> str:
+    """The line naming the options given that none of ``methods`` reads
+    (config.unused_options; ong-sweep's --sparsities stands for --sparsity); "" if none."""
     unused = [flag for flag in unused_options(methods[0], given)
               if all(flag in unused_options(m, given) for m in methods[1:])]  # fmt: skip
     if sweep:
         unused = ["--sparsities" if f == "--sparsity" else f for f in unused]
-    if unused:
-        what = "--method" if len(methods) == 1 else "--methods"
-        raise ValueError(
-            f"{', '.join(unused)}: not used by {what} {' '.join(methods)}, so "
-            f"{'it' if len(unused) == 1 else 'they'} would be silently ignored; drop "
-            f"{'it' if len(unused) == 1 else 'them'}"
-        )
+    if not unused:
+        return ""
+    it = "it" if len(unused) == 1 else "they"
+    return (
+        f"{', '.join(unused)}: not used by {'--methods' if sweep else '--method'} "
+        f"{' '.join(methods)}, so {it} would be silently ignored"
+    )
+
+
+def _check_used(methods: Sequence[str], given: dict[str, Any]) -> None:
+    """ong-train: a ValueError (usage error) for options the method does not read."""
+    message = _unused_message(methods, given)
+    if message:
+        raise ValueError(f"{message}; drop {'them' if ' they ' in message else 'it'}")
 
 
 # Failures the user can act on from the message alone: no traceback, exit code 1.
-_RUNTIME_ERRORS = (DatasetError, CheckpointError, FloatingPointError, RunFolderError)
+_RUNTIME_ERRORS = (DatasetError, CheckpointError, FloatingPointError, RunFolderError,
+                   OutDirBusyError)  # fmt: skip
 
 
 def _run_safely(prog: str, fn: Callable[[], int], hint: Callable[[], str]) -> int:
@@ -356,8 +365,12 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
 
+        # Warned, not refused: re-running a sweep's command with fewer --methods (to extend
+        # its table) keeps options that only the dropped methods read.
         used = {**given, **({"sparsity": 1} if ns.sparsities is not None else {})}
-        _usage(lambda: _check_used(ns.methods, used, sweep=True))
+        unused = _unused_message(ns.methods, used, sweep=True)
+        if unused:
+            print(f"ong-sweep: warning: {unused}", file=sys.stderr)
         base = _usage(lambda: TrainConfig.from_dict({**_base_config(given), "method": "dense"}))
         _usage(lambda: plan_runs(base, **swept))
         command = ["ong-sweep", *(sys.argv[1:] if argv is None else argv)]

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import distributed as D
+from . import sweep_lock
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -180,21 +181,35 @@ def _load(base: TrainConfig) -> ImageDataset:
 
 
 def _train_in_worker(config: dict[str, Any], resume: bool, threads: int) -> dict[str, Any]:
-    """Process-pool task: one run with ``threads`` intra-op threads, log lines prefixed."""
+    """Process-pool task: one run with ``threads`` intra-op threads, log lines prefixed.
+    When the sweep is gone the run stops after its next checkpoint and the worker exits
+    (sweep_lock)."""
 
     torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(config)
-    key = (cfg.dataset, cfg.data_dir, tuple(cfg.synthetic_shape))
-    if key not in _WORKER_DATA:
-        _WORKER_DATA[key] = _load(cfg)
     name = cfg.run_name()
-    trainer = Trainer(
-        cfg,
-        dataset=_WORKER_DATA[key],
-        resume=resume,
-        log=lambda m: print(f"[{name}] {m}", flush=True),
-    )
-    return trainer.fit()
+
+    def log(message: str) -> None:
+        try:
+            print(f"[{name}] {message}", flush=True)
+        except OSError:  # the sweep's terminal or pipe is gone with it
+            pass
+
+    sweep_lock.start_run()
+    try:
+        key = (cfg.dataset, cfg.data_dir, tuple(cfg.synthetic_shape))
+        if key not in _WORKER_DATA:
+            _WORKER_DATA[key] = _load(cfg)
+        trainer = Trainer(
+            cfg,
+            dataset=_WORKER_DATA[key],
+            resume=resume,
+            callbacks=[sweep_lock.stop_if_orphaned],
+            log=log,
+        )
+        return trainer.fit()
+    finally:
+        sweep_lock.end_run()
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any] | None:
@@ -351,10 +366,34 @@ def run_sweep(
     threads: ResNet-20's convolutions scale poorly over threads, and a multi-threaded run
     collapses when anything else uses a core (measured on the 2-core box with one other
     busy process: 3.2 s per step with 2 threads, 0.47 s with 1).
+
+    One sweep at a time trains into ``out_dir``: :class:`sweep_lock.OutDirBusyError` names
+    the holder otherwise, before anything is planned; a worker whose sweep was killed stops
+    after its next checkpoint (:mod:`sweep_lock`).
     """
     configs = plan_runs(base, methods, sparsities, seeds)
     check_workers(workers, base.device)
     out_dir = Path(out_dir)
+    # One sweep per out-dir (rank 0 holds it for a torchrun sweep): taken before the runs are
+    # planned, held until the summary is written (sweep_lock).
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_writable_folder(out_dir)
+        lock = sweep_lock.OutDirLock(out_dir, say=log or (lambda msg: None))
+        lock.acquire()
+    try:
+        return _run_locked(
+            base, configs, out_dir, workers, threads_per_worker, dataset, command, log,
+            rerun_changed,
+        )  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(
+    base, configs, out_dir, workers, threads_per_worker, dataset, command, log, rerun_changed
+) -> SweepSummary:
     placed = [locate_run(out_dir, cfg, rerun_changed) for cfg in configs]
     changed = [(cfg, diff) for cfg, diff in placed if diff]
     if changed:
@@ -367,8 +406,6 @@ def run_sweep(
             + "\nre-run with --rerun-changed to train these settings into new folders "
             "(<run name>-<config digest>), or choose another --out-dir"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
-        check_writable_folder(out_dir)  # before any training: the summary goes there
     start = time.perf_counter()
     ctx = D.setup(base.device)
     say = log if (log is not None and ctx.is_main) else (lambda msg: None)
@@ -402,7 +439,10 @@ def run_sweep(
             threads = threads_per_worker or max(1, torch.get_num_threads() // workers)
             say(f"training {len(todo)} runs, {workers} at a time, {threads} thread(s) each")
             spawn = multiprocessing.get_context("spawn")  # fork + OpenMP threads can deadlock
-            with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=spawn, initializer=sweep_lock.init_worker,
+                initargs=(str(out_dir), os.getpid()),
+            ) as pool:  # fmt: skip
                 futures = {
                     i: pool.submit(
                         _train_in_worker, cfg.replace(progress=False).to_dict(), resume, threads
