@@ -171,5 +171,5 @@ def test_a_finished_run_whose_checkpoint_was_deleted_is_not_overwritten(tmp_path
     capsys.readouterr()
     assert cli.train_main(args) == 2
     err = capsys.readouterr().err
-    assert "already holds a run (results.json)" in err and "cannot be resumed" in err
+    assert "already holds a run (results.json)" in err and "cannot be continued" in err
     assert (run / "results.json").read_bytes() == results

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import shlex
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -187,6 +188,19 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def restart_advice(run_dir: str | os.PathLike, also: Sequence[Path] = ()) -> str:
+    """How to train the run in `run_dir` again from its start, whatever the folder holds:
+    delete `also` and its results.json (a finished run's, which would otherwise make the
+    folder refuse a fresh run), then run without --resume; or use another folder."""
+    doomed = [*also, *[p for p in [Path(run_dir) / "results.json"] if p.is_file()]]
+    delete = f"rm {' '.join(shlex.quote(str(p)) for p in doomed)}, then " if doomed else ""
+    return (
+        f"to train the run again from its start: {delete}run the same command without "
+        "--resume (ong-sweep: the same command); or train into another --run-dir "
+        "(ong-sweep: --out-dir)"
+    )
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; a bad file raises CheckpointError.
 
@@ -194,12 +208,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """
     path = Path(path)
     advice = (
-        "delete it to restart the run from scratch, or train into a new --run-dir; "
-        "a partially written checkpoint cannot occur (writes are atomic), so this file "
-        "was damaged or replaced after it was written"
+        "writes are atomic, so this file was damaged or replaced after it was written; "
+        f"{restart_advice(path.parent, [path])}"
     )
     if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint to resume from")
+        done = path.parent / "results.json"
+        if done.is_file():
+            raise CheckpointError(
+                f"{path}: no checkpoint to resume from: the run finished ({done}) but its "
+                f"checkpoint is gone, so it cannot be continued; {restart_advice(path.parent)}"
+            )
+        raise CheckpointError(
+            f"{path}: no checkpoint to resume from (no epoch finished, or it was deleted): "
+            "run the same command without --resume to train the run from its start"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,

@@ -50,6 +50,7 @@ from .checkpoint import (
     load_checkpoint,
     read_json_object,
     remove_stale_temp_files,
+    restart_advice,
     save_checkpoint,
     write_csv,
     write_json,
@@ -168,9 +169,11 @@ class Trainer:
             held = [n for n in _RUN_FILES if (self.run_dir / n).exists()]
             if held:
                 advice = (
-                    "pass --resume to continue it, or choose another --run-dir"
+                    f"continue it with --resume --run-dir {self.run_dir}, or choose another "
+                    "--run-dir"
                     if CHECKPOINT_NAME in held
-                    else "its checkpoint is gone, so it cannot be resumed: choose another --run-dir"
+                    else "its checkpoint is gone, so it cannot be continued; "
+                    + restart_advice(self.run_dir).replace(" without --resume", "")
                 )
                 raise ValueError(
                     f"run_dir: {self.run_dir} already holds a run ({', '.join(held)}); {advice}"
@@ -204,7 +207,8 @@ class Trainer:
         if differ:
             raise CheckpointError(
                 f"{path}: the run was started with a different config "
-                f"({describe_differences(differ)})"
+                f"({describe_differences(differ)}); resume it without those options, or "
+                "train the new settings into another --run-dir"
             )
         done = int(state["epoch"])
         if epochs is not None and self.config.epochs < done:
@@ -545,7 +549,8 @@ class Trainer:
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"training diverged at epoch {epoch}: mean loss {train_loss}; lower --lr or "
-                "add --warmup-epochs"
+                "add --warmup-epochs, and train into another --run-dir (ong-sweep: pass "
+                "--rerun-changed, or choose another --out-dir)"
             )
         return {
             "train_loss": train_loss,
