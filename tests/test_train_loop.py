@@ -257,7 +257,9 @@ def test_corrupt_checkpoint_gives_a_clear_error(finished, tmp_path, damage):
         torch.save({"model": Evil()}, path)
     config = make_config(tmp_path)
     with pytest.raises(
-        CheckpointError, match=re.escape(f"{path}: cannot be loaded") + r".*delete it"
+        CheckpointError,
+        match=re.escape(f"{path}: cannot be loaded")
+        + r".*to train the run again from its start: rm ",
     ):
         Trainer(config, dataset=DATA, resume=True, log=None)
     assert not (tmp_path / "pwned").exists()
