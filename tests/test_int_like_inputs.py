@@ -14,7 +14,7 @@ import torch
 import ong_kernels
 from ong_kernels._validate import check_int, check_seed
 from ong_kernels.train import cli
-from ong_kernels.train.config import TrainConfig, unused_options
+from ong_kernels.train.config import TrainConfig
 
 
 @pytest.mark.parametrize("value", [np.int64(3), np.int32(3), np.uint8(3), torch.tensor(3)])
@@ -66,6 +66,8 @@ def test_train_config_stores_plain_ints():
 
 
 def test_options_a_method_ignores_are_named():
+    from ong_kernels.train.config import unused_options
+
     assert unused_options("dense", {"sparsity": 0.9, "scope": "layer"}) == ["--sparsity", "--scope"]
     assert unused_options("dense", {"sparsity": 0.0}) == []
     assert unused_options("ong", {"prune_batches": 2}) == ["--prune-batches"]
@@ -82,7 +84,9 @@ def test_options_a_method_ignores_are_named():
 )
 def test_ong_train_refuses_an_option_the_method_ignores(tmp_path, capsys, argv, flag):
     run = tmp_path / "run"
-    assert cli.train_main([*argv, "--run-dir", str(run), "--dataset", "synthetic"]) == 2
+    tiny = ["--dataset", "synthetic", "--synthetic-shape", "64", "32", "1", "8", "--epochs", "1",
+            "--batch-size", "32", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert cli.train_main([*argv, "--run-dir", str(run), *tiny]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err and "silently ignored" in err
     assert not run.exists()
