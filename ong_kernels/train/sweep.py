@@ -4,9 +4,9 @@ Each combination trains into ``OUT_DIR/<run name>``. A run whose results.json sa
 complete is reused, a run with only a checkpoint is resumed, so re-running an interrupted
 sweep continues it. The summary (``results.md``, ``summary.json``,
 ``accuracy_vs_sparsity.png``) reports the mean +- sample standard deviation over seeds of
-the final test accuracy (a row of one seed has no std: "n/a" in the tables, null in the JSON,
-no error bar) (the last epoch's, not the best: picking the best epoch on the
-test set would be selecting on it).
+the final test accuracy (the last epoch's, not the best: picking the best epoch on the
+test set would be selecting on it); a row of one seed has no std: "n/a" in the tables, null
+in the JSON, no error bar.
 
 The summary of an out-dir covers every finished run in it made with the sweep's settings
 (method, sparsity and seed aside), so a smaller sweep into the same folder extends the
