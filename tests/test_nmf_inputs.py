@@ -187,3 +187,28 @@ def test_ong_mask_names_the_tensor_with_a_nan(tmp_path, capsys):
     assert main(args) == 2
     assert "'b.weight' contains NaN" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float32, 1e-39), (torch.float64, 1e-200)])
+def test_ong_mask_on_a_checkpoint_of_tiny_weights_equals_prune(tmp_path, capsys, dtype, scale):
+    # Issue 29 row 1: ong-mask printed the raw LinAlgError of a subnormal weight, unnamed.
+    from safetensors.torch import save_file
+
+    from ong_kernels import load_masks
+    from ong_kernels.mask_cli import main
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4)).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    path, out = tmp_path / "model.safetensors", tmp_path / "masks.safetensors"
+    save_file({n: p.detach().clone() for n, p in model.named_parameters()}, str(path))
+    args = [str(path), "--sparsity", "0.5", "--rank", "2", "--max-iter", "10", "--no-progress",
+            "-o", str(out)]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    masks = load_masks(out)
+    expected = prune(model, "ong", 0.5, rank=2, max_iter=10).masks
+    assert sorted(masks) == sorted(expected)
+    for name, mask in expected.items():
+        assert torch.equal(masks[name], mask), name
