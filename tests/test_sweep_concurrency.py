@@ -17,25 +17,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import TINY_TRAIN
 
 from ong_kernels.train import cli
 from ong_kernels.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_json_object
 
-TINY = [
-    "--dataset", "synthetic", "--synthetic-shape", "64", "32", "1", "8", "--width", "0.25",
-    "--batch-size", "32", "--eval-batch-size", "32", "--device", "cpu", "--no-progress",
-]  # fmt: skip
+TINY = TINY_TRAIN
 SWEEP = [sys.executable, "-c", "import sys; from ong_kernels.train.cli import sweep_main; "
          "sys.exit(sweep_main())"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hold(code: str, out_dir: Path) -> subprocess.Popen:

@@ -8,25 +8,16 @@ import json
 import math
 
 import pytest
-import torch
+from conftest import TINY_TRAIN
 
 from ong_kernels.train import cli, plots
 from ong_kernels.train.report import mean_std
 from ong_kernels.train.sweep import summarize
 
-TINY = [
-    "--dataset", "synthetic", "--synthetic-shape", "64", "32", "1", "8", "--width", "0.25",
-    "--batch-size", "32", "--eval-batch-size", "32", "--device", "cpu", "--no-progress",
-    "--epochs", "1",
-]  # fmt: skip
+TINY = [*TINY_TRAIN, "--epochs", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mean_std_of_one_value_has_no_std():

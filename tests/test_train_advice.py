@@ -11,24 +11,15 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import TINY_TRAIN
 
 from ong_kernels.train import cli
 from ong_kernels.train.checkpoint import read_json_object
 
-TINY = [
-    "--dataset", "synthetic", "--synthetic-shape", "64", "32", "1", "8", "--width", "0.25",
-    "--batch-size", "32", "--eval-batch-size", "32", "--device", "cpu", "--no-progress",
-    "--epochs", "1", "--method", "random", "--sparsity", "0.5",
-]  # fmt: skip
+TINY = [*TINY_TRAIN, "--epochs", "1", "--method", "random", "--sparsity", "0.5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _error(main, argv, capsys, code) -> str:

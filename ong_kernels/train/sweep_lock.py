@@ -168,8 +168,11 @@ def stop_if_orphaned(trainer, epoch: int, metrics) -> None:
 
 
 def start_run() -> None:
+    """Before a run: exit at once when the sweep is already gone (no run is started)."""
     global _training
     with _state:
+        if _parent_gone.is_set():
+            os._exit(0)
         _training = True
 
 
