@@ -10,21 +10,19 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import save_file
 from test_mask_cli_distributed import (
     REPO,
     SOLVE,
     TIMEOUT_S,
     assert_same_masks,
-    free_port,
     one_process,
+    spawn_two,
     tensors,
     write,
 )
@@ -70,18 +68,7 @@ def test_ranks_reading_files_with_one_header_but_other_content_are_refused(tmp_p
     older = {n: (t * 2 if t.dim() >= 2 else t) for n, t in tensors().items()}
     save_file(older, str(tmp_path / "older.safetensors"))
     shutil.copyfile(tmp_path / "model.safetensors", tmp_path / "copy.safetensors")
-    ctx = mp.start_processes(
-        _worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_two(_worker, tmp_path)
     for rank in range(2):
         text = (tmp_path / f"other.{rank}.txt").read_text()
         assert text.startswith("2\n") and "same header but other content" in text, text
