@@ -119,7 +119,7 @@ def describe(weights, rank, names=None) -> Sequence[WeightRef] | Iterator[Weight
     (a generator, a checkpoint reader), an iterator checking each tensor as it arrives."""
     if names is not None and not is_per_matrix(names):
         raise TypeError(f"names must be a list of strings, got {type(names).__name__}")
-    if _is_iterator(weights):
+    if is_iterator(weights):
         return _describe_lazily(iter(weights), rank, names)
     weights = check_sequence(weights)
     for what, value in (("rank", rank), ("names", names)):
@@ -159,6 +159,13 @@ def _describe_lazily(source: Iterator, rank, names) -> Iterator[WeightRef]:
 LAPACK_ALLOWANCE = 8 << 20
 
 
+def _label(name: str | None, index: int, restart: int | None = None) -> str:
+    """What errors call a matrix: 'name', 'name (restart j)', or weights[index]."""
+    if name is None:
+        return f"weights[{index}]"
+    return repr(name if restart is None else f"{name} (restart {restart})")
+
+
 @dataclass(frozen=True)
 class Item:
     """One checked matrix of a call: its position, the tensor (on the inputs' device; a meta
@@ -174,10 +181,7 @@ class Item:
 
     @property
     def what(self) -> str:
-        """'name', 'name (restart j)', or weights[index]."""
-        if self.name is None:
-            return f"weights[{self.index}]"
-        return repr(self.name if self.restart is None else f"{self.name} (restart {self.restart})")
+        return _label(self.name, self.index, self.restart)
 
     @property
     def shape(self) -> tuple[int, int, int, torch.dtype]:
@@ -320,13 +324,12 @@ def solve_group(items: Sequence[Item], solver: Solver, compute: torch.device, ho
     return out, n_iter.tolist()
 
 
-def run(refs, solver: Solver, streaming: Streaming, total: int | None = None):
+def run(refs, solver: Solver, streaming: Streaming):
     """Yield ([(W_i, H_i)], [n_iter_i]) per group, in input order (nmf_batched).
 
     `refs`: WeightRefs (describe() makes them from nmf_batched's arguments). A sequence's
     count, ranks, kernel, precision and budget are checked from the shapes before any value
-    is read; an iterator's as each descriptor arrives. `total` (weights in all matrices)
-    gives an iterator's progress bar its length.
+    is read (its progress bar knows its length); an iterator's as each descriptor arrives.
     """
     solver = solver.checked()
     device = streaming.check()
@@ -339,11 +342,12 @@ def run(refs, solver: Solver, streaming: Streaming, total: int | None = None):
     compute = home if device is None else device
     kernel = registry.select("nmf_mu", compute.type, solver.backend, solver.precision)
     largest: dict[int, float] = {}  # values of weights already in memory, checked up front
+    total = None
     if known:
         solver.check_counts(sum(ref.repeats for ref in refs))
         for pos, ref in enumerate(refs):
             if ref.tensor is not None and not ref.abs:
-                largest[pos] = check_values(ref.tensor, _what(ref, pos))
+                largest[pos] = check_values(ref.tensor, _label(ref.name, pos))
         total = sum(ref.numel * ref.repeats for ref in refs)
     items = _items(_chain(first, source), home, largest)
     in_memory = known and all(ref.tensor is not None and not ref.abs for ref in refs)
@@ -375,13 +379,9 @@ def run(refs, solver: Solver, streaming: Streaming, total: int | None = None):
     solver.check_counts(count)
 
 
-def _what(ref: WeightRef, pos: int) -> str:
-    return Item(pos, ref.tensor, 0, name=ref.name).what
-
-
 def _load(ref: WeightRef, pos: int, home: torch.device) -> torch.Tensor:
     """The values of `ref`, checked against its description (|W| for an abs ref)."""
-    what = _what(ref, pos)
+    what = _label(ref.name, pos)
     tensor = ref.tensor if ref.tensor is not None else ref.load()
     tensor = check_tensor_arg(tensor, what, home)
     if tuple(tensor.shape) != tuple(ref.shape) or tensor.dtype != ref.dtype:
@@ -397,7 +397,7 @@ def _items(refs: Iterable[WeightRef], home: torch.device, largest: dict) -> Iter
     index = 0
     for pos, ref in enumerate(refs):
         tensor = _load(ref, pos, home)
-        top = largest[pos] if pos in largest else check_values(tensor, _what(ref, pos))
+        top = largest[pos] if pos in largest else check_values(tensor, _label(ref.name, pos))
         rank = _clipped_rank(ref, pos)
         for j in range(ref.repeats):
             yield Item(index, tensor, rank, top, ref.name, j if ref.repeats > 1 else None)
@@ -417,10 +417,10 @@ def _shape_items(refs: Sequence[WeightRef], largest: dict) -> Iterator[Item]:
 
 def _clipped_rank(ref: WeightRef, pos: int) -> int:
     m, n = matrix_shape(ref.shape)
-    return min(check_int(ref.rank, f"rank of {_what(ref, pos)}", 1), m, n)
+    return min(check_int(ref.rank, f"rank of {_label(ref.name, pos)}", 1), m, n)
 
 
-def _is_iterator(weights) -> bool:
+def is_iterator(weights) -> bool:
     """An iterable that is not a sequence (a generator, a checkpoint reader)."""
     return isinstance(weights, Iterable) and not isinstance(
         weights, (Sequence, torch.Tensor, str, bytes, dict)

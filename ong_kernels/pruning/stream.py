@@ -48,7 +48,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ong_kernels._validate import check_int
-from ong_kernels.nmf_groups import Streaming, WeightRef, run
+from ong_kernels.nmf_groups import Streaming, WeightRef, is_iterator, run
+from ong_kernels.nmf_rules import check_sequence
 from ong_kernels.pruning.allocation import (
     check_floors,
     check_min_density,
@@ -400,11 +401,8 @@ def ong_matrices(weights, settings: OngSettings, names=None):
     checkpoint header's: every size known before any read), or an iterator of tensors
     (each described as it arrives)."""
     settings = settings.resolved()
-    described = not _is_iterator(weights)
-    if described:
-        if len(weights) == 0:
-            raise ValueError("weights is empty: pass at least one tensor")
-        refs = [_as_ref(w, i, names) for i, w in enumerate(weights)]
+    if not is_iterator(weights):
+        refs = [_as_ref(w, i, names) for i, w in enumerate(check_sequence(weights))]
         ranks = settings.ranks([ref.shape for ref in refs])
         return [_ong_ref(ref, r, settings) for ref, r in zip(refs, ranks, strict=True)]
     return (_ong_ref(ref, settings.ranks([ref.shape])[0], settings)
@@ -413,10 +411,6 @@ def ong_matrices(weights, settings: OngSettings, names=None):
 
 def _ong_ref(ref: WeightRef, rank: int, settings: OngSettings) -> WeightRef:
     return dataclasses.replace(ref, rank=rank, abs=True, repeats=settings.restarts)
-
-
-def _is_iterator(weights) -> bool:
-    return not isinstance(weights, Sequence) or isinstance(weights, (torch.Tensor, str, bytes))
 
 
 def ong_factors(
