@@ -28,9 +28,9 @@ with the same header are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -280,7 +280,7 @@ def method_settings(method: str, **given) -> OngSettings | None:
     if method == "magnitude":
         return None
     defaults = api.method_defaults(method)
-    names = set(inspect.signature(OngSettings).parameters) - {"checked"}
+    names = {f.name for f in dataclasses.fields(OngSettings) if f.init}
     chosen = {k: v for k, v in defaults.items() if k in names}
     chosen.update({k: v for k, v in given.items() if v is not None})
     return OngSettings(**chosen).resolved()

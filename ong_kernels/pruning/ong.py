@@ -139,7 +139,8 @@ class OngSettings:
     seed: int = 0
     restarts: int = 1
     backend: str = "auto"
-    checked: bool = dataclasses.field(default=False, repr=False, compare=False)
+    # Set by resolved() alone: not an argument, so no caller can skip the checks.
+    checked: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def consensus(cls, **settings) -> OngSettings:
@@ -156,7 +157,9 @@ class OngSettings:
         init = restart_init(self.init, k)
         solver = nmf.Solver(self.max_iter, self.tol, init, self.seed, self.backend).checked()
         restart_seeds(self.seed, k)
-        return dataclasses.replace(self, init=init, tol=solver.tol, checked=True)
+        out = dataclasses.replace(self, init=init, tol=solver.tol)
+        object.__setattr__(out, "checked", True)  # frozen: set once, here
+        return out
 
     def ranks(self, shapes: Sequence[Sequence[int]]) -> list[int]:
         return resolve_ranks(self.rank, shapes)
