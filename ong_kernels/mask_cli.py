@@ -201,7 +201,8 @@ def run(args, launch: Launch) -> int:
         return 0
     try:
         report = checkpoint_masks(
-            checkpoint, pruned, settings, allocation, launch, args.output, device=args.device,
+            checkpoint, pruned, args.method, settings, allocation, launch, args.output,
+            device=args.device,
             memory_budget=args.memory_budget, progress=_show_progress(args.no_progress),
         )  # fmt: skip
     except OSError as exc:  # the write failed: the old file, if any, is untouched

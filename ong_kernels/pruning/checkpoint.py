@@ -275,8 +275,7 @@ def method_settings(method: str, **given) -> OngSettings | None:
     """The resolved settings of `method` (one of STREAMED): for the ONG methods the scorer
     table's defaults (api.method_defaults) overridden by the `given` ones that are not None;
     None for magnitude, which has none."""
-    if method not in STREAMED:
-        raise ValueError(f"method must be one of {STREAMED}, got {method!r}")
+    _check_method(method)
     if method == "magnitude":
         return None
     defaults = api.method_defaults(method)
@@ -284,6 +283,12 @@ def method_settings(method: str, **given) -> OngSettings | None:
     chosen = {k: v for k, v in defaults.items() if k in names}
     chosen.update({k: v for k, v in given.items() if v is not None})
     return OngSettings(**chosen).resolved()
+
+
+def _check_method(method: str) -> str:
+    if method not in STREAMED:
+        raise ValueError(f"method must be one of {STREAMED}, got {method!r}")
+    return method
 
 
 @dataclass(frozen=True)
@@ -324,6 +329,7 @@ def peak_mib() -> float:
 def checkpoint_masks(
     checkpoint: Checkpoint,
     pruned: Sequence[Entry],
+    method: str,
     settings: OngSettings | None,
     allocation: Allocation,
     launch: Launch,
@@ -335,19 +341,23 @@ def checkpoint_masks(
 ) -> Report:
     """Masks of the `pruned` tensors of `checkpoint`, written to `output` by rank 0.
 
-    `settings`: ONG's (resolved; method_settings), or None for magnitude. `launch`: this
+    `method`: one of STREAMED, with its `settings` (method_settings: ONG's, None for
+    magnitude). `launch`: this
     process's part of a torchrun launch (Launch() alone). `device`, `memory_budget`,
     `progress`: the NMF's streaming (nmf_batched's). Errors: ValueError / TypeError for what
     the settings or the data make impossible (a NaN, a budget too small), the same on every
     rank; OSError when the masks file cannot be written (the old one is kept).
     """
     start = time.perf_counter()
+    ong = _check_method(method) != "magnitude"
+    if ong != isinstance(settings, OngSettings):
+        raise TypeError(f"method {method!r} takes {'OngSettings' if ong else 'no settings'}")
     allocation = allocation.checked()
     names = [e.name for e in pruned]
     shapes = [e.shape for e in pruned]
     share = _share(checkpoint, pruned, settings, allocation, launch)
     mine = [pruned[i] for i in share]
-    if settings is not None:
+    if ong:
         streaming = Streaming(launch.device(device), _budget(launch, device, memory_budget),
                               progress and launch.rank == 0)  # fmt: skip
 
@@ -367,7 +377,7 @@ def checkpoint_masks(
 
         dtype = torch.float64 if any(e.dtype == "F64" for e in pruned) else torch.float32
     scored = time.perf_counter() - start
-    k = 1 if settings is None else settings.restarts
+    k = settings.restarts if ong else 1
 
     def pack():
         owned = {"owned": share} if launch.world > 1 else {}
@@ -390,7 +400,7 @@ def checkpoint_masks(
         return packed, rows
 
     packed, rows = launch.local(pack)
-    report = Report(scored_s=scored, cost="MU cost" if settings is not None else "weights")
+    report = Report(scored_s=scored, cost="MU cost" if ong else "weights")
     stats = (len(share), _cost_share(launch, share), scored, time.perf_counter() - start,
              peak_mib())  # fmt: skip
     sizes = [(math.prod(s) + 7) // 8 for s in shapes]
