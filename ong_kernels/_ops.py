@@ -125,16 +125,10 @@ def _masked_sgd_compact_step_impl(
 
 def _nmf_mu_impl(v, w, h, max_iter, tol, backend="auto", precision="ieee") -> torch.Tensor:
     check_nmf_args(v, w, h)
-    kernel = registry.select("nmf_mu", v[0].device.type, backend)
-    if precision == "ieee":
+    kernel = registry.select("nmf_mu", v[0].device.type, backend, precision)
+    if precision == registry.IEEE:
         return kernel.fn(v, w, h, max_iter, tol)
-    # An opt-in lower-precision product (TF32 tensor cores): only the Triton kernel has one.
-    if kernel.backend != "triton":
-        raise ValueError(
-            f"precision={precision!r}: only the triton backend supports it; the "
-            f"{kernel.backend} kernel computes in float32 (precision='ieee')"
-        )
-    return kernel.fn(v, w, h, max_iter, tol, precision=precision)
+    return kernel.fn(v, w, h, max_iter, tol, precision=precision)  # declared by the kernel
 
 
 load_all()

@@ -1,25 +1,32 @@
 """nmf_batched's solve, in groups that fit a compute device's memory.
 
-A call's matrices are checked (nmf_rules), then solved by ONE nmf_mu_ op call per group: the
-whole call is one group unless the caller streams (a `device`, a `memory_budget`, a progress
-bar, or an iterator of weights, e.g. a safetensors reader). Then each group of consecutive
-matrices is moved to the compute device, solved, and its factors moved back to the inputs'
-device before the next group is read. Every matrix's result depends only on itself (its start
-is computed from itself and its own seed, nmf_init; every kernel works per matrix), so any
-grouping gives the same factors as one unbudgeted call on the same compute device.
+`run` takes the weights as descriptors (`WeightRef`: name, shape, dtype, rank and how to load
+the values; |W| and repeats are properties of the item), from a list, a model or a checkpoint's
+header, so the count, ranks, kernel, precision and budget are checked once, from shapes,
+before any value is read; the values are checked as they are loaded (at once for tensors
+already in memory). Then the matrices are solved by ONE nmf_mu_ op call per group: the whole
+call is one group unless the caller streams (a `device`, a `memory_budget`, a progress bar) or
+the values are not all in memory yet (an iterator, a checkpoint reader, |W| made as it is
+loaded). Then each group of consecutive matrices is moved to the compute device, solved, and
+its factors moved back to the inputs' device before the next group is read. Every matrix's
+result depends only on itself (its start is computed from itself and its own seed, nmf_init;
+every kernel works per matrix), so any grouping gives the same factors as one unbudgeted call
+on the same compute device.
 
 The budget counts what a group holds on the compute device while it is solved (`group_bytes`):
 its V (moved or read there), a float32 copy where the op needs one (float64 or scaled V), the
 float32 factors, the start's temporaries, and the workspace the selected kernel declares in
 its registration (`Kernel.workspace`). A group is the longest run of consecutive matrices that
-fits. A matrix that alone needs more than the budget is a ValueError saying how much it needs:
-before any work when the weights are a sequence, when it is reached for an iterator.
+fits. A matrix that alone needs more than the budget is a `BudgetError` (a ValueError) saying
+how much it needs: before any work when the weights are a sequence, when it is reached for an
+iterator.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +77,81 @@ class Streaming:
         return None if self.device is None else check_device(self.device, "device")
 
 
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """One weight as the solve sees it before reading it.
+
+    shape, dtype, device: what ``load()`` returns (checked when it does).
+    rank: its matrix's NMF rank, an int >= 1 (clipped to min(m, n)).
+    load: reads the values (a checkpoint reader); or `tensor`, a weight already in memory,
+        whose values are checked before any work.
+    name: what errors call it (default: weights[i]).
+    abs: the matrix is |W|, made as it is loaded (pruning's weights are signed).
+    repeats: the matrix is solved this many times in a row (consensus ONG's restarts: the
+        same tensor, consecutive matrices, each with its own seed).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    rank: int
+    load: Callable[[], torch.Tensor] | None = None
+    tensor: torch.Tensor | None = None
+    name: str | None = None
+    device: torch.device = CPU
+    abs: bool = False
+    repeats: int = 1
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, rank: int, name: str | None = None, **kw) -> WeightRef:
+        """A weight already in memory."""
+        return cls(tuple(tensor.shape), tensor.dtype, rank, tensor=tensor, name=name,
+                   device=tensor.device, **kw)  # fmt: skip
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def describe(weights, rank, names=None) -> Sequence[WeightRef] | Iterator[WeightRef]:
+    """nmf_batched's `weights`, `rank` and `names` as descriptors: for a sequence, a list
+    (every tensor's type, dtype, shape and device checked, no data read); for an iterator
+    (a generator, a checkpoint reader), an iterator checking each tensor as it arrives."""
+    check_names(names)
+    if is_iterator(weights):
+        return _describe_lazily(iter(weights), rank, names)
+    weights = check_sequence(weights)
+    for what, value in (("rank", rank), ("names", names)):
+        check_count(value, what, len(weights))
+    home = None
+    refs = []
+    for i, t in enumerate(weights):
+        refs.append(_describe(t, i, rank, names, home))
+        home = refs[0].device
+    return refs
+
+
+def _describe(t, index: int, rank, names, home) -> WeightRef:
+    tensor = check_tensor_arg(t, label(index, names), home)
+    m, n = matrix_shape(tensor.shape)
+    name = names[index] if names is not None else None
+    return WeightRef.of(tensor, rank_for(rank, index, m, n), name)
+
+
+def _describe_lazily(source: Iterator, rank, names) -> Iterator[WeightRef]:
+    home = None
+    count = 0
+    for i, t in enumerate(source):
+        ref = _describe(t, i, rank, names, home)
+        home = ref.device
+        count += 1
+        yield ref
+    for what, value in (("rank", rank), ("names", names)):
+        check_count(value, what, count)
+
+
 # ----------------------------------------------------------------------------- the cost model
 
 # BLAS/LAPACK buffers of an SVD start (GEMM packing, QR and SVD workspace), at most this or
@@ -78,15 +160,29 @@ class Streaming:
 LAPACK_ALLOWANCE = 8 << 20
 
 
+def _label(name: str | None, index: int, restart: int | None = None) -> str:
+    """What errors call a matrix: 'name', 'name (restart j)', or weights[index]."""
+    if name is None:
+        return f"weights[{index}]"
+    return repr(name if restart is None else f"{name} (restart {restart})")
+
+
 @dataclass(frozen=True)
 class Item:
-    """One checked matrix of a call: its position, the tensor (on the inputs' device), its
-    clipped rank, its largest entry (from the value check; None until checked)."""
+    """One checked matrix of a call: its position, the tensor (on the inputs' device; a meta
+    tensor while only its shape is known), its clipped rank, its largest entry (from the
+    value check; None until checked), its weight's name and restart (what errors call it)."""
 
     index: int
     tensor: torch.Tensor
     rank: int
     largest: float | None = None
+    name: str | None = None
+    restart: int | None = None
+
+    @property
+    def what(self) -> str:
+        return _label(self.name, self.index, self.restart)
 
     @property
     def shape(self) -> tuple[int, int, int, torch.dtype]:
@@ -177,16 +273,35 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def check_fits(item: Item, budget: int, kernel: registry.Kernel, init, names=None) -> int:
-    """The bytes `item` alone needs, or the ValueError saying how much that is."""
+class BudgetError(ValueError):
+    """A matrix that alone needs more than the memory budget; its fields let a front end
+    word the advice in its own flags (ong-mask: --memory-budget, --rank)."""
+
+    def __init__(self, item: Item, need: int, budget: int, kernel: str, device: torch.device):
+        self.name, self.shape, self.rank = item.name, tuple(item.tensor.shape), item.rank
+        self.need, self.budget, self.kernel, self.device = need, budget, kernel, device
+        super().__init__(
+            f"{item.what} (shape {self.shape}) needs {format_bytes(need)} ({need} bytes) on the "
+            f"compute device with the {kernel} kernel, more than memory_budget="
+            f"{format_bytes(budget)} ({budget} bytes): raise memory_budget to at least that, "
+            "or lower the rank"
+        )
+
+    def advice(self, budget_flag: str, rank_flag: str) -> str:
+        """The same, worded in a command line's flags."""
+        return (
+            f"{self.name} (shape {list(self.shape)}, rank {self.rank}) needs "
+            f"{format_bytes(self.need)} on {self.device} for its NMF with the {self.kernel} "
+            f"kernel, more than the memory budget {format_bytes(self.budget)}: raise "
+            f"{budget_flag} or lower {rank_flag}"
+        )
+
+
+def check_fits(item: Item, budget: int, kernel: registry.Kernel, init, device) -> int:
+    """The bytes `item` alone needs, or the BudgetError saying how much that is."""
     need = group_bytes([item], kernel, init)
     if need > budget:
-        raise ValueError(
-            f"{label(item.index, names)} (shape {tuple(item.tensor.shape)}) needs "
-            f"{format_bytes(need)} ({need} bytes) on the compute device with the "
-            f"{kernel.backend} kernel, more than memory_budget={format_bytes(budget)} "
-            f"({budget} bytes): raise memory_budget to at least that, or lower the rank"
-        )
+        raise BudgetError(item, need, budget, kernel.backend, device)
     return need
 
 
@@ -216,73 +331,46 @@ def solve_group(items: Sequence[Item], solver: Solver, compute: torch.device, ho
     return out, n_iter.tolist()
 
 
-def _check_item(t, index: int, rank, home, names) -> Item:
-    tensor = check_tensor_arg(t, label(index, names), home)
-    m, n = matrix_shape(tensor.shape)
-    return Item(index, tensor, rank_for(rank, index, m, n))
-
-
-def _checked_values(item: Item, names) -> Item:
-    largest = check_values(item.tensor, label(item.index, names))
-    return Item(item.index, item.tensor, item.rank, largest)
-
-
-def _select(compute: torch.device, solver: Solver) -> registry.Kernel:
-    """The kernel of the compute device (an unavailable explicit backend refused here)."""
-    kernel = registry.select("nmf_mu", compute.type, solver.backend)
-    if solver.precision != "ieee" and kernel.backend != "triton":
-        raise ValueError(
-            f"precision={solver.precision!r} needs backend='triton', not {kernel.backend!r}"
-        )
-    return kernel
-
-
-def run(weights, rank, solver: Solver, streaming: Streaming, names=None, total=None):
+def run(refs, solver: Solver, streaming: Streaming):
     """Yield ([(W_i, H_i)], [n_iter_i]) per group, in input order (nmf_batched).
 
-    A sequence is checked whole (values included) and sized before the first group is solved;
-    an iterator's matrices are checked as they arrive. `total` (weights in all matrices) gives
-    an iterator's progress bar its length; `names` label the matrices in errors.
+    `refs`: WeightRefs (describe() makes them from nmf_batched's arguments). A sequence's
+    count, ranks, kernel, precision and budget are checked from the shapes before any value
+    is read (its progress bar knows its length); an iterator's as each descriptor arrives.
     """
     solver = solver.checked()
     device = streaming.check()
-    check_names(names)
-    is_sequence = not _is_iterator(weights)
-    if is_sequence:
-        weights = check_sequence(weights)
-        for what, value in (("rank", rank), ("names", names)):
-            check_count(value, what, len(weights))
-        solver.check_counts(len(weights))
-        source: Iterator = iter(weights)
-    else:
-        source = iter(weights)
-    first_raw = next(source, None)
-    if first_raw is None:
+    known = isinstance(refs, Sequence)
+    source = iter(refs)
+    first = next(source, None)
+    if first is None:
         raise ValueError("weights is empty: pass at least one tensor")
-    first = _check_item(first_raw, 0, rank, None, names)
-    home = first.tensor.device
+    home = first.device
     compute = home if device is None else device
-    kernel = _select(compute, solver)
-    items = _chain(first, (_check_item(t, i, rank, home, names) for i, t in
-                           enumerate(source, start=1)))  # fmt: skip
-    if is_sequence:  # every check and size before any work
-        items = [_checked_values(it, names) for it in items]
-        total = sum(it.tensor.numel() for it in items)
-    if not streaming.requested() and is_sequence:
-        yield solve_group(items, solver, compute, home)
+    kernel = registry.select("nmf_mu", compute.type, solver.backend, solver.precision)
+    largest: dict[int, float] = {}  # values of weights already in memory, checked up front
+    total = None
+    if known:
+        solver.check_counts(sum(ref.repeats for ref in refs))
+        for pos, ref in enumerate(refs):
+            if ref.tensor is not None and not ref.abs:
+                largest[pos] = check_values(ref.tensor, _label(ref.name, pos))
+        total = sum(ref.numel * ref.repeats for ref in refs)
+    items = _items(_chain(first, source), home, largest)
+    in_memory = known and all(ref.tensor is not None and not ref.abs for ref in refs)
+    if in_memory and not streaming.requested():
+        yield solve_group(list(items), solver, compute, home)
         return
     budget = check_budget(streaming.memory_budget, compute)
-    if is_sequence:
-        for it in items:
-            check_fits(it, budget, kernel, solver.init, names)
+    if known:  # every matrix's size, before any is read
+        for item in _shape_items(refs, largest):
+            check_fits(item, budget, kernel, solver.init, compute)
     bar = _progress_bar(streaming.progress, total)
     group: list[Item] = []
     count = 0
     try:
         for it in items:
-            if not is_sequence:
-                it = _checked_values(it, names)
-                check_fits(it, budget, kernel, solver.init, names)
+            check_fits(it, budget, kernel, solver.init, compute)
             if group and group_bytes([*group, it], kernel, solver.init) > budget:
                 yield solve_group(group, solver, compute, home)
                 _advance(bar, group)
@@ -295,12 +383,51 @@ def run(weights, rank, solver: Solver, streaming: Streaming, names=None, total=N
     finally:
         if bar is not None:
             bar.close()
-    for what, value in (("rank", rank), ("names", names)):
-        check_count(value, what, count)
     solver.check_counts(count)
 
 
-def _is_iterator(weights) -> bool:
+def _load(ref: WeightRef, pos: int, home: torch.device) -> torch.Tensor:
+    """The values of `ref`, checked against its description (|W| for an abs ref)."""
+    what = _label(ref.name, pos)
+    tensor = ref.tensor if ref.tensor is not None else ref.load()
+    tensor = check_tensor_arg(tensor, what, home)
+    if tuple(tensor.shape) != tuple(ref.shape) or tensor.dtype != ref.dtype:
+        raise ValueError(
+            f"{what} was described as {ref.dtype} of shape {tuple(ref.shape)} but reads as "
+            f"{tensor.dtype} of shape {tuple(tensor.shape)}"
+        )
+    return tensor.abs() if ref.abs else tensor
+
+
+def _items(refs: Iterable[WeightRef], home: torch.device, largest: dict) -> Iterator[Item]:
+    """Each descriptor's matrices (one per repeat), loaded and value-checked as they come."""
+    index = 0
+    for pos, ref in enumerate(refs):
+        tensor = _load(ref, pos, home)
+        top = largest[pos] if pos in largest else check_values(tensor, _label(ref.name, pos))
+        rank = _clipped_rank(ref, pos)
+        for j in range(ref.repeats):
+            yield Item(index, tensor, rank, top, ref.name, j if ref.repeats > 1 else None)
+            index += 1
+
+
+def _shape_items(refs: Sequence[WeightRef], largest: dict) -> Iterator[Item]:
+    """refs' matrices as meta tensors: what the budget needs, nothing read."""
+    index = 0
+    for pos, ref in enumerate(refs):
+        meta = torch.empty(ref.shape, dtype=ref.dtype, device="meta")
+        for j in range(ref.repeats):
+            restart = j if ref.repeats > 1 else None
+            yield Item(index, meta, _clipped_rank(ref, pos), largest.get(pos), ref.name, restart)
+            index += 1
+
+
+def _clipped_rank(ref: WeightRef, pos: int) -> int:
+    m, n = matrix_shape(ref.shape)
+    return min(check_int(ref.rank, f"rank of {_label(ref.name, pos)}", 1), m, n)
+
+
+def is_iterator(weights) -> bool:
     """An iterable that is not a sequence (a generator, a checkpoint reader)."""
     return isinstance(weights, Iterable) and not isinstance(
         weights, (Sequence, torch.Tensor, str, bytes, dict)
@@ -330,7 +457,7 @@ def solve_all(weights, rank, solver: Solver, streaming: Streaming, names=None):
     """([(W_i, H_i)], [n_iter_i]) of every matrix: run()'s groups concatenated."""
     factors: list[Factors] = []
     n_iter: list[int] = []
-    for group_factors, group_iter in run(weights, rank, solver, streaming, names):
+    for group_factors, group_iter in run(describe(weights, rank, names), solver, streaming):
         factors.extend(group_factors)
         n_iter.extend(group_iter)
     return factors, n_iter

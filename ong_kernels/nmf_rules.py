@@ -27,14 +27,12 @@ import torch
 
 from ong_kernels._validate import (
     FLOAT_DTYPES,
-    check_choice,
     check_int,
     check_real,
     check_seed,
     check_tensor,
 )
 from ong_kernels.backends import registry
-from ong_kernels.backends.triton.nmf import PRECISIONS
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -298,8 +296,7 @@ class Solver:
         tol = check_real(self.tol, "tol", minimum=0.0)
         seed = check_seeds(self.seed)
         check_init(self.init)
-        registry.check_backend_name(self.backend)
-        check_choice(self.precision, "precision", PRECISIONS)
+        registry.check_backend_name(self.backend)  # precision: where the kernel is selected
         return dataclasses.replace(self, tol=tol, seed=seed)
 
     def kwargs(self) -> dict:

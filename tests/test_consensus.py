@@ -271,17 +271,19 @@ def test_streamed_consensus_scores_equal_in_memory_ones():
 
     ws = weights(net())
     expected = list(ong_scores(net(), restarts=3, seed=2, **FAST).values())
-    solver = dataclasses.replace(stream.CONSENSUS_SOLVER, max_iter=25, tol=0.0, seed=2)
+    settings = stream.OngSettings.consensus(rank=0.3, max_iter=25, tol=0.0, seed=2, restarts=3)
     budget = stream.Streaming(memory_budget=200_000)  # several groups
-    got = list(stream.stream_ong_scores(iter(ws), 0.3, solver, budget, restarts=3, count=len(ws)))
+    shapes = [w.shape for w in ws]
+    lazily = stream.ong_factors(iter(ws), settings, budget, count=len(ws))
+    got = stream.ong_score_passes(lazily, shapes, restarts=3)()
     assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
-    factors = stream.ong_factors(ws, 0.3, solver, budget, restarts=3)
-    passes = stream.ong_score_passes(factors, [w.shape for w in ws], restarts=3)
+    factors = stream.ong_factors(ws, settings, budget)
+    passes = stream.ong_score_passes(factors, shapes, restarts=3)
     assert all(torch.equal(g, e) for g, e in zip(passes(), expected, strict=True))
     with pytest.raises(ValueError, match="count"):
-        stream.ong_factors(iter(ws), 0.3, solver, budget, restarts=3)
+        stream.ong_factors(iter(ws), settings, budget)
     with pytest.raises(ValueError, match="init"):
-        stream.ong_factors(ws, 0.3, stream.ONG_SOLVER, budget, restarts=3)
+        stream.ong_factors(ws, dataclasses.replace(settings, init="nndsvda"), budget)
 
 
 def test_ong_mask_restarts_under_torchrun_equal_one_process(tmp_path):

@@ -197,12 +197,10 @@ def _worker(rank: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_scopes_methods_and_failures(tmp_path):
-    write(tmp_path / "model.safetensors")
-    bad = next(n for n, r in zip(*_names_owners(), strict=True) if r == 1)
-    write(tmp_path / "nan.safetensors", nan=bad)
+def spawn_two(worker, folder: Path) -> None:
+    """worker(rank, port, folder) on two spawned ranks; fails the test after TIMEOUT_S."""
     ctx = mp.start_processes(
-        _worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+        worker, args=(free_port(), str(folder)), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -213,6 +211,13 @@ def test_two_gloo_ranks_scopes_methods_and_failures(tmp_path):
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
+
+
+def test_two_gloo_ranks_scopes_methods_and_failures(tmp_path):
+    write(tmp_path / "model.safetensors")
+    bad = next(n for n, r in zip(*_names_owners(), strict=True) if r == 1)
+    write(tmp_path / "nan.safetensors", nan=bad)
+    spawn_two(_worker, tmp_path)
 
     for case, args in CASES.items():
         for rank in range(2):

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from ong_kernels import load_masks, mask_cli
 from ong_kernels.pruning import io
+from ong_kernels.pruning.checkpoint import Checkpoint
 
 
 @pytest.fixture
@@ -31,10 +32,10 @@ def _args(checkpoint, output, *extra):
 def no_work(monkeypatch):
     """Fails the test if ong-mask reads a tensor."""
 
-    def read(path, name):
-        raise AssertionError(f"read {name} before refusing")
+    def read(self, entry):
+        raise AssertionError(f"read {entry.name} before refusing")
 
-    monkeypatch.setattr(mask_cli, "_read", read)
+    monkeypatch.setattr(Checkpoint, "read", read)
 
 
 def _one_line_error(capsys, message):
@@ -146,9 +147,9 @@ def test_progress_bar_only_on_a_terminal(checkpoint, capfd, monkeypatch):
 
     original = stream.ong_factors
 
-    def spy(weights, rank, solver, streaming, *rest, **kw):
+    def spy(weights, settings, streaming, **kw):
         shown.append(streaming.progress)
-        return original(weights, rank, solver, streaming, *rest, **kw)
+        return original(weights, settings, streaming, **kw)
 
     monkeypatch.setattr(stream, "ong_factors", spy)
     assert mask_cli.main(_args(checkpoint, "m.safetensors")) == 0

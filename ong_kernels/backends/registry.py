@@ -40,6 +40,7 @@ DEFAULT_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 ANY_DEVICE = "*"
+IEEE = "ieee"  # float32 products: the precision every kernel computes in
 # One matrix of an NMF group, as a kernel's workspace model sees it: (m, n, r, V dtype).
 Shape = tuple[int, int, int, torch.dtype]
 
@@ -54,6 +55,10 @@ class Kernel:
     workspace: for nmf_mu, the peak bytes the kernel allocates while it solves a group of
         matrices of shapes (m, n, r, V dtype) together, beyond V and the factors it is
         handed (nmf_groups sizes memory_budget groups with it).
+    precisions: the products it can compute in: "ieee" (float32) for every kernel; the
+        Triton NMF kernel adds its TF32 opt-ins. `select` refuses a precision the chosen
+        kernel does not declare; the kernel takes precision= only when it declares more
+        than "ieee".
     """
 
     op: str
@@ -63,6 +68,7 @@ class Kernel:
     available: Callable[[], bool]
     hint: str
     workspace: Callable[[Sequence[Shape]], int] | None = None
+    precisions: tuple[str, ...] = (IEEE,)
 
     def serves(self, device_type: str) -> bool:
         return ANY_DEVICE in self.devices or device_type in self.devices
@@ -79,6 +85,7 @@ def register(
     available: Callable[[], bool] = lambda: True,
     hint: str = "",
     workspace: Callable[[Sequence[Shape]], int] | None = None,
+    precisions: tuple[str, ...] = (IEEE,),
 ) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` as `backend`'s implementation of `op` (one per pair). An
     nmf_mu kernel declares its `workspace` model (Kernel says what it returns)."""
@@ -88,10 +95,12 @@ def register(
         raise ValueError(f"unknown backend {backend!r}; backends: {BACKENDS}")
     if op == "nmf_mu" and workspace is None:
         raise ValueError(f"the {backend} nmf_mu kernel must declare its workspace model")
+    if IEEE not in precisions:
+        raise ValueError(f"the {backend} {op} kernel must compute in {IEEE!r} (float32) too")
 
     def decorate(fn: Callable) -> Callable:
         _KERNELS[(op, backend)] = Kernel(
-            op, backend, tuple(devices), fn, available, hint, workspace
+            op, backend, tuple(devices), fn, available, hint, workspace, tuple(precisions)
         )
         return fn
 
@@ -135,9 +144,35 @@ def check_backend_name(backend: object, what: str = "backend") -> str:
     return backend
 
 
-def select(op: str, device_type: str, requested: str = "auto") -> Kernel:
-    """The kernel that runs `op` on tensors of `device_type` (see the module docstring)."""
+def precisions(op: str) -> tuple[str, ...]:
+    """Every precision some registered kernel of `op` computes in, "ieee" first."""
+    out = [IEEE]
+    for kernel in kernels(op):
+        out.extend(p for p in kernel.precisions if p not in out)
+    return tuple(out)
+
+
+def select(op: str, device_type: str, requested: str = "auto", precision: str = IEEE) -> Kernel:
+    """The kernel that runs `op` on tensors of `device_type` (see the module docstring), in
+    `precision`: the one place a precision is checked against what the kernel declares."""
     check_backend_name(requested)
+    kernel = _select(op, device_type, requested)
+    if precision == IEEE:
+        return kernel
+    known = precisions(op)
+    if not isinstance(precision, str) or precision not in known:
+        raise ValueError(f"precision must be one of {known}, got {precision!r}")
+    if precision not in kernel.precisions:
+        able = sorted(k.backend for k in kernels(op) if precision in k.precisions)
+        raise ValueError(
+            f"precision={precision!r} needs backend={' or '.join(map(repr, able))}: only the "
+            f"{' and '.join(able)} backend supports it; the {kernel.backend} kernel computes in "
+            f"float32 (precision={IEEE!r})"
+        )
+    return kernel
+
+
+def _select(op: str, device_type: str, requested: str) -> Kernel:
     source = "backend="
     if requested == "auto":
         env = requested_from_env(op)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 
@@ -17,7 +18,7 @@ from ong_kernels.pruning.allocation import (
     check_scope,
     check_sparsity,
 )
-from ong_kernels.pruning.ong import DEFAULT_RANK, Scored, _ong, _ong_consensus
+from ong_kernels.pruning.ong import CONSENSUS, DEFAULT_RANK, Scored, _ong
 from ong_kernels.pruning.result import LayerReport, PruneResult, layer_reports
 from ong_kernels.pruning.scores import _grasp, _magnitude, _random, _snip, _synflow
 from ong_kernels.pruning.targets import prunable_parameters, resolve_targets
@@ -37,7 +38,9 @@ __all__ = [
 
 _SCORERS = {
     "ong": _ong,
-    "ong-consensus": _ong_consensus,
+    # ONG with CONSENSUS's defaults (8 random restarts), a method name of its own so that a
+    # sweep (ong-sweep --methods ong ong-consensus ...) trains both in one table.
+    "ong-consensus": functools.partial(_ong, **CONSENSUS),
     "magnitude": _magnitude,
     "random": _random,
     "snip": _snip,
@@ -67,6 +70,15 @@ def _method_kwargs(method: str, context: dict, method_kwargs: dict) -> dict:
     kwargs = {k: v for k, v in context.items() if k in accepted}
     kwargs.update(method_kwargs)
     return kwargs
+
+
+def method_defaults(method: str) -> dict:
+    """The keyword arguments `method`'s scorer declares, with their defaults (for
+    "ong-consensus": ONG's with CONSENSUS's), the context prune() supplies left out."""
+    check_choice(method, "method", METHODS)
+    params = inspect.signature(_SCORERS[method]).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _CONTEXT}  # fmt: skip
 
 
 def _compute_masks(

@@ -13,17 +13,24 @@ on one rank only (and broadcast the masks yourself), pass ``distributed=False``.
 Where one rank can fail alone (its share of the work, its reads), :func:`agree` and
 :func:`sum_counts` make every rank raise instead of leaving the others waiting in the next
 collective: the failed rank its own error, the others :class:`RankFailed` quoting it.
+
+:class:`Launch` is a process's part of a torchrun launch of a pruning job (ong-mask): it
+starts the process group, splits the work, compares what every rank was given and gathers
+the results on rank 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import datetime
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankFailed", "agree", "balance", "run_sharded", "sum_counts", "world"]
+__all__ = ["Launch", "RankFailed", "agree", "balance", "run_sharded", "sum_counts", "world"]
 
 T = TypeVar("T")
 
@@ -170,3 +177,135 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor], group=None, distributed: bo
     dist.all_reduce(flat, group=group)
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
         t.copy_(part.view(t.shape))
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+_ENV = (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1))
+
+
+class Launch:
+    """This process's part of a torchrun launch; rank 0 of 1, talking to no one, without one.
+
+    Under torchrun (RANK and WORLD_SIZE > 1 in the environment) every rank checks its
+    arguments identically before any communication (so a bad command fails on every rank
+    alike), then `start` begins a gloo process group (env://, `timeout_s`): only histograms,
+    per-layer counts, digests and at the end the bit-packed results travel, so gloo serves
+    CUDA ranks too. Where one rank can fail alone, `local` makes every rank raise that error
+    instead of leaving the others waiting. An already started process group (a caller's
+    distributed script) is used as it is and left open.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, local_world: int = 1,
+                 timeout_s: float = 3600.0) -> None:  # fmt: skip
+        self.rank, self.world = rank, world
+        self.local_rank, self.local_world = local_rank, local_world
+        self.timeout_s = timeout_s
+        self.costs: list[float] = []  # what each item costs (split's input)
+        self.owner: list[int] = []  # rank of each item
+        self.close = False  # whether this process started the process group
+
+    @classmethod
+    def from_env(cls, timeout_s: float = 3600.0) -> Launch:
+        """From torchrun's environment (or a started process group); ValueError for
+        variables that are not integers."""
+        started = dist.is_available() and dist.is_initialized()
+        env = os.environ
+        if not started and ("RANK" not in env or "WORLD_SIZE" not in env):
+            return cls(timeout_s=timeout_s)
+        try:
+            values = [int(env.get(k, d)) for k, d in _ENV]
+        except ValueError:
+            raise ValueError(
+                "RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (torchrun "
+                "sets them)"
+            ) from None
+        if started:
+            values[:2] = dist.get_rank(), dist.get_world_size()
+        return cls(*values, timeout_s=timeout_s) if values[1] > 1 else cls(timeout_s=timeout_s)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Launch]:
+        """Ranks other than 0 print no stdout (their errors still go to stderr); the process
+        group this process started is closed at the end."""
+        with contextlib.ExitStack() as stack:
+            if self.rank:
+                devnull = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(devnull))
+            try:
+                yield self
+            finally:
+                if self.close:
+                    dist.destroy_process_group()
+
+    def start(self) -> None:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=self.timeout_s))
+            self.close = True
+        if (dist.get_rank(), dist.get_world_size()) != (self.rank, self.world):
+            raise ValueError("RANK / WORLD_SIZE disagree with the started process group")
+
+    def device(self, device: str) -> str:
+        """Where this rank computes: ``cuda`` is cuda:LOCAL_RANK under torchrun."""
+        return f"cuda:{self.local_rank}" if self.world > 1 and device == "cuda" else device
+
+    def split(self, costs: Sequence[float]) -> list[int]:
+        """The items this rank works on (balance over `costs`): all of them alone."""
+        self.costs = list(costs)
+        self.owner = balance(self.costs, self.world)
+        return [i for i, r in enumerate(self.owner) if r == self.rank]
+
+    # Agreement points (collectives: every rank calls them).
+    def local(self, fn: Callable[[], T]) -> T:
+        """fn() on this rank; a failure on any rank raises on every rank."""
+        return fn() if self.world == 1 else agree(fn)
+
+    def on_rank_0(self, fn: Callable[[], object]) -> None:
+        self.local(fn if self.rank == 0 else lambda: None)
+
+    def same(self, value) -> bool:
+        """Whether every rank holds the same (picklable) `value`."""
+        if self.world == 1:
+            return True
+        values: list = [None] * self.world
+        dist.all_gather_object(values, value)
+        return all(v == values[0] for v in values)
+
+    def compare(self, value, differs: str) -> None:
+        """ValueError on every rank when a rank's `value` differs from rank 0's: 'rank R
+        {differs} rank 0'."""
+        if self.world == 1:
+            return
+        values: list = [None] * self.world
+        dist.all_gather_object(values, value)
+        other = next((r for r, v in enumerate(values) if v != values[0]), None)
+        if other is not None:
+            raise ValueError(
+                f"rank {other} {differs} rank 0: run the same command on the same files on "
+                "every rank"
+            )
+
+    def gather(self, rows: list, payload: dict[int, torch.Tensor], sizes: Sequence[int], stats):
+        """On rank 0: ({item: row}, {item: uint8 payload}, [stats per rank]) of every rank's
+        items (rows[j] and payload belong to this rank's j-th item); None on the others.
+        Each other rank sends its payloads as one uint8 message, so rank 0 ends up holding
+        what it would hold alone."""
+        if self.world == 1:
+            return dict(enumerate(rows)), payload, [stats]
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object((rows, stats), gathered, dst=0)
+        share = [i for i, r in enumerate(self.owner) if r == self.rank]
+        if self.rank:
+            if share:
+                dist.send(torch.cat([payload[i] for i in share]), dst=0)
+            return None
+        by_index, got, per_rank = {}, dict(payload), []
+        for r, (rank_rows, rank_stats) in enumerate(gathered):
+            per_rank.append(rank_stats)
+            idx = [i for i, o in enumerate(self.owner) if o == r]
+            by_index.update(zip(idx, rank_rows, strict=True))
+            if r and idx:
+                buffer = torch.empty(sum(sizes[i] for i in idx), dtype=torch.uint8)
+                dist.recv(buffer, src=r)
+                got.update(zip(idx, buffer.split([sizes[i] for i in idx]), strict=True))
+        return by_index, got, per_rank

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ong_kernels._bitmask import pack_mask, unpack_mask
@@ -85,12 +85,16 @@ def save_masks(path: str | os.PathLike, masks) -> None:
 def write_mask_file(path, packed: Mapping[str, torch.Tensor], shapes: Mapping[str, list]) -> None:
     """Write packed masks (name -> uint8 bytes of ``pack_mask``) and their shapes as a masks
     file: into a temporary file in the target folder, renamed over ``path`` once complete, so
-    a failure never leaves a half-written file nor touches an existing one. OSError names
-    ``path`` when the folder is missing or not writable, or ``path`` is a folder."""
+    a failure never leaves a half-written file nor touches an existing one. A symlink is
+    written through: its target gets the masks (the temporary file lives in the target's
+    folder), the link stays. OSError names ``path`` when the folder is missing or not
+    writable, ``path`` is a folder, or the file cannot be written (disk full, file-size
+    limit)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path!r} is a folder; give the masks file's name")
-    folder = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -98,18 +102,22 @@ def write_mask_file(path, packed: Mapping[str, torch.Tensor], shapes: Mapping[st
         "shapes": json.dumps({name: list(shape) for name, shape in shapes.items()}),
     }
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
+                                   dir=folder)  # fmt: skip
     except OSError as err:
         raise OSError(
             err.errno, f"{path!r}: cannot write into {folder!r} ({err.strerror})"
         ) from err
     try:
         os.close(fd)
-        save_file(dict(packed), tmp, metadata=metadata)
+        try:
+            save_file(dict(packed), tmp, metadata=metadata)
+        except SafetensorError as err:  # its I/O errors (EFBIG, ENOSPC) come as this type
+            raise OSError(f"{path!r}: writing the masks failed ({err})") from err
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         # Also on KeyboardInterrupt: never leave the temporary file behind.
         if os.path.exists(tmp):

@@ -39,6 +39,7 @@ The restarts of one matrix are solved on one rank.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,11 +54,13 @@ from ong_kernels.pruning.distributed import run_sharded
 from ong_kernels.pruning.targets import Target, resolve_targets
 
 __all__ = [
+    "CONSENSUS",
     "CONSENSUS_INIT",
     "CONSENSUS_RESTARTS",
     "DEFAULT_RANK",
     "ONG_SOLVER",
     "Agreement",
+    "OngSettings",
     "check_restarts",
     "mean_product",
     "ong_scores",
@@ -83,9 +86,11 @@ def resolve_ranks(rank, shapes: Sequence[torch.Size]) -> list[int]:
 # ONG's NMF settings (the defaults of ong_scores and prune("ong")): nmf_batched's, with the
 # deterministic nndsvda start.
 ONG_SOLVER = nmf.Solver(init="nndsvda")
-# What a consensus ("ong-consensus") restarts from, and how many restarts by default.
+# What a consensus ("ong-consensus") restarts from, and how many restarts by default:
+# consensus ONG is ONG with these defaults (api's method table, OngSettings.consensus).
 CONSENSUS_INIT = "random"
 CONSENSUS_RESTARTS = 8
+CONSENSUS = {"init": CONSENSUS_INIT, "restarts": CONSENSUS_RESTARTS}
 
 
 def check_restarts(restarts) -> int:
@@ -117,6 +122,61 @@ def restart_seeds(seed: int, restarts: int) -> list[int]:
     """seed, seed + 1, ..., seed + restarts - 1, checked against the generator's range."""
     check_seed(seed + restarts - 1, f"seed + restarts - 1 (seed={seed}, restarts={restarts})")
     return [seed + j for j in range(restarts)]
+
+
+@dataclass(frozen=True)
+class OngSettings:
+    """ONG's settings in one object: the NMF rank (an int, or a fraction of min(m, n)),
+    nmf_batched's solver settings, and the number of restarts (consensus ONG for k > 1). The
+    module docstring gives each default's source. ``resolved()`` checks them all at once and
+    fixes the start (init None: nndsvda for one restart, random for more); every entry point
+    (prune, the streamed factors, ong-mask) resolves once, then only reads."""
+
+    rank: int | float = DEFAULT_RANK
+    max_iter: int = 200
+    tol: float = 1e-4
+    init: str | Sequence | None = None
+    seed: int = 0
+    restarts: int = 1
+    backend: str = "auto"
+    # Set by resolved() alone: not an argument, so no caller can skip the checks.
+    checked: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
+
+    @classmethod
+    def consensus(cls, **settings) -> OngSettings:
+        """Consensus ONG: CONSENSUS's defaults, overridden by `settings`."""
+        return cls(**{**CONSENSUS, **settings})
+
+    def resolved(self) -> OngSettings:
+        """Every setting checked (a TypeError / ValueError naming the first bad one), the
+        start fixed by the number of restarts; resolved settings are returned as they are."""
+        if self.checked:
+            return self
+        resolve_ranks(self.rank, [])  # the rank's type and range
+        k = check_restarts(self.restarts)
+        init = restart_init(self.init, k)
+        solver = nmf.Solver(self.max_iter, self.tol, init, self.seed, self.backend).checked()
+        restart_seeds(self.seed, k)
+        out = dataclasses.replace(self, init=init, tol=solver.tol)
+        object.__setattr__(out, "checked", True)  # frozen: set once, here
+        return out
+
+    def ranks(self, shapes: Sequence[Sequence[int]]) -> list[int]:
+        return resolve_ranks(self.rank, shapes)
+
+    def solver(self, weights: int) -> nmf.Solver:
+        """The solver of `weights` weights' matrices, each weight's restarts in a row
+        (restart j seeded with seed + j)."""
+        seed = self.seed
+        if self.restarts > 1:
+            seed = tuple(restart_seeds(self.seed, self.restarts) * weights)
+        return nmf.Solver(self.max_iter, self.tol, self.init, seed, self.backend)
+
+    def costs(self, shapes: Sequence[Sequence[int]]) -> list[int]:
+        """Per weight, the work of its restarts per MU iteration: k m n r (distributed's
+        balance splits the weights by it)."""
+        return [self.restarts * math.prod(matrix_shape(s)) * r
+                for s, r in zip(shapes, self.ranks(shapes), strict=True)]  # fmt: skip
 
 
 def mean_product(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -199,16 +259,14 @@ def _ong(
     group=None,
     distributed: bool = True,
 ) -> Scored:
-    # Keyword-only: prune() passes the options a scorer declares (api._method_kwargs).
+    # Keyword-only: prune() passes the options a scorer declares (api._method_kwargs);
+    # "ong-consensus" is this with CONSENSUS's defaults. Checked before any communication,
+    # so every rank of a process group fails the same way.
+    settings = OngSettings(rank, max_iter, tol, init, seed, restarts, backend).resolved()
     shapes = [t.shape for _, t in targets]
-    ranks = resolve_ranks(rank, shapes)
-    k = check_restarts(restarts)
-    init = restart_init(init, k)
-    # nmf_batched checks these too; checking first means every rank of a process group fails
-    # the same way before any communication.
-    solver = nmf.Solver(max_iter, tol, init, seed, backend).checked()
-    seeds = restart_seeds(seed, k)
-    init = solver.init
+    ranks = settings.ranks(shapes)
+    k = settings.restarts
+    init = settings.init
     if not isinstance(init, str) and len(init) != len(targets):
         raise ValueError(
             f"init has {len(init)} (W0, H0) pairs but there are {len(targets)} weights"
@@ -220,14 +278,13 @@ def _ong(
         # Every restart of every matrix in ONE call: matrix i appears k times in a row (the
         # same tensor, not copies), restart j seeded with seed + j.
         mats = [targets[i][1].detach().abs().to(device) for i in indices]
-        group_init = init if isinstance(init, str) else [init[i] for i in indices]
-        settings = {**solver.kwargs(), "init": group_init}
-        if k > 1:
-            settings["seed"] = seeds * len(indices)
+        solver = settings.solver(len(indices))
+        if not isinstance(init, str):
+            solver = dataclasses.replace(solver, init=[init[i] for i in indices])
         names = [targets[i][0] for i in indices for _ in range(k)]  # errors name the parameter
         factors = nmf.nmf_batched(
             [v for v in mats for _ in range(k)], [ranks[i] for i in indices for _ in range(k)],
-            **settings, names=names,
+            **solver.kwargs(), names=names,
         )  # fmt: skip
         scores = []
         for pos, i in enumerate(indices):
@@ -238,7 +295,7 @@ def _ong(
             scores.append(mean_product(pairs).reshape(shapes[i]))
         return scores
 
-    costs = [k * math.prod(matrix_shape(s)) * r for s, r in zip(shapes, ranks, strict=True)]
+    costs = settings.costs(shapes)
     # The restarts of one matrix are one item: they stay on one rank.
     scores = run_sharded(compute, costs, shapes, device, group, distributed)
     scores = [s.to(t.device) for s, (_, t) in zip(scores, targets, strict=True)]
@@ -293,27 +350,3 @@ def ong_scores(
     solver = dict(rank=rank, max_iter=max_iter, tol=tol, init=init, seed=seed, backend=backend)
     scored = _ong(model, targets, restarts=restarts, group=group, distributed=distributed, **solver)
     return {name: s for (name, _), s in zip(targets, scored.scores, strict=True)}
-
-
-def _ong_consensus(
-    model,
-    targets: Sequence[Target],
-    *,
-    seed: int = 0,
-    rank=DEFAULT_RANK,
-    max_iter: int = 200,
-    tol: float = 1e-4,
-    init=CONSENSUS_INIT,
-    restarts: int = CONSENSUS_RESTARTS,
-    backend: str = "auto",
-    group=None,
-    distributed: bool = True,
-) -> Scored:
-    # prune("ong-consensus"): ONG whose defaults are CONSENSUS_RESTARTS random restarts, a
-    # method name of its own so that a sweep (ong-sweep --methods ong ong-consensus ...)
-    # trains both in one table.
-    solver = dict(rank=rank, max_iter=max_iter, tol=tol, init=init, backend=backend)
-    return _ong(
-        model, targets, seed=seed, restarts=restarts, group=group, distributed=distributed,
-        **solver,
-    )  # fmt: skip

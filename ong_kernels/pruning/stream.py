@@ -23,18 +23,18 @@ communication at all.
 Scores are ranked as allocate ranks them: promoted to at least float32 (every widening is
 exact, so promotion never reorders), -0.0 equal to 0.0, -inf a valid score, NaN an error.
 
-ONG scores for this come from :func:`ong_factors` (nmf_batched's streaming: the weights pass
-through the compute device in groups that fit a memory budget) and :func:`ong_score_passes`
-(W H per layer, recomputed on each pass from the factors: r (m + n) floats per layer kept
-instead of m n; one (m, r) x (r, n) product per layer and pass, ~1/(2 max_iter) of the NMF's
-own work). :func:`stream_ong_scores` yields the scores of a weight iterable once, without
-keeping factors.
+ONG scores for this come from :func:`ong_factors` (nmf_batched's streaming over descriptors
+of the weights, :func:`ong_matrices`: the weights pass through the compute device in groups
+that fit a memory budget) and :func:`ong_score_passes` (W H per layer, recomputed on each pass
+from the factors: r (m + n) floats per layer kept instead of m n; one (m, r) x (r, n) product
+per layer and pass, ~1/(2 max_iter) of the NMF's own work).
 
-Consensus ONG (``restarts=k``, ong.py): every |W| enters the stream k times in a row (the same
-tensor; restart j seeded with ``solver.seed + j``, which needs ``init="random"``:
-CONSENSUS_SOLVER), so its restarts are solved in the same groups' op calls as everything
-else; the score is their mean W H (ong.mean_product), the factors kept are k r (m + n) per
-layer, and :func:`restart_overlaps` measures each restart against the consensus mask.
+Consensus ONG (``restarts=k``, ong.py): every |W| enters the stream k times in a row (a
+descriptor with ``repeats=k``: the same tensor; restart j seeded with ``seed + j``, which
+needs ``init="random"``: OngSettings.consensus()), so its restarts are solved in the same
+groups' op calls as everything else; the score is their mean W H (ong.mean_product), the
+factors kept are k r (m + n) per layer, and :func:`restart_overlaps` measures each restart
+against the consensus mask.
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ong_kernels._validate import check_int
-from ong_kernels.backends import registry
-from ong_kernels.nmf_groups import Item, Streaming, check_budget, check_fits, run
-from ong_kernels.nmf_rules import Solver
+from ong_kernels.nmf_groups import Streaming, WeightRef, is_iterator, run
+from ong_kernels.nmf_rules import check_sequence
 from ong_kernels.pruning.allocation import (
     check_floors,
     check_min_density,
@@ -62,37 +61,26 @@ from ong_kernels.pruning.allocation import (
 )
 from ong_kernels.pruning.distributed import sum_counts, world
 from ong_kernels.pruning.ong import (
-    CONSENSUS_INIT,
-    DEFAULT_RANK,
-    ONG_SOLVER,
+    OngSettings,
     check_restarts,
     mean_product,
-    resolve_ranks,
-    restart_init,
     restart_overlaps,
-    restart_seeds,
 )
 
-# Solver and Streaming are re-exported: they are the settings ong_factors and
-# stream_ong_scores take; restart_overlaps measures their restarts against a mask.
+# OngSettings and Streaming are re-exported: they are the settings ong_factors takes;
+# restart_overlaps measures its restarts against a mask.
 __all__ = [
-    "CONSENSUS_SOLVER",
-    "ONG_SOLVER",
-    "Solver",
+    "OngSettings",
     "Streaming",
+    "WeightRef",
     "ong_factors",
+    "ong_matrices",
     "ong_score_passes",
     "restart_overlaps",
     "stream_masks",
-    "stream_ong_scores",
 ]
 
-# The solver of consensus ONG's restarts: ONG's, from random starts (restart j: seed + j).
-CONSENSUS_SOLVER = dataclasses.replace(ONG_SOLVER, init=CONSENSUS_INIT)
-
 Passes = Callable[[], Iterable[torch.Tensor]]
-# Raw weights: a sequence, or an iterator such as a checkpoint reader.
-Weights = Sequence[torch.Tensor] | Iterable[torch.Tensor]
 
 _DIGIT = 16
 _BINS = 1 << _DIGIT
@@ -399,110 +387,58 @@ def _yield_masks(passes, shapes, names, dtype, sparsity, scope, min_density, num
         yield _apply(plan[i], flat).view(shapes[i])
 
 
-def _abs(weights: Iterable[torch.Tensor], shapes: list, restarts: int) -> Iterator[torch.Tensor]:
-    for t in weights:
-        if isinstance(t, torch.Tensor):
-            shapes.append(t.shape)
-            v = t.detach().abs()
-            for _ in range(restarts):  # the same |W| for every restart: no copy
-                yield v
-        else:
-            yield t  # nmf_batched names the bad entry
+def _as_ref(weight, index: int, names) -> WeightRef:
+    if isinstance(weight, WeightRef):
+        return weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weights[{index}] must be a torch.Tensor, got {type(weight).__name__}")
+    return WeightRef.of(weight.detach(), 1, None if names is None else names[index])
 
 
-class _LazyRanks(Sequence):
-    """Per-matrix ranks of a weight iterator, resolved as each weight arrives (the streaming
-    sizes matrix i only after the iterator produced it); matrix i is restart i % k of weight
-    i // k."""
-
-    def __init__(self, rank, shapes: list, restarts: int = 1) -> None:
-        self.rank, self.shapes, self.restarts = rank, shapes, restarts
-
-    def __len__(self) -> int:
-        return len(self.shapes) * self.restarts
-
-    def __getitem__(self, i):
-        return resolve_ranks(self.rank, [self.shapes[i // self.restarts]])[0]
-
-
-def _restart_solver(solver: Solver, restarts: int, count: int | None) -> Solver:
-    """`solver` (checked) for `restarts` restarts of each of `count` weights: per-matrix
-    seeds seed + j (nmf_batched fixes them before the first group, so an iterator's weights
-    must be counted up front)."""
-    solver = solver.checked()
-    if restarts == 1:
-        return solver
-    restart_init(solver.init, restarts)  # random starts only: ValueError naming init
-    if count is None:
-        raise ValueError(
-            f"restarts={restarts} of an iterator of weights needs count= (how many weights it "
-            "yields): every restart's seed is fixed before the first group is solved"
-        )
-    check_int(count, "count", 1)
-    seeds = restart_seeds(solver.seed, restarts)
-    return dataclasses.replace(solver, seed=tuple(seeds * count))
+def ong_matrices(weights, settings: OngSettings, names=None):
+    """What ONG factorises, as nmf_groups descriptors: |W| of every weight at its rank, its
+    restarts in a row. `weights`: a sequence of tensors or WeightRefs (a model's, a
+    checkpoint header's: every size known before any read), or an iterator of tensors
+    (each described as it arrives)."""
+    settings = settings.resolved()
+    if not is_iterator(weights):
+        refs = [_as_ref(w, i, names) for i, w in enumerate(check_sequence(weights))]
+        ranks = settings.ranks([ref.shape for ref in refs])
+        return [_ong_ref(ref, r, settings) for ref, r in zip(refs, ranks, strict=True)]
+    return (_ong_ref(ref, settings.ranks([ref.shape])[0], settings)
+            for ref in (_as_ref(w, i, names) for i, w in enumerate(weights)))  # fmt: skip
 
 
-def _factor_groups(
-    weights, rank, solver: Solver, streaming: Streaming, total, restarts, count, names
-):
-    """nmf_batched's streamed groups of NMF(|W|) factors for raw weights (never all |W| at
-    once), each weight `restarts` times in a row; a sequence's sizes are checked against the
-    budget before any work."""
-    k = check_restarts(restarts)
-    shapes: list = []
-    if isinstance(weights, Sequence) and not isinstance(weights, torch.Tensor):
-        if len(weights) == 0:
-            raise ValueError("weights is empty: pass at least one tensor")
-        for i, t in enumerate(weights):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        solver = _restart_solver(solver, k, len(weights))
-        weight_ranks = resolve_ranks(rank, [t.shape for t in weights])
-        device = streaming.check()
-        compute = weights[0].device if device is None else device
-        budget = check_budget(streaming.memory_budget, compute)
-        kernel = registry.select("nmf_mu", compute.type, solver.backend)
-        for i, t in enumerate(weights):
-            check_fits(Item(i, t, weight_ranks[i]), budget, kernel, solver.init)
-        streaming = dataclasses.replace(streaming, memory_budget=budget)
-        total = sum(t.numel() for t in weights)
-        ranks: Sequence[int] = [r for r in weight_ranks for _ in range(k)]
-    else:
-        resolve_ranks(rank, [])  # the rank's type and range, before any work
-        solver = _restart_solver(solver, k, count)
-        ranks = _LazyRanks(rank, shapes, k)
-    if total is not None and k > 1:
-        total *= k  # the progress bar counts every restart's weights
-    if names is not None and k > 1:  # errors name the weight and the restart
-        names = [f"{n} (restart {j})" for n in names for j in range(k)]
-    return run(_abs(weights, shapes, k), ranks, solver, streaming, names, total)
+def _ong_ref(ref: WeightRef, rank: int, settings: OngSettings) -> WeightRef:
+    return dataclasses.replace(ref, rank=rank, abs=True, repeats=settings.restarts)
 
 
 def ong_factors(
-    weights: Weights,
-    rank=DEFAULT_RANK,
-    solver=ONG_SOLVER,
-    streaming=Streaming(),
-    total=None,
-    restarts=1,
-    count=None,
-    names=None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    weights, settings: OngSettings = OngSettings(), streaming: Streaming = Streaming(), *,
+    names=None, count: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """NMF factors (W_i, H_i) of |weight_i|, streamed: the ONG part of prune("ong").
 
-    `weights` are raw weights (a sequence, or an iterator such as a checkpoint reader: only
-    one group's |W| exists at a time). `rank` (an int or a fraction of min(m, n)) and
-    `solver` (max_iter, tol, init, seed, backend: default ONG's) are ong_scores' settings;
-    `streaming` (device, memory_budget, progress) nmf_batched's (ong_kernels/nmf_groups.py);
-    `total` the number of weights, for an iterator's progress bar. The factors equal
-    prune()'s: the same ONG matrices factorised by the same op, grouping aside.
-    `restarts=k`: k pairs per weight, in a row (restart j from solver.seed + j; needs
-    ``solver.init == "random"``, e.g. CONSENSUS_SOLVER), equal to prune(restarts=k)'s; an
-    iterator of weights then needs `count`, how many weights it yields. `names` (one per
-    weight) label them in errors.
+    `weights`: as :func:`ong_matrices` (an iterator: only one group's |W| exists at a time,
+    and the progress bar has no length). `settings`: ONG's (rank, solver, restarts);
+    `streaming` (device, memory_budget, progress) nmf_batched's (ong_kernels/nmf_groups.py):
+    the weights always pass through the compute device in groups that fit the budget. The
+    factors equal prune()'s: the same ONG matrices factorised by the same op, grouping aside.
+    With restarts=k, k pairs per weight in a row (restart j from seed + j), equal to
+    prune(restarts=k)'s; an iterator of weights then needs `count`, how many it yields
+    (every restart's seed is fixed before the first group). `names` label them in errors.
     """
-    groups = _factor_groups(weights, rank, solver, streaming, total, restarts, count, names)
+    settings = settings.resolved()
+    matrices = ong_matrices(weights, settings, names)
+    if isinstance(matrices, list):
+        count = len(matrices)
+    elif settings.restarts > 1 and count is None:
+        raise ValueError(
+            f"restarts={settings.restarts} of an iterator of weights needs count= (how many "
+            "weights it yields): every restart's seed is fixed before the first group is solved"
+        )
+    solver = settings.solver(1 if count is None else check_int(count, "count", 1))
+    groups = run(matrices, solver, streaming)
     return [pair for factors, _ in groups for pair in factors]
 
 
@@ -523,43 +459,3 @@ def ong_score_passes(
             yield mean_product(factors[i * k : (i + 1) * k]).reshape(tuple(shape))
 
     return passes
-
-
-def stream_ong_scores(
-    weights: Weights,
-    rank=DEFAULT_RANK,
-    solver=ONG_SOLVER,
-    streaming=Streaming(),
-    total=None,
-    restarts=1,
-    count=None,
-    names=None,
-) -> Iterator[torch.Tensor]:
-    """Yield each weight's ONG score W H (float32, in the weight's shape, on its device) as
-    its group is solved; neither the factors nor earlier scores are kept (with `restarts`,
-    a weight's restarts until their mean is yielded). Arguments as :func:`ong_factors`. For
-    masks, feed :func:`stream_masks` (which reads the scores several times under global
-    scope: ong_factors + ong_score_passes keep only the factors)."""
-    shapes: list = []
-    k = check_restarts(restarts)
-
-    def scores() -> Iterator[torch.Tensor]:
-        source = _record(weights, shapes)
-        groups = _factor_groups(source, rank, solver, streaming, total, k, count, names)
-        pending: list = []  # one weight's restarts may straddle two groups
-        index = 0
-        for factors, _ in groups:
-            for pair in factors:
-                pending.append(pair)
-                if len(pending) == k:
-                    yield mean_product(pending).reshape(shapes[index])
-                    pending, index = [], index + 1
-
-    return scores()
-
-
-def _record(weights, shapes: list):
-    if isinstance(weights, Sequence) and not isinstance(weights, torch.Tensor):
-        shapes.extend(t.shape if isinstance(t, torch.Tensor) else None for t in weights)
-        return weights
-    return (shapes.append(t.shape if isinstance(t, torch.Tensor) else None) or t for t in weights)

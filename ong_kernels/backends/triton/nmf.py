@@ -389,12 +389,6 @@ def _solve(v, w, h, config: Config, max_iter: int, tol: float, precision: str) -
     return n_iter
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision
-
-
 # The CUDA caching allocator rounds every allocation up to 512 bytes (kMinBlockSize); the
 # small per-call tensors (tables, tile lists, flags, n_iter, the stopping rule's error vectors
 # and masks) are each one such block at least.
@@ -437,7 +431,7 @@ def workspace(shapes: Sequence[tuple[int, int, int, torch.dtype]]) -> int:
 
 
 @register("nmf_mu", "triton", devices=_common.devices(), available=_common.available,
-          hint=_common.HINT, workspace=workspace)  # fmt: skip
+          hint=_common.HINT, workspace=workspace, precisions=PRECISIONS)  # fmt: skip
 def nmf_mu_(
     v_list: Matrices,
     w_list: Matrices,
@@ -448,7 +442,6 @@ def nmf_mu_(
 ) -> torch.Tensor:
     """Multiplicative-update NMF of a ragged batch with the Triton kernels, W and H updated in
     place; n_iter per matrix (int64, on the device). See the module docstring."""
-    check_precision(precision)
     device = v_list[0].device
     with _common.on_device(device):
         return _nmf_mu(v_list, w_list, h_list, max_iter, tol, precision, device)
