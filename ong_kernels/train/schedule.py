@@ -66,9 +66,10 @@ class LRSchedule:
         """A triangular cycle over steps [start, end): 10% rising (at least one step)."""
         if self.cycles and start < self.cycles[-1][1]:
             raise ValueError(f"cycles overlap: one starts at step {start}")
+        if end <= start:
+            raise ValueError(f"a cycle needs at least 1 step, got [{start}, {end})")
+        # (A 1-step cycle is its rise alone: lr 0, as BIMP's CyclicLR with base 0 starts.)
         rise = max(1, round(0.1 * (end - start)))
-        if end - start <= rise:
-            raise ValueError(f"a cycle needs at least 2 steps, got [{start}, {end})")
         self.cycles.append([int(start), int(end), int(rise), float(peak)])
 
     def __call__(self, step: int) -> float:
