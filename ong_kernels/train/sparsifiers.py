@@ -360,8 +360,9 @@ class FinalCut:
     weights, each followed by ``retrain_epochs`` of masked SGD on an LLR cycle (10% rise to
     the run's lr, linear to 0) or ALLR (peak scaled by clip(d / sqrt(p), min(retrain /
     epochs, 1), 1), every phase as HEAD does). A cut never revives a pruned weight and only
-    prunes when the model holds fewer pruned weights than it asks: for methods whose
-    sparsity is exact it is a no-op, for GSM and LC it is what makes them sparse.
+    prunes when the model holds fewer pruned weights than it asks. For methods whose
+    sparsity is exact it is a no-op (their retraining still runs), for GSM and LC it is what
+    makes them sparse.
 
     Cut j happens after epoch ``epochs + j * retrain_epochs``; each records the sparsity and
     test accuracy before and after it, the norm drop and fraction cut.
@@ -371,6 +372,7 @@ class FinalCut:
         self.host = host
         cfg = host.config
         self.active = cfg.method != "dense"
+        self.exact = M.spec(cfg.method).exact
         self.targets = M.imp_phase_sparsities(cfg.sparsity, cfg.cut_phases) if self.active else []
         self.epochs = {cfg.epochs + j * cfg.retrain_epochs: j for j in range(cfg.cut_phases)}
         self.records: list[dict[str, Any]] = []
@@ -399,7 +401,9 @@ class FinalCut:
             "sparsity_before": zeros / total,
         }
         before = host.pruned_count
-        if before >= M.goal_count(sparsity, total):
+        # Exact methods are at their goal already (a one-shot method with per-layer scopes
+        # holds its own rounding of it, which the cut must not change).
+        if self.exact or before >= M.goal_count(sparsity, total):
             record.update(changed=False, norm_drop=0.0, fraction_cut=0.0)
         else:
             record["test_acc_before"] = host.evaluate()["test_acc"]

@@ -695,13 +695,13 @@ class Trainer:
             metrics = {"epoch": epoch, **self.train_epoch(epoch)}
             if epoch <= cfg.epochs:
                 self.sparsifier.epoch_end(epoch)  # mask changes, before the checkpoint
+            if epoch == cfg.epochs:
+                self.sparsifier.train_end()
             cut = self.final_cut.epoch_end(epoch)
             metrics.update(self.evaluate())
             if cut is not None:
                 cut["test_acc_after"] = metrics["test_acc"]
                 cut.setdefault("test_acc_before", metrics["test_acc"])  # a no-op cut
-            if epoch == cfg.epochs:
-                self.sparsifier.train_end()
             metrics["sparsity"] = self.check_sparsity()
             metrics["lr"] = self.scheduler.get_last_lr()[0]
             self.elapsed_s += metrics["epoch_time_s"]
