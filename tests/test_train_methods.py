@@ -464,3 +464,29 @@ def test_sweep_gives_each_method_the_settings_it_takes():
         ValueError, match="no method of ong, magnitude has the setting 'pruning_interval'"
     ):
         plan_runs(base, ["ong", "magnitude"], [0.9], [0], {"pruning_interval": 1})
+
+
+def test_sweep_runs_the_stable_methods_reuses_them_and_refuses_changed_settings(tmp_path, capsys):
+    from ong_kernels.train.cli import sweep_main
+
+    out = tmp_path / "sweep"
+    args = [
+        "--dataset", "synthetic", "--synthetic-shape", "96", "40", "1", "8", "--width", "0.25",
+        "--batch-size", "32", "--eval-batch-size", "40", "--device", "cpu", "--no-progress",
+        "--epochs", "2", "--methods", "magnitude", "gmp", "bimp", "gsm", "--sparsities", "0.9",
+        "--pruning-interval", "1", "--out-dir", str(out),
+    ]  # fmt: skip
+    assert sweep_main(args) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in printed.splitlines() if "| " in line}
+    assert {"magnitude", "gmp", "bimp", "gsm"} <= set(rows)
+    assert "sparsity before final cut" in rows["method"] and "| epochs" in rows["method"]
+    assert "| 0.9000 " in rows["gmp"]  # measured sparsity: exact
+    gmp = __import__("json").loads(
+        (out / "resnet20-synthetic-gmp-0.9-seed0/results.json").read_text()
+    )
+    assert gmp["config"]["method_kwargs"] == {"pruning_interval": 1}
+    assert sweep_main(args) == 0  # everything reused
+    assert printed.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 4
+    assert sweep_main([*args, "--allow-recovering"]) == 2
+    assert "method_kwargs" in capsys.readouterr().err
