@@ -490,3 +490,33 @@ def test_sweep_runs_the_stable_methods_reuses_them_and_refuses_changed_settings(
     assert printed.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 4
     assert sweep_main([*args, "--allow-recovering"]) == 2
     assert "method_kwargs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["magnitude", "snip"])
+def test_one_shot_methods_train_through_the_seam_as_the_plain_loop(method):
+    # The loop before the seam, written out: prune, then per step draw, forward, backward,
+    # FusedMaskedSGD step, scheduler step. The seam's run must end bit-identical.
+    import torch.nn.functional as F
+
+    from ong_kernels.train import augment
+
+    cfg = make_config(method=method, epochs=2, warmup_epochs=1)
+    plain = Trainer(cfg, dataset=DATA, log=None)
+    plain.setup()
+    data, gen, bsz = plain.data, plain.generator, cfg.batch_size
+    for _ in range(cfg.epochs):
+        plain.model.train()
+        order = torch.randperm(len(data.train_y), generator=gen)
+        for step in range(plain.steps_per_epoch):
+            idx = order[step * bsz : (step + 1) * bsz]
+            params = augment.draw_params(bsz, data.crop_padding, data.flip, gen, plain.device)
+            x = plain._normalize(augment.apply(data.train_x[idx], params, data.crop_padding))
+            loss = F.cross_entropy(plain.model(x), data.train_y[idx])
+            plain.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            plain.optimizer.step()
+            plain.scheduler.step()
+        plain.evaluate()
+    seam = Trainer(cfg, dataset=DATA, log=None)
+    seam.fit()
+    assert_bit_identical(weights_and_momentum(seam), weights_and_momentum(plain))
