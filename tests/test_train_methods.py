@@ -520,3 +520,30 @@ def test_one_shot_methods_train_through_the_seam_as_the_plain_loop(method):
     seam = Trainer(cfg, dataset=DATA, log=None)
     seam.fit()
     assert_bit_identical(weights_and_momentum(seam), weights_and_momentum(plain))
+
+
+@pytest.mark.parametrize("nesterov,momentum", [(True, 0.9), (False, 0.9), (False, 0.0)])
+def test_gmp_recovering_decay_equals_sgd_with_zero_gradient(nesterov, momentum):
+    # allow_recovering evolves pruned weights as SGD with zero loss gradient would, through
+    # one 2x2 transfer matrix: compare with torch.optim.SGD over steps of changing lr.
+    from types import SimpleNamespace
+
+    from ong_kernels.train.sparsifiers import Gmp
+
+    w = torch.nn.Parameter(torch.randn(50, generator=torch.Generator().manual_seed(0)))
+    w0 = w.detach().clone()
+    wd = 5e-3
+    sgd = torch.optim.SGD([w], lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    gmp = Gmp.__new__(Gmp)
+    gmp.recovering, gmp.transfer = True, [1.0, 0.0, 0.0, 1.0]
+    config = SimpleNamespace(weight_decay=wd, momentum=momentum, nesterov=nesterov)
+    gmp.host = SimpleNamespace(config=config, optimizer=sgd)
+    for lr in (0.1, 0.3, 0.05, 0.2, 0.2, 0.01):
+        sgd.param_groups[0]["lr"] = lr
+        w.grad = torch.zeros_like(w)
+        sgd.step()
+        gmp.after_step()
+    t0, t1 = gmp.transfer[0], gmp.transfer[1]
+    assert t1 != 0 or momentum == 0
+    # Momentum starts at 0 at a cut (BIMP's prune_momentum), so w = t0 * w0.
+    assert torch.allclose(w.detach().double(), w0.double() * t0, rtol=1e-6, atol=0)
