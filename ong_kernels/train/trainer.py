@@ -685,10 +685,21 @@ class Trainer:
         sparsity = self.check_sparsity()
         if self.start_epoch:
             self._log(f"resuming {self.run_dir} after epoch {self.start_epoch}")
-        elif cfg.method != "dense":
+        elif M.spec(cfg.method).one_shot:
             self._log(
                 f"pruned {self.pruned_count}/{self.masked_total} weights with {cfg.method} "
                 f"({cfg.scope}) in {self.prune_time_s:.1f}s: sparsity {sparsity:.4f}"
+            )
+        elif cfg.method != "dense":
+            cuts = sorted(getattr(self.sparsifier, "plan", {}))
+            when = (
+                f"cuts after epochs {', '.join(map(str, cuts))}"
+                if cuts
+                else f"dense until the final cut after epoch {cfg.epochs}"
+            )
+            self._log(
+                f"{cfg.method}: {self.masked_total} prunable weights, goal sparsity "
+                f"{cfg.sparsity:g}; {when}"
             )
         total = cfg.total_epochs()
         for epoch in range(self.start_epoch + 1, total + 1):
