@@ -1,5 +1,5 @@
-# make run   installs, builds and runs the main job (dense vs ONG, magnitude, random on
-#            Fashion-MNIST at 90% and 98% sparsity; ~6 minutes on 2 cores)
+# make run   installs, builds and runs the main job (dense, ONG and magnitude at init, GMP and
+#            budgeted IMP during training, on Fashion-MNIST at 90% and 98% sparsity)
 # make test  installs, builds and runs the test suite (what .ci/run calls)
 # make bench runs the benchmark suites and prints the ratio tables
 #

@@ -28,7 +28,7 @@ def test_mean_std_of_one_value_has_no_std():
 def _run(seed, acc):
     config = {"method": "ong", "sparsity": 0.9, "seed": seed}
     return {"config": config, "test_acc": acc, "best_test_acc": acc, "measured_sparsity": 0.9,
-            "train_time_s": 1.0}  # fmt: skip
+            "train_time_s": 1.0, "epochs_completed": 2, "budget_epochs": 2}  # fmt: skip
 
 
 def test_the_plot_draws_no_error_bar_for_one_seed():

@@ -161,11 +161,12 @@ NON_DEFAULT = {
     "model": ["resnet32"], "dataset": ["synthetic"], "data_dir": ["/data"],
     "train_subset": ["100"], "test_subset": ["50"], "synthetic_shape": ["8", "4", "1", "6"],
     "width": ["0.5"], "method": ["snip"], "sparsity": ["0.8"], "scope": ["erk"],
-    "prune_batches": ["3"], "method_kwargs": ['{"rank": 4}'], "epochs": ["12"],
+    "prune_batches": ["3"], "method_kwargs": ['{"min_density": 0.01}'], "epochs": ["12"],
     "batch_size": ["64"], "eval_batch_size": ["100"], "lr": ["0.05"], "momentum": ["0.5"],
     "nesterov": [], "weight_decay": ["0.001"], "schedule": ["multistep"],
     "milestones": ["4", "8"], "gamma": ["0.5"], "warmup_epochs": ["1"], "seed": ["7"],
     "device": ["cpu"], "amp": ["off"], "channels_last": ["on"], "compile": [], "progress": [],
+    "cut_phases": ["2"], "retrain_epochs": ["1"], "retrain_schedule": ["allr"],
 }  # fmt: skip
 
 

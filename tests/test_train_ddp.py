@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import ong_kernels
+import ong_kernels.pruning.methods
 
 REPO = Path(ong_kernels.__file__).resolve().parent.parent
 
@@ -21,18 +22,20 @@ WORKER = textwrap.dedent(
     from ong_kernels.train.config import TrainConfig
     from ong_kernels.train.trainer import Trainer
 
-    out = sys.argv[1]
+    out, method = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
     config = TrainConfig(
         model="resnet20", dataset="synthetic", synthetic_shape=[128, 40, 3, 8], width=0.25,
-        epochs=2, batch_size=32, eval_batch_size=16, lr=0.05, method="ong", sparsity=0.9,
-        progress=False, device="cpu", run_dir=os.path.join(out, "run"),
+        epochs=2 if method == "ong" else 3, batch_size=32, eval_batch_size=16, lr=0.05,
+        method=method, sparsity=0.9, progress=False, device="cpu",
+        run_dir=os.path.join(out, "run"),
     )
     trainer = Trainer(config, log=None)
     results = trainer.fit()
     torch.save(
         {"state": trainer.model.state_dict(), "masks": trainer.masks,
-         "world": results["world_size"], "history": trainer.history},
+         "world": results["world_size"], "history": trainer.history,
+         "pruned": [c["pruned"] for c in results["method_cuts"]], "total": trainer.masked_total},
         os.path.join(out, f"rank{rank}.pt"),
     )
     """
@@ -40,7 +43,10 @@ WORKER = textwrap.dedent(
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
-def test_two_gloo_ranks_end_identical(tmp_path):
+@pytest.mark.parametrize("method", ["ong", "gmp", "bimp"])
+def test_two_gloo_ranks_end_identical(tmp_path, method):
+    # GMP and BIMP cut during training (3 epochs: cuts after epochs 1 and 2): the masks of
+    # every cut are the same on both ranks and hold the scheduled counts.
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {
@@ -51,7 +57,7 @@ def test_two_gloo_ranks_end_identical(tmp_path):
     }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(script), str(tmp_path),
+        str(script), str(tmp_path), method,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -62,6 +68,13 @@ def test_two_gloo_ranks_end_identical(tmp_path):
     assert r0["masks"].keys() == r1["masks"].keys() and r0["masks"]
     for name in r0["masks"]:
         assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+    assert r0["pruned"] == r1["pruned"]
+    if method == "gmp":
+        plan = ong_kernels.pruning.methods.gmp_plan(3, 1, 0.9)
+        assert r0["pruned"] == [round(s * r0["total"]) for _, s in plan]
+    if method == "bimp":
+        plan = ong_kernels.pruning.methods.bimp_plan(3, None, 1, 0.9)
+        assert r0["pruned"] == [round(s * r0["total"]) for _, s in plan]
     assert r0["state"].keys() == r1["state"].keys()
     for name in r0["state"]:
         assert torch.equal(r0["state"][name], r1["state"][name]), f"{name} differs between ranks"

@@ -40,7 +40,7 @@ def fashion_dir(tmp_path_factory):
 def test_main_job_prints_the_comparison(fashion_dir, tmp_path, capsys):
     out = tmp_path / "job"
     args = ["--data-dir", str(fashion_dir), "--train-subset", "0", "--test-subset", "60"]
-    args += ["--epochs", "1", "--sparsities", "0.9", "--workers", "1", "--device", "cpu"]
+    args += ["--epochs", "2", "--sparsities", "0.9", "--workers", "1", "--device", "cpu"]
     args += ["--no-progress", "--out-dir", str(out)]
     assert main_job.main(args) == 0
     printed = capsys.readouterr().out
@@ -50,9 +50,10 @@ def test_main_job_prints_the_comparison(fashion_dir, tmp_path, capsys):
     rows = {
         line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")
     }
-    assert set(rows) == {"method", "dense", "ong", "magnitude", "random"}
+    assert set(rows) == {"method", "dense", "ong", "magnitude", "gmp", "bimp"}
     assert "train images/s" in rows["method"] and "train time / run" in rows["method"]
-    for method in ("ong", "magnitude", "random"):
+    assert "sparsity before final cut" in rows["method"] and "after cut" in rows["method"]
+    for method in ("ong", "magnitude", "gmp", "bimp"):
         assert "| 0.9000 " in rows[method]
     assert "| 0.0000 " in rows["dense"]
     assert "wall time:" in printed

@@ -1,5 +1,6 @@
-"""The reference trainer: prune a CIFAR ResNet at initialisation, train it with
-FusedMaskedSGD, and compare ONG with dense training and the baselines.
+"""The reference trainer: sparsify a CIFAR ResNet (at initialisation, or during training
+through the seam of :mod:`.sparsifiers`: GMP, budgeted IMP, GSM, LC, BIMP's final cut), train
+it with FusedMaskedSGD, and compare ONG with dense training and the other methods.
 
 Command lines: ``ong-train`` (:func:`cli.train_main`), ``ong-sweep``
 (:func:`cli.sweep_main`), ``python -m ong_kernels.train`` and the main job

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ong_kernels.pruning import methods as M
+
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunFolderError, read_json_object
 from .config import (
     METHODS,
@@ -110,6 +112,52 @@ def _add_config_options(parser: argparse.ArgumentParser, *, sweep: bool) -> None
             help=f"{option.help} (default: {_default_text(f.name, option)})",
             **kwargs,
         )
+    _add_setting_options(parser)
+
+
+_SETTING = "setting__"  # dest prefix of the generated method-setting options
+
+
+def _add_setting_options(parser: argparse.ArgumentParser) -> None:
+    """One option per method setting of the registry (ong_kernels.pruning.methods),
+    generated from the settings dataclasses: the same values as --method-kwargs."""
+    group = parser.add_argument_group(
+        "method settings",
+        "generated from ong_kernels.pruning.methods; --method-kwargs "
+        "takes the same names as JSON:\n" + M.describe(),
+    )
+    for name, (setting, default, annotation, owners) in M.setting_options().items():
+        kwargs = _argparse_kwargs(annotation, Option("", ""))
+        shown = "half the epochs" if default is None else default
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=_SETTING + name,
+            default=argparse.SUPPRESS,
+            metavar=setting.metavar,
+            help=f"[{', '.join(owners)}] {setting.help} (default: {shown}; source: "
+            f"{setting.source})".replace("%", "%%"),
+            **{k: v for k, v in kwargs.items() if v},
+        )
+
+
+def _pop_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """The generated method-setting options given, removed from ``given``."""
+    names = [k for k in given if k.startswith(_SETTING)]
+    return {k[len(_SETTING) :]: given.pop(k) for k in names}
+
+
+def _merge_settings(method: str, kwargs: dict[str, Any], settings: dict[str, Any]) -> dict:
+    """``kwargs`` (--method-kwargs) with the setting options given; ValueError naming an
+    option ``method`` does not take."""
+    taken = M.accepted(method) or ()
+    for name in settings:
+        if name not in taken:
+            owners = ", ".join(M.setting_options()[name][3])
+            raise ValueError(
+                f"--{name.replace('_', '-')}: method {method!r} has no such setting "
+                f"({owners} take it)"
+            )
+    return {**kwargs, **settings}
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -264,10 +312,16 @@ RESULT_COLUMNS = [
     ("measured", "measured sparsity"),
     ("remaining", "params left (all, incl. BN and bias)"),
     ("epochs", "epochs"),
+    ("before_cut", "sparsity before final cut"),
+    ("after_cut", "test acc after cut (%)"),
     ("test_acc", "test acc (%)"),
     ("best_test_acc", "best test acc (%)"),
     ("train_time", "train time"),
 ]
+
+
+def _maybe(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def result_row(results: dict[str, Any]) -> dict[str, Any]:
@@ -279,6 +333,8 @@ def result_row(results: dict[str, Any]) -> dict[str, Any]:
         "measured": f"{results['measured_sparsity']:.4f}",
         "remaining": f"{results['remaining_parameters']:,}",
         "epochs": results["epochs_completed"],
+        "before_cut": _maybe(results.get("sparsity_before_cut"), ".4f"),
+        "after_cut": _maybe(results.get("test_acc_after_cut"), ".2f"),
         "test_acc": results["test_acc"],
         "best_test_acc": results["best_test_acc"],
         "train_time": f"{results['train_time_s']:.0f}s",
@@ -312,6 +368,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     run_dir, runs_root, resume = ns.run_dir, ns.runs_root, ns.resume
     given = {k: v for k, v in vars(ns).items() if k not in ("run_dir", "runs_root", "resume")}
+    settings = _pop_settings(given)
     run_folder: list[Path] = []  # filled in once the run folder is known
 
     def hint() -> str:
@@ -334,6 +391,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         else:
             values = _base_config(given)
         _check_used([values["method"]], given)
+        if settings:
+            values["method_kwargs"] = _merge_settings(
+                values["method"], dict(values.get("method_kwargs") or {}), settings
+            )
         name = TrainConfig.from_dict({**values, "run_dir": None}).run_name()
         values["run_dir"] = run_dir or str(Path(runs_root) / name)
         return TrainConfig.from_dict(values)
@@ -360,6 +421,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     out_dir, workers, rerun = ns.out_dir, ns.workers, ns.rerun_changed
     own = (*swept, "out_dir", "workers", "rerun_changed")
     given = {k: v for k, v in vars(ns).items() if k not in own}
+    # Settings given once apply to every swept method that has them.
+    shared = {**given.pop("method_kwargs", {}), **_pop_settings(given)}
     if swept["sparsities"] is None:
         swept["sparsities"] = list(PRESET_SPARSITIES) if "preset" in given else [0.9]
 
@@ -372,13 +435,13 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         if unused:
             print(f"ong-sweep: warning: {unused}", file=sys.stderr)
         base = _usage(lambda: TrainConfig.from_dict({**_base_config(given), "method": "dense"}))
-        _usage(lambda: plan_runs(base, **swept))
+        _usage(lambda: plan_runs(base, **swept, method_kwargs=shared))
         command = ["ong-sweep", *(sys.argv[1:] if argv is None else argv)]
         _usage(lambda: check_workers(workers, base.device))
         try:
             summary = run_sweep(
                 base, out_dir=out_dir, command=command, workers=workers, rerun_changed=rerun,
-                **swept,
+                method_kwargs=shared, **swept,
             )  # fmt: skip
         except ChangedRunsError as err:
             raise _UsageError(str(err)) from err

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ong_kernels._validate import as_int, is_finite_real, is_int
+from ong_kernels.pruning import methods as M
 from ong_kernels.pruning.allocation import SCOPES
-from ong_kernels.pruning.api import METHODS as PRUNE_METHODS
-from ong_kernels.pruning.api import READS_DATA
 from ong_kernels.pruning.ong import CONSENSUS_RESTARTS
 
 from .data import DATASETS
@@ -32,8 +31,10 @@ __all__ = [
     "preset",
 ]
 
-# "dense" trains without pruning; the rest are ong_kernels.prune methods.
-METHODS = ("dense", *PRUNE_METHODS)
+# The registered sparsification methods (ong_kernels.pruning.methods): "dense" trains
+# without pruning, the one-shot methods prune at initialisation with ong_kernels.prune, the
+# others (gmp, bimp, gsm, lc) act during training through the trainer's seam.
+METHODS = M.METHODS
 _TRISTATE = ("auto", "on", "off")
 AMP_MODES = ("auto", "bf16", "off")
 
@@ -58,7 +59,8 @@ def _effective(values: dict[str, Any]) -> dict[str, Any]:
     e.g. ``device=auto`` and ``cpu`` on a machine without CUDA compare equal."""
     import torch
 
-    out = dict(values)
+    # A field added since the run was saved computes what its default computes.
+    out = {**_FIELD_DEFAULTS, **values}
     device = out.get("device")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,6 +127,7 @@ def option_of(f: dataclasses.Field) -> Option | None:
 
 
 _DATA, _PRUNE, _OPTIM, _EXEC = "model and data", "pruning", "optimisation", "execution"
+_CUT = "final cut (BIMP's protocol)"
 
 
 @dataclass
@@ -167,9 +170,11 @@ class TrainConfig:
     method: str = _field(
         "ong",
         _PRUNE,
-        "pruning method at initialisation, or dense; ong-consensus is ONG scored by the mean "
-        f"W H of {CONSENSUS_RESTARTS} random NMF restarts (another count: --method-kwargs "
-        "'{\"restarts\": K}')",
+        "sparsification method: dense; at initialisation ong, ong-consensus (ONG scored by "
+        f"the mean W H of {CONSENSUS_RESTARTS} random NMF restarts; another count: "
+        "--method-kwargs '{\"restarts\": K}'), magnitude, random, snip, grasp, synflow; "
+        "during training gmp (gradual magnitude), bimp (budgeted IMP), gsm (global sparse "
+        "momentum), lc (learning-compression); see the method settings below",
         choices=METHODS,
         swept=True,
     )
@@ -184,13 +189,16 @@ class TrainConfig:
     method_kwargs: dict[str, Any] = _field(
         {},
         _PRUNE,
-        "extra keyword arguments for ong_kernels.pruning.prune, as a JSON object "
-        "(e.g. '{\"rank\": 8}')",
+        "the method's settings as a JSON object: for one-shot methods keyword arguments of "
+        "ong_kernels.pruning.prune (e.g. '{\"rank\": 8}'), for the others the settings "
+        "below (e.g. '{\"pruning_interval\": 2}')",
         metavar="JSON",
         default_text="{}",
     )
 
-    epochs: int = _field(200, _OPTIM, "training epochs")
+    epochs: int = _field(
+        200, _OPTIM, "training epochs (the final cut's retraining epochs come on top)"
+    )
     batch_size: int = _field(128, _OPTIM, "global batch size, split evenly over processes")
     eval_batch_size: int = _field(1000, _OPTIM, "batch size for evaluation")
     lr: float = _field(0.1, _OPTIM, "peak learning rate")
@@ -210,6 +218,28 @@ class TrainConfig:
     )
     gamma: float = _field(0.1, _OPTIM, "multistep factor")
     warmup_epochs: int = _field(0, _OPTIM, "linear lr warm-up epochs")
+
+    cut_phases: int = _field(
+        1,
+        _CUT,
+        "after training, cut to the goal by global magnitude in this many phases, each to "
+        "1-(1-s)^(j/phases) (a no-op for methods already at the goal; what makes gsm and lc "
+        "sparse)",
+        metavar="N",
+    )
+    retrain_epochs: int = _field(
+        0,
+        _CUT,
+        "epochs of retraining after each final-cut phase (BIMP's n_epochs_per_phase)",
+        metavar="N",
+    )
+    retrain_schedule: str = _field(
+        "llr",
+        _CUT,
+        "retraining lr per phase: llr (10%% rise to --lr, linear to 0) or allr (peak scaled "
+        "by the cut's norm drop, BIMP's ALLR)",
+        choices=M.IMP_SCHEDULES,
+    )
 
     seed: int = _field(0, _EXEC, "seed of everything", swept=True)
     device: str = _field("auto", _EXEC, "cpu, cuda, cuda:N or auto (cuda when available)")
@@ -278,6 +308,19 @@ class TrainConfig:
             "expected a dict with str keys",
             TypeError,
         )
+        check(
+            is_int(self.cut_phases) and self.cut_phases >= 1, "cut_phases", "expected an int >= 1"
+        )
+        check(
+            is_int(self.retrain_epochs) and self.retrain_epochs >= 0,
+            "retrain_epochs",
+            "expected an int >= 0",
+        )
+        check(
+            self.cut_phases == 1 or self.retrain_epochs > 0,
+            "cut_phases",
+            "several phases need --retrain-epochs > 0 (back-to-back cuts are one cut)",
+        )
 
         check(is_int(self.epochs) and self.epochs > 0, "epochs", "expected a positive int")
         check(
@@ -312,6 +355,10 @@ class TrainConfig:
             f"expected an int in [0, epochs={self.epochs})",
         )
 
+        settings = M.resolve_settings(self.method, self.method_kwargs)
+        if is_int(self.epochs) and self.epochs > 0:
+            M.check_run(self.method, settings, epochs=self.epochs, sparsity=self.sparsity)
+
         check(is_int(self.seed) and self.seed >= 0, "seed", "expected an int >= 0")
         check(
             isinstance(self.device, str) and _parses_as_device(self.device),
@@ -339,6 +386,12 @@ class TrainConfig:
         if self.milestones is not None:
             return list(self.milestones)
         return sorted({m for m in (self.epochs // 2, self.epochs * 3 // 4) if 0 < m < self.epochs})
+
+    def total_epochs(self) -> int:
+        """Training epochs plus the final cut's retraining: the run's budget."""
+        return self.epochs + (
+            self.cut_phases * self.retrain_epochs if self.method != "dense" else 0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -373,10 +426,16 @@ def unused_options(method: str, given: dict[str, Any]) -> list[str]:
         if given.get("method_kwargs"):
             unused.append("method_kwargs")
         unused += [k for k in ("scope",) if k in given]
-    if method not in READS_DATA and "prune_batches" in given:
+    if "data" not in M.spec(method).needs and "prune_batches" in given:
         unused.append("prune_batches")
     return ["--" + k.replace("_", "-") for k in unused]
 
+
+_FIELD_DEFAULTS = {
+    f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for f in dataclasses.fields(TrainConfig)
+    if f.name != "run_dir"
+}
 
 # The paper's settings: 200 epochs, batch 128, SGD with nesterov momentum 0.9, lr 0.1,
 # cosine decay, weight decay 1e-4 on CIFAR-10 and 5e-4 on CIFAR-100. Each preset also

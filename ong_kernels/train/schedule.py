@@ -13,6 +13,13 @@ lists here, so the scheduler state survives ``torch.load(weights_only=True)``.
 * ``constant``: 1.
 * warm-up: a linear ramp from 1/warmup_steps to 1 over the first ``warmup_steps`` steps,
   before any of the above.
+* cycles (budgeted IMP and the final cut's retraining): from a cycle's first step on, the
+  base schedule gives way to triangular cycles ``[start, end, rise, peak]`` (steps, steps,
+  steps, multiplier): ``peak * i / rise`` for the first ``rise`` steps of the cycle (i from
+  0), then linear from ``peak`` down to 0 at ``end`` (BIMP's CyclicLR with base 0: 10% of
+  a cycle rising, 90% falling). A method sets a cycle's peak when it cuts (ALLR); the
+  cycles are attributes, so they are in the scheduler's state_dict and a resumed run
+  follows them.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class LRSchedule:
         warmup_steps: int = 0,
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
+        cycles: Sequence[Sequence[float]] = (),
     ):
         if kind not in SCHEDULES:
             raise ValueError(f"kind: unknown schedule {kind!r}")
@@ -52,8 +60,21 @@ class LRSchedule:
         self.warmup_steps = int(warmup_steps)
         self.milestones = [int(m) for m in milestones]
         self.gamma = float(gamma)
+        self.cycles: list[list[float]] = [list(c) for c in cycles]
+
+    def add_cycle(self, start: int, end: int, peak: float = 1.0) -> None:
+        """A triangular cycle over steps [start, end): 10% rising (at least one step)."""
+        if self.cycles and start < self.cycles[-1][1]:
+            raise ValueError(f"cycles overlap: one starts at step {start}")
+        if end <= start:
+            raise ValueError(f"a cycle needs at least 1 step, got [{start}, {end})")
+        # (A 1-step cycle is its rise alone: lr 0, as BIMP's CyclicLR with base 0 starts.)
+        rise = max(1, round(0.1 * (end - start)))
+        self.cycles.append([int(start), int(end), int(rise), float(peak)])
 
     def __call__(self, step: int) -> float:
+        if self.cycles and step >= self.cycles[0][0]:
+            return self._cycle(step)
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.kind == "multistep":
@@ -64,6 +85,15 @@ class LRSchedule:
         if self.kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * t))
         return 1.0 - t
+
+    def _cycle(self, step: int) -> float:
+        start, end, rise, peak = next(c for c in reversed(self.cycles) if step >= c[0])
+        i = step - start
+        if step >= end:
+            return 0.0
+        if i < rise:
+            return peak * i / rise
+        return peak * (1.0 - (i - rise) / (end - start - rise))
 
 
 def make_scheduler(

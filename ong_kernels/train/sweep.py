@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ong_kernels.pruning import methods as M
+
 from . import distributed as D
 from . import sweep_lock
 from .checkpoint import (
@@ -63,7 +65,10 @@ class ChangedRunsError(ValueError):
 SUMMARY_COLUMNS = [
     ("method", "method"),
     ("sparsity", "sparsity"),
+    ("budget", "epochs"),
     ("seeds", "seeds"),
+    ("before_cut", "sparsity before final cut"),
+    ("after_cut", "test acc after cut (%)"),
     ("test_acc", "final test acc (%)"),
     ("best_test_acc", "best test acc (%)"),
     ("measured", "measured sparsity"),
@@ -83,9 +88,16 @@ class SweepSummary:
 
 
 def plan_runs(
-    base: TrainConfig, methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int]
+    base: TrainConfig,
+    methods: Sequence[str],
+    sparsities: Sequence[float],
+    seeds: Sequence[int],
+    method_kwargs: dict[str, Any] | None = None,
 ) -> list[TrainConfig]:
-    """The configs of a sweep: dense once per seed, every other method at every sparsity."""
+    """The configs of a sweep: dense once per seed, every other method at every sparsity.
+
+    ``method_kwargs``: settings given once for the sweep; each method gets those it takes
+    (methods.settings_for), and one no swept method takes is a ValueError."""
     if not methods:
         raise ValueError("methods: empty")
     bad = [m for m in methods if m not in METHODS]
@@ -103,29 +115,47 @@ def plan_runs(
         or len(set(seeds)) != len(seeds)
     ):
         raise ValueError("methods, sparsities and seeds must not repeat values")
+    shared = dict(method_kwargs or {})
+    M.check_shared(methods, shared)
     configs = []
     for seed in seeds:
         for method in methods:
             for sparsity in [0.0] if method == "dense" else sparsities:
                 # Validation of each value happens here, before anything is trained.
-                configs.append(base.replace(method=method, sparsity=sparsity, seed=seed))
+                configs.append(
+                    base.replace(
+                        method=method,
+                        sparsity=sparsity,
+                        seed=seed,
+                        method_kwargs=M.settings_for(method, shared),
+                    )
+                )
     return configs
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group run results by (method, sparsity): mean/std over seeds."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    # Runs of different budgets (total epochs) are never averaged into one row.
+    groups: dict[tuple[str, float, int], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["config"]["method"], r["config"]["sparsity"]), []).append(r)
+        cfg = r["config"]
+        budget = r.get("budget_epochs", r["epochs_completed"])
+        groups.setdefault((cfg["method"], cfg["sparsity"], budget), []).append(r)
     rows = []
-    for (method, sparsity), rs in groups.items():
+    for (method, sparsity, budget), rs in groups.items():
         acc_mean, acc_std = mean_std([r["test_acc"] for r in rs])
         best_mean, best_std = mean_std([r["best_test_acc"] for r in rs])
+        before = [r.get("sparsity_before_cut") for r in rs]
+        after = [r.get("test_acc_after_cut") for r in rs]
         rows.append(
             {
                 "method": method,
                 "sparsity": sparsity,
+                "budget_epochs": budget,
                 "seeds": len(rs),
+                "sparsity_before_cut": (sum(before) / len(before) if None not in before else None),
+                "test_acc_after_cut_mean": mean_std(after)[0] if None not in after else None,
+                "test_acc_after_cut_std": mean_std(after)[1] if None not in after else None,
                 "test_acc_mean": acc_mean,
                 "test_acc_std": acc_std,
                 "best_test_acc_mean": best_mean,
@@ -135,15 +165,20 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     order = {m: i for i, m in enumerate(METHODS)}
-    rows.sort(key=lambda r: (r["sparsity"], order.get(r["method"], len(order))))
+    rows.sort(key=lambda r: (r["sparsity"], r["budget_epochs"], order.get(r["method"], len(order))))
     return rows
 
 
 def _display(row: dict[str, Any]) -> dict[str, Any]:
+    after = row.get("test_acc_after_cut_mean")
+    before = row.get("sparsity_before_cut")
     return {
         "method": row["method"],
         "sparsity": f"{row['sparsity']:g}",
+        "budget": row["budget_epochs"],
         "seeds": row["seeds"],
+        "before_cut": "" if before is None else f"{before:.4f}",
+        "after_cut": "" if after is None else format_mean_std(after, row["test_acc_after_cut_std"]),
         "test_acc": format_mean_std(row["test_acc_mean"], row["test_acc_std"]),
         "best_test_acc": format_mean_std(row["best_test_acc_mean"], row["best_test_acc_std"]),
         "measured": f"{row['measured_sparsity']:.4f}",
@@ -226,17 +261,25 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
     return results if results.get("complete") else None
 
 
-def _same_settings(base: TrainConfig, saved: Any) -> dict[str, tuple[Any, Any]]:
+def _same_settings(
+    base: TrainConfig, saved: Any, shared: dict[str, Any]
+) -> dict[str, tuple[Any, Any]]:
     """How a finished run's config differs from ``base`` with its method, sparsity and seed
     (empty: it belongs in the sweep's table)."""
     try:
-        own = base.replace(method=saved["method"], sparsity=saved["sparsity"], seed=saved["seed"])
+        method = saved["method"]
+        own = base.replace(
+            method=method,
+            sparsity=saved["sparsity"],
+            seed=saved["seed"],
+            method_kwargs=M.settings_for(method, shared),
+        )
         return config_differences(saved, own.to_dict())
     except (KeyError, TypeError, ValueError) as err:
         return {"config": (f"unreadable ({err})", "")}
 
 
-def _earlier_runs(out_dir: Path, base: TrainConfig, planned: set[Path]):
+def _earlier_runs(out_dir: Path, base: TrainConfig, planned: set[Path], shared: dict[str, Any]):
     """Finished runs in ``out_dir`` outside this sweep's plan: (those made with the sweep's
     settings, [(folder, differences or why unreadable)] of the others)."""
     same, other = [], []
@@ -250,7 +293,7 @@ def _earlier_runs(out_dir: Path, base: TrainConfig, planned: set[Path]):
             continue
         if results is None:
             continue
-        diff = _same_settings(base, results.get("config"))
+        diff = _same_settings(base, results.get("config"), shared)
         if diff:
             other.append((run_dir, describe_differences(diff)))
         else:
@@ -351,6 +394,7 @@ def run_sweep(
     command: Sequence[str] | None = None,
     log: Callable[[str], None] | None = print,
     rerun_changed: bool = False,
+    method_kwargs: dict[str, Any] | None = None,
 ) -> SweepSummary:
     """Train every planned run (reusing finished ones), then write and return the summary.
 
@@ -371,7 +415,8 @@ def run_sweep(
     the holder otherwise, before anything is planned; a worker whose sweep was killed stops
     after its next checkpoint (:mod:`sweep_lock`).
     """
-    configs = plan_runs(base, methods, sparsities, seeds)
+    shared = dict(method_kwargs or {})
+    configs = plan_runs(base, methods, sparsities, seeds, shared)
     check_workers(workers, base.device)
     out_dir = Path(out_dir)
     # One sweep per out-dir (rank 0 holds it for a torchrun sweep): taken before the runs are
@@ -384,7 +429,7 @@ def run_sweep(
     try:
         return _run_locked(
             base, configs, out_dir, workers, threads_per_worker, dataset, command, log,
-            rerun_changed,
+            rerun_changed, shared,
         )  # fmt: skip
     finally:
         if lock is not None:
@@ -392,7 +437,16 @@ def run_sweep(
 
 
 def _run_locked(
-    base, configs, out_dir, workers, threads_per_worker, dataset, command, log, rerun_changed
+    base,
+    configs,
+    out_dir,
+    workers,
+    threads_per_worker,
+    dataset,
+    command,
+    log,
+    rerun_changed,
+    shared,
 ) -> SweepSummary:
     placed = [locate_run(out_dir, cfg, rerun_changed) for cfg in configs]
     changed = [(cfg, diff) for cfg, diff in placed if diff]
@@ -459,7 +513,7 @@ def _run_locked(
         D.teardown(ctx)
 
     planned = {Path(cfg.run_dir).resolve() for cfg, _ in placed}
-    earlier, other = _earlier_runs(out_dir, base, planned) if out_dir.is_dir() else ([], [])
+    earlier, other = _earlier_runs(out_dir, base, planned, shared) if out_dir.is_dir() else ([], [])
     table_runs = [*runs, *earlier]
     rows = summarize(table_runs)
     table = format_table([_display(r) for r in rows], SUMMARY_COLUMNS)

@@ -2,14 +2,21 @@
 
 :class:`Trainer` runs one configuration end to end:
 
-1. build the model from ``seed``; prune it with ``ong_kernels.pruning.prune`` (unless ``dense``)
-   and check that the masks hold the requested sparsity;
+1. build the model from ``seed`` and the run's sparsification method (the seam,
+   :mod:`ong_kernels.train.sparsifiers`; the registry is ``ong_kernels.pruning.methods``):
+   a one-shot method prunes with ``ong_kernels.pruning.prune`` now and the masks are checked
+   against the requested sparsity; a scheduled method (GMP, BIMP) starts with every
+   prunable weight kept; GSM and LC train dense;
 2. train with ``ong_kernels.FusedMaskedSGD`` and a per-step LR schedule, on data held in
-   device memory with batched augmentation drawn from one seeded ``torch.Generator``;
-3. after every epoch evaluate on the test set, verify that the number of exact zeros in the
-   masked weights equals the number of pruned weights, and atomically write the metrics CSV
-   and a checkpoint (model, optimizer with masks, scheduler, RNG states, history);
-4. at the end write results.json and the loss/accuracy plots.
+   device memory with batched augmentation drawn from one seeded ``torch.Generator``; the
+   method's hooks run before the forward, on the loss, after backward and after the step;
+3. after every epoch apply the method's mask changes, then BIMP's final cut when the epoch
+   ends a phase of it (:class:`~.sparsifiers.FinalCut`), evaluate on the test set, verify
+   that every pruned weight is exactly 0 (and, for exact methods, that the zeros equal the
+   pruned count), and atomically write the metrics CSV and a checkpoint (model, optimizer
+   with masks, scheduler, RNG states, the method's state, history);
+4. at the end write results.json (with BIMP's protocol columns: sparsity before the final
+   cut, accuracy right after it and after retraining) and the loss/accuracy plots.
 
 A run folder that holds a checkpoint is never overwritten: it is continued with
 ``resume=True``, and on CPU the resumed run ends bit-identical to an uninterrupted one
@@ -37,7 +44,9 @@ from torch import nn
 
 from ong_kernels.optim import FusedMaskedSGD
 from ong_kernels.pruning import masks_for, prune
+from ong_kernels.pruning import methods as M
 from ong_kernels.pruning.api import READS_DATA
+from ong_kernels.pruning.targets import prunable_parameters
 
 from . import augment
 from . import distributed as D
@@ -58,7 +67,8 @@ from .checkpoint import (
 from .config import TrainConfig, config_differences, describe_differences
 from .data import ImageDataset, load_dataset
 from .models import build_model
-from .schedule import make_scheduler
+from .schedule import LRSchedule
+from .sparsifiers import FinalCut, build_sparsifier
 
 __all__ = ["Callback", "SparsityError", "StopTraining", "Trainer"]
 
@@ -211,6 +221,15 @@ class Trainer:
                 "train the new settings into another --run-dir"
             )
         done = int(state["epoch"])
+        cfg = self.config
+        method = M.spec(cfg.method)
+        scheduled = not (method.one_shot or cfg.method == "dense")
+        if epochs is not None and (scheduled or cfg.retrain_epochs):
+            what = "its pruning schedule" if scheduled else "its final cut's retraining"
+            raise ValueError(
+                f"epochs: a {cfg.method} run cannot change its length on resume ({what} "
+                f"depends on it): pass --epochs {epochs[0]}"
+            )
         if epochs is not None and self.config.epochs < done:
             raise ValueError(
                 f"epochs: the run in {self.run_dir} has completed {done} epochs; "
@@ -249,7 +268,9 @@ class Trainer:
         self._resolve_flags()
         self._build_data()
         self._build_model()
+        self.sparsifier = build_sparsifier(self)
         self._build_masks()
+        self.final_cut = FinalCut(self)
         self._build_optimizer_and_schedule()
         self._build_rng()
         if self._resume_state is not None:
@@ -291,16 +312,24 @@ class Trainer:
         ).to(self.device)
 
     def _build_masks(self) -> None:
-        """Prune (or take the checkpoint's masks), the same on every rank; zero the pruned
-        weights and check the sparsity the masks promise."""
-        cfg, state = self.config, self._resume_state
+        """The method's masks at set-up (one-shot: prune; scheduled: every prunable weight
+        kept) or the checkpoint's, the same on every rank; for one-shot methods, check the
+        sparsity the masks promise. The optimizer zeroes the pruned weights."""
+        state = self._resume_state
         self.prune_time_s = 0.0
+        initial = self.sparsifier.initial
         if state is not None:
             self.masks = {k: v.to(self.device) for k, v in state["masks"].items()}
             self.pruning_report = state["pruning_report"]
             self.prune_time_s = state["prune_time_s"]
-        elif cfg.method == "dense":
+        elif initial == "none":
             self.masks, self.pruning_report = {}, []
+        elif initial == "all":
+            self.masks = {
+                n: torch.ones_like(p, dtype=torch.bool, memory_format=torch.contiguous_format)
+                for n, p in prunable_parameters(self.model)
+            }
+            self.pruning_report = []
         else:
             start = time.perf_counter()
             self.masks, self.pruning_report = self._prune()
@@ -310,28 +339,45 @@ class Trainer:
         unknown = sorted(set(self.masks) - set(params))
         if unknown:
             raise SparsityError(f"masks name parameters the model lacks: {', '.join(unknown)}")
-        with torch.no_grad():
-            for name, mask in self.masks.items():
-                params[name].masked_fill_(~mask, 0)  # already so, unless masks came from rank 0
+        # The prunable set the method and the final cut rank, in the model's order.
+        self.targets = [(n, p) for n, p in self.model.named_parameters() if n in self.masks]
+        self._count_masks()
+        if initial == "prune" and state is None:
+            self._check_mask_sparsity()
+
+    def _count_masks(self) -> None:
         self.pruned_count = sum(int((~m).sum()) for m in self.masks.values())
         self.masked_total = sum(m.numel() for m in self.masks.values())
-        self._check_mask_sparsity()
+
+    def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Change the masks of the named parameters (the same on every rank, rank 0's):
+        through FusedMaskedSGD.update_masks, which zeroes newly pruned weights and their
+        momentum in either state format."""
+        masks = D.broadcast_masks(self.ctx, {n: m.to(self.device) for n, m in masks.items()})
+        params = dict(self.model.named_parameters())
+        self.optimizer.update_masks({params[n]: m for n, m in masks.items()})
+        self.masks.update(masks)
+        self._count_masks()
 
     def _build_optimizer_and_schedule(self) -> None:
         """FusedMaskedSGD with the masks (after the model's memory format is set) and the
         per-step lr schedule."""
-        cfg = self.config
+        cfg, spe = self.config, self.steps_per_epoch
         self.model.to(memory_format=self.memory_format)
         self.optimizer = self._make_optimizer()
-        self.scheduler = make_scheduler(
-            self.optimizer,
+        self.schedule = LRSchedule(
             cfg.schedule,
-            epochs=cfg.epochs,
-            steps_per_epoch=self.steps_per_epoch,
-            warmup_epochs=cfg.warmup_epochs,
-            milestones=cfg.resolved_milestones() if cfg.schedule == "multistep" else (),
+            cfg.epochs * spe,
+            warmup_steps=cfg.warmup_epochs * spe,
+            milestones=[m * spe for m in cfg.resolved_milestones()]
+            if cfg.schedule == "multistep"
+            else (),
             gamma=cfg.gamma,
         )
+        # Before the scheduler exists: it computes the first step's lr when made.
+        self.sparsifier.plan_schedule(self.schedule)
+        self.final_cut.plan_schedule(self.schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
 
     def _build_rng(self) -> None:
         """The data generator (order and augmentation) and the run's counters."""
@@ -402,14 +448,9 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
 
         cfg = self.config
-        masks = None
-        if self.masks:
-            # Masks take their parameter's strides (channels_last) so a fused kernel that
-            # walks both tensors' storage in step sees matching layouts.
-            masks = {
-                p: torch.empty_like(p, dtype=torch.bool).copy_(m)
-                for p, m in masks_for(self.model, self.masks).items()
-            }
+        # The optimizer keeps its own copy of each mask in its parameter's layout and zeroes
+        # the pruned weights (optim.ParamMask, FusedMaskedSGD.set_masks).
+        masks = masks_for(self.model, self.masks) if self.masks else None
         return FusedMaskedSGD(
             self.model.parameters(),
             lr=cfg.lr,
@@ -437,6 +478,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "masks": {k: v.cpu() for k, v in self.masks.items()},
+            "method_state": self.sparsifier.state_dict(),
+            "final_cut": self.final_cut.state_dict(),
             "pruning_report": self.pruning_report,
             "prune_time_s": self.prune_time_s,
             "rng": self._rng_state(),
@@ -451,6 +494,8 @@ class Trainer:
         planned = [dict(vars(f)) for f in self.scheduler.lr_lambdas]  # for config.epochs
         self.scheduler.load_state_dict(state["scheduler"])  # restores the saved run's plan
         self.epoch_changes = list(state.get("epoch_changes", []))
+        self.sparsifier.load_state_dict(state.get("method_state", {}))
+        self.final_cut.load_state_dict(state.get("final_cut", {}))
         if self._epochs_change is not None:
             self._replan_schedule(planned, int(state["epoch"]))
         rng = state["rng"]
@@ -468,13 +513,10 @@ class Trainer:
         saved, now = self._epochs_change
         for schedule, attributes in zip(self.scheduler.lr_lambdas, planned, strict=True):
             vars(schedule).update(attributes)
-        step = self.scheduler.last_epoch
-        for group, base, schedule in zip(
-            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas,
-            strict=True,
-        ):  # fmt: skip
-            group["lr"] = base * schedule(step)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        # The next step's lr from the new plan, through the scheduler's public step(): back
+        # one step and step again (it sets every group's lr and get_last_lr()).
+        self.scheduler.last_epoch -= 1
+        self.scheduler.step()
         self.epoch_changes.append({"after_epoch": done, "epochs_before": saved, "epochs": now})
         cfg = self.config
         if cfg.schedule == "constant" or (cfg.schedule == "multistep" and cfg.milestones):
@@ -510,11 +552,14 @@ class Trainer:
         show = self.show_bars
         bar = _tqdm(show)(
             range(self.steps_per_epoch),
-            desc=f"epoch {epoch}/{cfg.epochs}",
+            desc=f"epoch {epoch}/{cfg.total_epochs()}",
             unit="batch",
             leave=False,
         )
         shown_at = 0.0
+        # The method's step hooks run during its epochs; the final cut's retraining is plain
+        # masked SGD.
+        hooks = self.sparsifier if epoch <= cfg.epochs else None
         for step in bar:
             # Draw for the global batch on every rank, then take this rank's slice.
             idx = order[step * bsz : (step + 1) * bsz]
@@ -524,12 +569,19 @@ class Trainer:
             idx = idx[mine]
             x = self._normalize(augment.apply(data.train_x[idx], params[mine], data.crop_padding))
             y = data.train_y[idx]
+            if hooks is not None:
+                hooks.before_forward()
             with self._autocast():
                 out = self.train_model(x)
                 loss = F.cross_entropy(out, y)
+                objective = loss if hooks is None else hooks.loss_term(loss)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
+            if hooks is not None:
+                hooks.after_backward()  # gradients final (no GradScaler: bf16 or fp32)
             self.optimizer.step()
+            if hooks is not None:
+                hooks.after_step()
             self.scheduler.step()
             with torch.no_grad():  # accumulated on the device: no sync per step
                 sums[0] += loss.detach().double() * local
@@ -594,7 +646,9 @@ class Trainer:
         return zeros, self.masked_total
 
     def check_sparsity(self) -> float:
-        """Raise SparsityError unless the zeros in the masked weights equal the pruned count.
+        """Raise SparsityError unless the zeros in the masked weights equal the pruned count
+        (for GSM and LC, whose kept weights decay towards 0 by design: unless every pruned
+        weight is 0).
 
         A kept weight becoming exactly 0.0 in float32 would also trip this; with SGD and
         multiplicative weight decay that does not happen in practice, and if it did the run
@@ -603,7 +657,8 @@ class Trainer:
         if not self.masks:
             return 0.0
         zeros, total = self.measured_sparsity()
-        if zeros != self.pruned_count:
+        exact = M.spec(self.config.method).exact
+        if zeros < self.pruned_count or (exact and zeros != self.pruned_count):
             params = dict(self.model.named_parameters())
             leaked = {n: int((params[n][~m] != 0).sum()) for n, m in self.masks.items()}
             leaked = {n: c for n, c in leaked.items() if c}
@@ -635,13 +690,34 @@ class Trainer:
         sparsity = self.check_sparsity()
         if self.start_epoch:
             self._log(f"resuming {self.run_dir} after epoch {self.start_epoch}")
-        elif cfg.method != "dense":
+        elif M.spec(cfg.method).one_shot:
             self._log(
                 f"pruned {self.pruned_count}/{self.masked_total} weights with {cfg.method} "
                 f"({cfg.scope}) in {self.prune_time_s:.1f}s: sparsity {sparsity:.4f}"
             )
-        for epoch in range(self.start_epoch + 1, cfg.epochs + 1):
-            metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.evaluate()}
+        elif cfg.method != "dense":
+            cuts = sorted(getattr(self.sparsifier, "plan", {}))
+            when = (
+                f"cuts after epochs {', '.join(map(str, cuts))}"
+                if cuts
+                else f"dense until the final cut after epoch {cfg.epochs}"
+            )
+            self._log(
+                f"{cfg.method}: {self.masked_total} prunable weights, goal sparsity "
+                f"{cfg.sparsity:g}; {when}"
+            )
+        total = cfg.total_epochs()
+        for epoch in range(self.start_epoch + 1, total + 1):
+            metrics = {"epoch": epoch, **self.train_epoch(epoch)}
+            if epoch <= cfg.epochs:
+                self.sparsifier.epoch_end(epoch)  # mask changes, before the checkpoint
+            if epoch == cfg.epochs:
+                self.sparsifier.train_end()
+            cut = self.final_cut.epoch_end(epoch)
+            metrics.update(self.evaluate())
+            if cut is not None:
+                cut["test_acc_after"] = metrics["test_acc"]
+                cut.setdefault("test_acc_before", metrics["test_acc"])  # a no-op cut
             metrics["sparsity"] = self.check_sparsity()
             metrics["lr"] = self.scheduler.get_last_lr()[0]
             self.elapsed_s += metrics["epoch_time_s"]
@@ -650,7 +726,7 @@ class Trainer:
                 write_csv(self.run_dir / "metrics.csv", self.history)
                 save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.state_dict(epoch))
             self._log(
-                f"epoch {epoch}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} "
+                f"epoch {epoch}/{total}: train loss {metrics['train_loss']:.4f} "
                 f"acc {metrics['train_acc']:.2f}% | test loss {metrics['test_loss']:.4f} "
                 f"acc {metrics['test_acc']:.2f}% | sparsity {metrics['sparsity']:.4f} | "
                 f"{metrics['epoch_time_s']:.1f}s ({metrics['images_per_s']:.0f} img/s)"
@@ -700,10 +776,26 @@ class Trainer:
         zeros, total = self.measured_sparsity() if self.masks else (0, 0)
         n_params = sum(p.numel() for p in self.model.parameters())
         last = self.history[-1] if self.history else {}
+        cuts = self.final_cut.records
+        first, final_cut = (cuts[0], cuts[-1]) if cuts else ({}, {})
+        before, after = first.get("test_acc_before"), first.get("test_acc_after")
         return {
             "complete": complete,
             "config": cfg.to_dict(),
+            "method_settings": _plain(M.resolve_settings(cfg.method, cfg.method_kwargs)),
+            "budget_epochs": cfg.total_epochs(),
             "epochs_completed": len(self.history),
+            # BIMP's protocol: sparsity reached before the final cut, test accuracy right
+            # after it ("pruned"; pruning instability = relative drop) and after retraining.
+            "sparsity_before_cut": first.get("sparsity_before"),
+            "test_acc_before_cut": before,
+            "test_acc_after_cut": after,
+            "pruning_instability": (before - after) / before
+            if before and after is not None
+            else None,
+            "final_cut": cuts,
+            "final_cut_complete": bool(final_cut) and final_cut["phase"] == cfg.cut_phases,
+            "method_cuts": list(getattr(self.sparsifier, "cuts", [])),
             "final": last,
             "test_acc": last.get("test_acc"),
             "best_test_acc": max((h["test_acc"] for h in self.history), default=None),

@@ -1,0 +1,390 @@
+"""The registry of sparsification methods the trainer runs: one entry per method.
+
+Each :class:`MethodSpec` declares the method's name, a frozen settings dataclass (every field
+with a documented default and the source of that default), what the method needs (``data``:
+training batches; ``schedule``: masks change on a schedule over training; ``final cut``: the
+run ends sparse only through BIMP's final magnitude cut) and whether its sparsity is exact
+during training. ``ong-train`` / ``ong-sweep`` generate one option per setting from these
+dataclasses (``--pruning-interval``, ``--train-budget``, ...); ``--method-kwargs`` sets the
+same values as JSON. The implementations live in ``ong_kernels.train.sparsifiers``.
+
+Sources (see also the project's research notes on BIMP):
+
+* BIMP: ZIB-IOL/BIMP, Zimmer, Spiegel & Pokutta, "How I Learned to Stop Worrying and Love
+  Retraining", ICLR 2023. HEAD = commit 7bad593 (strategies/scratchStrategies.py,
+  strategies/pretrainedStrategies.py); INIT = commit 8f2b836 (strategies/strategies.py,
+  runners/baseRunner.py: budgeted IMP). BIMP has no defaults in its code (every value comes
+  from W&B sweeps); where we give one, its source is said.
+* GMP: Zhu & Gupta, "To prune, or not to prune", 2017 (cubic schedule, eq. 1).
+* GSM: Ding et al., "Global Sparse Momentum SGD", NeurIPS 2019.
+* LC: Carreira-Perpinan & Idelbayev, "Learning-Compression algorithms for neural net
+  pruning", CVPR 2018, in BIMP's version (selective weight decay).
+
+The one-shot methods (ONG, consensus ONG, magnitude, random, SNIP, GraSP, SynFlow) prune at
+initialisation through :func:`ong_kernels.pruning.prune`; their settings are that function's
+keyword arguments (checked against the scorer's signature, as ``prune`` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ong_kernels._validate import is_int
+from ong_kernels.pruning.api import _SCORERS, READS_DATA
+
+__all__ = [
+    "IMP_SCHEDULES",
+    "METHODS",
+    "BimpSettings",
+    "GmpSettings",
+    "GsmSettings",
+    "LcSettings",
+    "MethodSpec",
+    "Setting",
+    "bimp_plan",
+    "gmp_plan",
+    "imp_phase_sparsities",
+    "resolve_settings",
+    "setting_options",
+    "spec",
+]
+
+# Retraining schedules of the final cut (BIMP's retrain_schedule): LLR = linear from the
+# peak to 0 after a 10% rise; ALLR = the same with the peak scaled by the cut's norm drop.
+IMP_SCHEDULES = ("llr", "allr")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one settings field is documented and checked (field metadata)."""
+
+    help: str
+    source: str
+    check: Callable[[Any], bool]
+    expected: str  # what `check` accepts, in words, for the error message
+    metavar: str | None = None
+
+
+def _setting(default: Any, help: str, source: str, check, expected: str, metavar=None) -> Any:
+    return field(
+        default=default, metadata={"setting": Setting(help, source, check, expected, metavar)}
+    )
+
+
+def _pos_int(v) -> bool:
+    return is_int(v) and v >= 1
+
+
+def _opt_pos_int(v) -> bool:
+    return v is None or _pos_int(v)
+
+
+def _bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class GmpSettings:
+    """Gradual magnitude pruning (Zhu & Gupta 2017) as BIMP HEAD's ``GMP`` runs it."""
+
+    pruning_interval: int = _setting(
+        1,
+        "GMP/BIMP: epochs between two cuts",
+        "BIMP main.py --debug block (pruning_interval=1); the paper's values come from W&B "
+        "sweeps not in the code",
+        _pos_int,
+        "an int >= 1",
+        "EPOCHS",
+    )
+    allow_recovering: bool = _setting(
+        False,
+        "GMP: recompute each cut from the dense weights (pruned weights keep decaying and may "
+        "come back) instead of only growing the masks",
+        "BIMP HEAD GMP (allow_recovering; False = masks only grow, Zhu & Gupta's original)",
+        _bool,
+        "a bool",
+    )
+
+
+@dataclass(frozen=True)
+class BimpSettings:
+    """Budgeted IMP (BIMP INIT strategies.py l.1052-1155, runners/baseRunner.py l.324-430)."""
+
+    train_budget: int | None = _setting(
+        None,
+        "BIMP: dense epochs before the first cut, the lr falling linearly to 0 over them "
+        "(default: half the epochs)",
+        "BIMP INIT n_train_budget (no default in the code); half the run is our choice",
+        _opt_pos_int,
+        "an int >= 1 or None",
+        "EPOCHS",
+    )
+    pruning_interval: int = dataclasses.field(
+        default=1, metadata=GmpSettings.__dataclass_fields__["pruning_interval"].metadata
+    )
+    allr: bool = _setting(
+        False,
+        "BIMP: ALLR, the last cycle's peak lr scaled by clip(d / sqrt(p), min, 1) (d: relative "
+        "L2 norm of the weights the cut removed, p: fraction cut, min: remaining epochs / "
+        "train budget)",
+        "BIMP INIT BIMP_ALLR (set_stability_scaling_LCN, applied to the last prune only)",
+        _bool,
+        "a bool",
+    )
+
+
+@dataclass(frozen=True)
+class GsmSettings:
+    """Global sparse momentum (BIMP HEAD ``GSM``): no settings of its own; the goal is
+    ``sparsity`` and the momentum is the run's ``--momentum`` (BIMP's required params)."""
+
+
+@dataclass(frozen=True)
+class LcSettings:
+    """Learning-compression in BIMP HEAD's version: no settings of its own; the penalty is the
+    run's ``--weight-decay`` (BIMP HEAD has no penalty schedule)."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered method."""
+
+    name: str
+    summary: str
+    settings: type | None  # a frozen dataclass; None: prune()'s keyword arguments
+    needs: tuple[str, ...] = ()
+    exact: bool = True  # exact sparsity during training (else only after the final cut)
+    one_shot: bool = False  # prunes once at initialisation
+
+    def setting_names(self) -> tuple[str, ...]:
+        if self.settings is None:
+            return ()
+        return tuple(f.name for f in dataclasses.fields(self.settings))
+
+
+_ONE_SHOT = {
+    "ong": "ONG: NMF reconstruction of |W| scores each weight, pruned once at initialisation",
+    "ong-consensus": "ONG scored by the mean W H of random NMF restarts",
+    "magnitude": "global magnitude at initialisation",
+    "random": "uniformly random at initialisation",
+    "snip": "SNIP |g * w| at initialisation",
+    "grasp": "GraSP at initialisation",
+    "synflow": "SynFlow at initialisation",
+}
+
+_SPECS: dict[str, MethodSpec] = {
+    "dense": MethodSpec("dense", "no pruning", None),
+    **{
+        name: MethodSpec(
+            name,
+            summary,
+            None,
+            needs=("data",) if name in READS_DATA else (),
+            one_shot=True,
+        )
+        for name, summary in _ONE_SHOT.items()
+    },
+    "gmp": MethodSpec(
+        "gmp",
+        "gradual global magnitude pruning on the cubic schedule (BIMP HEAD GMP)",
+        GmpSettings,
+        needs=("schedule",),
+    ),
+    "bimp": MethodSpec(
+        "bimp",
+        "budgeted IMP: dense training, then cuts each followed by a triangular lr cycle",
+        BimpSettings,
+        needs=("schedule",),
+    ),
+    "gsm": MethodSpec(
+        "gsm",
+        "global sparse momentum: only the top-K |w * grad| weights get gradients",
+        GsmSettings,
+        needs=("final cut",),
+        exact=False,
+    ),
+    "lc": MethodSpec(
+        "lc",
+        "learning-compression: weight decay only on the weights outside the top-K |w|",
+        LcSettings,
+        needs=("final cut",),
+        exact=False,
+    ),
+}
+assert set(_SCORERS) == set(_ONE_SHOT), "every prune() method is registered"
+
+METHODS: tuple[str, ...] = tuple(_SPECS)
+# prune()'s own keyword arguments a one-shot method's kwargs may also hold.
+_PRUNE_KEYWORDS = ("include", "exclude", "min_density")
+_CONTEXT = ("seed", "data", "loss_fn", "sparsity", "allocate")
+
+
+def spec(name: str) -> MethodSpec:
+    if name not in _SPECS:
+        raise ValueError(f"method: unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    return _SPECS[name]
+
+
+def _one_shot_keywords(name: str) -> list[str]:
+    params = inspect.signature(_SCORERS[name]).parameters
+    own = [
+        n
+        for n, p in params.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _CONTEXT
+    ]
+    return [*own, *_PRUNE_KEYWORDS]
+
+
+def resolve_settings(name: str, kwargs: dict[str, Any]) -> Any:
+    """The method's settings from ``kwargs`` (``--method-kwargs`` and the generated options):
+    a settings dataclass instance, or for one-shot methods the kwargs themselves (their names
+    checked against what prune() and the scorer take). ValueError naming the first unknown
+    or out-of-range setting."""
+    s = spec(name)
+    if s.settings is None:
+        allowed = _one_shot_keywords(name) if s.one_shot else []
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"method_kwargs: method {name!r} has no setting {unknown[0]!r}; it takes: "
+                f"{', '.join(allowed) or 'none'}"
+            )
+        return dict(kwargs)
+    fields = {f.name: f for f in dataclasses.fields(s.settings)}
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"method_kwargs: method {name!r} has no setting {unknown[0]!r}; it takes: "
+            f"{', '.join(fields) or 'none'}"
+        )
+    for key, value in kwargs.items():
+        meta: Setting = fields[key].metadata["setting"]
+        if not meta.check(value):
+            raise ValueError(f"{key}: expected {meta.expected}, got {value!r}")
+    return s.settings(**kwargs)
+
+
+def setting_options() -> dict[str, tuple[Setting, Any, type, list[str]]]:
+    """Every setting name over the registered methods: (its Setting, default, annotation
+    type, the methods that have it), in registry order, for the command-line options."""
+    out: dict[str, tuple[Setting, Any, type, list[str]]] = {}
+    for s in _SPECS.values():
+        if s.settings is None:
+            continue
+        hints = typing.get_type_hints(s.settings)
+        for f in dataclasses.fields(s.settings):
+            if f.name in out:
+                out[f.name][3].append(s.name)
+            else:
+                out[f.name] = (f.metadata["setting"], f.default, hints[f.name], [s.name])
+    return out
+
+
+def accepted(name: str) -> tuple[str, ...] | None:
+    """The setting names ``name`` takes (None: one-shot, prune()'s keyword arguments)."""
+    s = spec(name)
+    if s.one_shot:
+        return tuple(_one_shot_keywords(name))
+    return s.setting_names()
+
+
+def settings_for(name: str, shared: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``shared`` (settings given once for several methods, as in a sweep)
+    that method ``name`` takes."""
+    keys = accepted(name) or ()
+    return {k: v for k, v in shared.items() if k in keys}
+
+
+def check_shared(names: Sequence[str], shared: dict[str, Any]) -> None:
+    """ValueError naming a shared setting none of ``names`` takes."""
+    taken = {k for n in names for k in (accepted(n) or ())}
+    unknown = sorted(set(shared) - taken)
+    if unknown:
+        raise ValueError(
+            f"method_kwargs: no method of {', '.join(names)} has the setting {unknown[0]!r}"
+        )
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def goal_count(sparsity: float, n: int) -> int:
+    """Pruned weights at ``sparsity`` of ``n``: round(s N), as everywhere in ong_kernels."""
+    return round(sparsity * n)
+
+
+def gmp_plan(epochs: int, interval: int, sparsity: float) -> list[tuple[int, float]]:
+    """GMP's cuts: [(epoch after which to cut, sparsity)] (BIMP HEAD GMP.pruning_scheduler).
+
+    ``n = epochs // interval - 1`` cuts at epochs ``t * interval``, t = 1..n, to
+    ``s_f (1 - (1 - t/n)^3)``: the first at ``interval``, the goal at ``n * interval``
+    (= ``epochs - interval`` when ``interval`` divides ``epochs``).
+    """
+    n = epochs // interval - 1
+    if n < 1:
+        raise ValueError(
+            f"pruning_interval: GMP needs 2 * pruning_interval <= epochs, got interval "
+            f"{interval} with {epochs} epochs"
+        )
+    return [(t * interval, sparsity * (1.0 - (1.0 - t / n) ** 3)) for t in range(1, n + 1)]
+
+
+def bimp_budget(epochs: int, train_budget: int | None) -> int:
+    return train_budget if train_budget is not None else max(1, epochs // 2)
+
+
+def bimp_plan(
+    epochs: int, train_budget: int | None, interval: int, sparsity: float
+) -> list[tuple[int, float]]:
+    """BIMP's cuts: [(epoch after which to cut, cumulative sparsity)] (BIMP INIT BIMP).
+
+    ``n = (epochs - budget) // interval`` cuts at epochs ``budget + t * interval``, t =
+    0..n-1, to ``1 - (1 - s)^((t + 1) / n)``: the same fraction of the remaining weights
+    each time, the first right at the end of the budget.
+    """
+    budget = bimp_budget(epochs, train_budget)
+    if budget >= epochs:
+        raise ValueError(
+            f"train_budget: BIMP needs train_budget < epochs, got {budget} with {epochs} epochs"
+        )
+    n = (epochs - budget) // interval
+    if n < 1:
+        raise ValueError(
+            f"pruning_interval: BIMP needs pruning_interval <= epochs - train_budget, got "
+            f"{interval} with {epochs} epochs and budget {budget}"
+        )
+    return [(budget + t * interval, 1.0 - (1.0 - sparsity) ** ((t + 1) / n)) for t in range(n)]
+
+
+def imp_phase_sparsities(sparsity: float, phases: int) -> list[float]:
+    """IMP's cumulative sparsity after each of ``phases`` cuts: each removes the fraction
+    1 - (1 - s)^(1/phases) of the remaining weights (BIMP HEAD pretrainedStrategies.IMP)."""
+    return [1.0 - (1.0 - sparsity) ** (j / phases) for j in range(1, phases + 1)]
+
+
+def check_run(name: str, settings: Any, *, epochs: int, sparsity: float) -> None:
+    """The checks that need the run's length: ValueError naming the setting."""
+    if name == "gmp":
+        gmp_plan(epochs, settings.pruning_interval, sparsity)
+    elif name == "bimp":
+        bimp_plan(epochs, settings.train_budget, settings.pruning_interval, sparsity)
+
+
+def describe(names: Sequence[str] | None = None) -> str:
+    """One line per method: name, what it needs, exactness (for --help)."""
+    lines = []
+    for s in _SPECS.values():
+        if names is not None and s.name not in names:
+            continue
+        extra = []
+        if s.needs:
+            extra.append("needs " + ", ".join(s.needs))
+        if not s.exact:
+            extra.append("sparse only after the final cut")
+        lines.append(f"{s.name}: {s.summary}" + (f" ({'; '.join(extra)})" if extra else ""))
+    return "\n".join(lines)
