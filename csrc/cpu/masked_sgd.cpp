@@ -84,13 +84,10 @@ void update_sse2(float* __restrict p, const float* __restrict grad, float* __res
 
 void span_f32_sse2(float* p, const float* grad, float* buf, const std::uint8_t* bits,
                    std::int64_t begin, std::int64_t end, const SgdHyper& h) {
-  if (h.momentum == 0.0) return update_sse2<false, false, false>(p, grad, buf, bits, begin, end, h);
-  if (h.nesterov) {
-    if (h.first_step) return update_sse2<true, true, true>(p, grad, buf, bits, begin, end, h);
-    return update_sse2<true, true, false>(p, grad, buf, bits, begin, end, h);
-  }
-  if (h.first_step) return update_sse2<true, false, true>(p, grad, buf, bits, begin, end, h);
-  return update_sse2<true, false, false>(p, grad, buf, bits, begin, end, h);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    update_sse2<decltype(m)::value, decltype(n)::value, decltype(f)::value>(p, grad, buf, bits,
+                                                                            begin, end, h);
+  });
 }
 #endif
 
@@ -205,8 +202,8 @@ CompactFn<T> pick_compact() {
 }
 
 template <typename T>
-void compact_all(const SgdCompactTensor* tensors, std::int64_t n_tensors, const SgdHyper& h,
-                 int num_threads) {
+void step_all(const SgdCompactTensor* tensors, std::int64_t n_tensors, const SgdHyper& h,
+              int num_threads) {
   struct Chunk {
     std::int64_t tensor;
     std::int64_t index;
@@ -230,6 +227,23 @@ void compact_all(const SgdCompactTensor* tensors, std::int64_t n_tensors, const 
     update(reinterpret_cast<T*>(t.param), reinterpret_cast<const T*>(t.grad),
            reinterpret_cast<T*>(t.buf), reinterpret_cast<const std::uint8_t*>(t.mask), ch.begin,
            ch.end, offsets[ch.index], t.buf_numel, h);
+  }
+}
+
+// Every tensor of one dtype of a dense (SgdTensor) or compact (SgdCompactTensor) table.
+template <typename Row>
+void step_table(const Row* table, std::int64_t n_tensors, DType dtype, const SgdHyper& h,
+                int num_threads, const char* what) {
+  if (num_threads < 1) num_threads = 1;
+  // GradScaler found an inf/NaN: the step changes nothing (read once, on the host).
+  if (h.found_inf != 0 && *reinterpret_cast<const float*>(h.found_inf) != 0.0f) return;
+  switch (dtype) {
+    case DType::kFloat32:
+      return step_all<float>(table, n_tensors, h, num_threads);
+    case DType::kFloat64:
+      return step_all<double>(table, n_tensors, h, num_threads);
+    default:
+      unsupported_dtype(what, dtype);
   }
 }
 
@@ -258,35 +272,13 @@ void set_masked_sgd_compact_path_cpu(const char* name) {
 
 void masked_sgd_step_compact_cpu(const SgdCompactTensor* table, std::int64_t n_tensors,
                                  DType dtype, const SgdHyper& h, int num_threads) {
-  if (num_threads < 1) num_threads = 1;
-  if (h.found_inf != 0 && *reinterpret_cast<const float*>(h.found_inf) != 0.0f) return;
-  switch (dtype) {
-    case DType::kFloat32:
-      compact_all<float>(table, n_tensors, h, num_threads);
-      break;
-    case DType::kFloat64:
-      compact_all<double>(table, n_tensors, h, num_threads);
-      break;
-    default:
-      unsupported_dtype("masked_sgd_step_compact_cpu (float32, float64)", dtype);
-  }
+  step_table(table, n_tensors, dtype, h, num_threads,
+             "masked_sgd_step_compact_cpu (float32, float64)");
 }
 
 void masked_sgd_step_cpu(const SgdTensor* table, std::int64_t n_tensors, DType dtype,
                          const SgdHyper& h, int num_threads) {
-  if (num_threads < 1) num_threads = 1;
-  // GradScaler found an inf/NaN: the step changes nothing (read once, on the host).
-  if (h.found_inf != 0 && *reinterpret_cast<const float*>(h.found_inf) != 0.0f) return;
-  switch (dtype) {
-    case DType::kFloat32:
-      step_all<float>(table, n_tensors, h, num_threads);
-      break;
-    case DType::kFloat64:
-      step_all<double>(table, n_tensors, h, num_threads);
-      break;
-    default:
-      unsupported_dtype("masked_sgd_step_cpu (float32, float64)", dtype);
-  }
+  step_table(table, n_tensors, dtype, h, num_threads, "masked_sgd_step_cpu (float32, float64)");
 }
 
 }  // namespace ong

@@ -210,27 +210,20 @@ void compact_avx2(float* __restrict p, const float* __restrict grad, float* __re
 
 void masked_sgd_span_f32_avx2(float* p, const float* grad, float* buf, const std::uint8_t* bits,
                               std::int64_t begin, std::int64_t end, const SgdHyper& h) {
-  if (h.momentum == 0.0) return update_avx2<false, false, false>(p, grad, buf, bits, begin, end, h);
-  if (h.nesterov) {
-    if (h.first_step) return update_avx2<true, true, true>(p, grad, buf, bits, begin, end, h);
-    return update_avx2<true, true, false>(p, grad, buf, bits, begin, end, h);
-  }
-  if (h.first_step) return update_avx2<true, false, true>(p, grad, buf, bits, begin, end, h);
-  return update_avx2<true, false, false>(p, grad, buf, bits, begin, end, h);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    update_avx2<decltype(m)::value, decltype(n)::value, decltype(f)::value>(p, grad, buf, bits,
+                                                                            begin, end, h);
+  });
 }
 
 void masked_sgd_compact_f32_avx2(float* p, const float* grad, float* cbuf,
                                  const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
                                  std::int64_t buf_begin, std::int64_t buf_numel,
                                  const SgdHyper& h) {
-  const auto args = [&](auto fn) { fn(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h); };
-  if (h.momentum == 0.0) return args(compact_avx2<false, false, false>);
-  if (h.nesterov) {
-    if (h.first_step) return args(compact_avx2<true, true, true>);
-    return args(compact_avx2<true, true, false>);
-  }
-  if (h.first_step) return args(compact_avx2<true, false, true>);
-  return args(compact_avx2<true, false, false>);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    compact_avx2<decltype(m)::value, decltype(n)::value, decltype(f)::value>(
+        p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  });
 }
 
 }  // namespace ong

@@ -145,32 +145,24 @@ void update_compact(T* __restrict p, const T* __restrict grad, T* __restrict cbu
   }
 }
 
+// update_compact and update_scalar with the flags of `h` as template arguments.
 template <typename T>
 void update_compact_dispatch(T* p, const T* grad, T* cbuf, const std::uint8_t* bits,
                              std::int64_t begin, std::int64_t end, std::int64_t buf_begin,
                              std::int64_t buf_numel, const SgdHyper& h) {
-  if (h.momentum == 0.0) {
-    return update_compact<T, false, false, false>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
-  }
-  if (h.nesterov) {
-    if (h.first_step) return update_compact<T, true, true, true>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
-    return update_compact<T, true, true, false>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
-  }
-  if (h.first_step) return update_compact<T, true, false, true>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
-  return update_compact<T, true, false, false>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    update_compact<T, decltype(m)::value, decltype(n)::value, decltype(f)::value>(
+        p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  });
 }
 
-// update_scalar with the flags of `h` as template arguments.
 template <typename T>
 void update_scalar_dispatch(T* p, const T* grad, T* buf, const std::uint8_t* bits,
                             std::int64_t begin, std::int64_t end, const SgdHyper& h) {
-  if (h.momentum == 0.0) return update_scalar<T, false, false, false>(p, grad, buf, bits, begin, end, h);
-  if (h.nesterov) {
-    if (h.first_step) return update_scalar<T, true, true, true>(p, grad, buf, bits, begin, end, h);
-    return update_scalar<T, true, true, false>(p, grad, buf, bits, begin, end, h);
-  }
-  if (h.first_step) return update_scalar<T, true, false, true>(p, grad, buf, bits, begin, end, h);
-  return update_scalar<T, true, false, false>(p, grad, buf, bits, begin, end, h);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    update_scalar<T, decltype(m)::value, decltype(n)::value, decltype(f)::value>(
+        p, grad, buf, bits, begin, end, h);
+  });
 }
 
 }  // namespace
