@@ -14,19 +14,12 @@
 namespace ong {
 namespace {
 
-// The hyper-parameters broadcast to 16 lanes, shared by the dense and the compact span.
-struct Lanes {
-  __m512 lr, wd, mom, damp, sign;
-  bool use_wd;
-  explicit Lanes(const SgdHyper& h)
-      : lr(_mm512_set1_ps(static_cast<float>(h.lr))),
-        wd(_mm512_set1_ps(static_cast<float>(h.weight_decay))),
-        mom(_mm512_set1_ps(static_cast<float>(h.momentum))),
-        damp(_mm512_set1_ps(static_cast<float>(1.0 - h.dampening))),
-        sign(_mm512_set1_ps(
-            static_cast<float>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)))),
-        use_wd(h.weight_decay != 0.0) {}
+struct Set16 {
+  __m512 operator()(float x) const { return _mm512_set1_ps(x); }
 };
+
+// The hyper-parameters broadcast to 16 lanes, shared by the dense and the compact span.
+using Lanes = Hyper<float, __m512, Set16>;
 
 template <bool kMomentum, bool kNesterov, bool kFirst>
 void update_avx512(float* __restrict p, const float* __restrict grad, float* __restrict buf,
@@ -80,8 +73,7 @@ void compact_avx512(float* __restrict p, const float* __restrict grad, float* __
   // timed in cache at 50% kept, the set-bit loop then beat this span.
   for (; i + 64 <= end; i += 64) {
     prefetch_ahead(p + i, grad + i);  // masked_sgd_scalar.h: why, and the distance
-    std::uint64_t word = 0;
-    std::memcpy(&word, bits + (i >> 3), sizeof(word));
+    const std::uint64_t word = mask_word(bits, i);
     if (word == 0) continue;
     __mmask16 keep[4];
     std::int64_t at[4];
