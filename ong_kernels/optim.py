@@ -128,7 +128,9 @@ class FusedMaskedSGD(Optimizer):
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
-        lr, momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``
+            (lr 1e-3 by default, as there; a tensor lr is read at every step, so schedulers
+            that change it in place are followed).
         masks: ``{parameter: bool tensor of its shape}`` (True = kept). Parameters without a
             mask are dense. ``ong_kernels.masks_for(model, masks_by_name)`` builds it.
         backend: "auto" (the best kernel for the parameters' device), or "reference", "cpu",
@@ -167,7 +169,7 @@ class FusedMaskedSGD(Optimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float | torch.Tensor = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,

@@ -168,3 +168,13 @@ def test_checkpoint_saved_after_a_reset_resumes_the_same(compact_state):
         resumed.step()
         for p, c in zip(params, clones, strict=True):
             assert torch.equal(p.detach(), c.detach()), f"step {step}"
+
+
+def test_lr_defaults_to_torch_sgds():
+    """Code written for torch.optim.SGD's signature (lr=1e-3 by default) runs unchanged."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ong_kernels.FusedMaskedSGD([p], momentum=0.9)
+    assert opt.param_groups[0]["lr"] == torch.optim.SGD([p]).param_groups[0]["lr"] == 1e-3
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((3,), 1 - 1e-3))

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._version import add_version_option
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunFolderError, read_json_object
 from .config import (
     METHODS,
@@ -82,6 +83,7 @@ def _add_config_options(parser: argparse.ArgumentParser, *, sweep: bool) -> None
     """Every TrainConfig field that has an :class:`~.config.Option` as a command-line option
     (generated from the fields, so the two cannot drift apart). Defaults are 'not given'
     (SUPPRESS): what was given is told apart from TrainConfig's defaults and a preset's."""
+    add_version_option(parser)
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
