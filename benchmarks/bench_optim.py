@@ -450,7 +450,8 @@ def isa_table(pairs: int = 7, total: int = 20_000_000) -> list[dict]:
     """Issue 17's ISA x density x layout table on this CPU: for each ISA the CPU kernel can
     run (``_C.set_isa``), kept fraction and layout (tensor count x size, `total` weights),
     the dense-state and the compact-state step timed alternately (`pairs` pairs, 2 threads),
-    with the minimum of each and the median of the per-pair ratios. Public API plus set_isa
+    with the minimum of each and the median (and 10th / 90th percentile) of the per-pair
+    ratios. Public API plus set_isa
     only, so the same function times an older checkout (``python -m benchmarks.bench_optim
     isa``). Floors: bytes a step must move (``floor_bytes``) over the measured bandwidth."""
     from ong_kernels.backends import _native
@@ -502,6 +503,10 @@ def isa_table(pairs: int = 7, total: int = 20_000_000) -> list[dict]:
                         dense_ms=1e3 * min(t_d),
                         compact_ms=1e3 * min(t_c),
                         compact_over_dense=float(np.median(ratios)),
+                        # the spread of the per-pair ratios: a median alone hid run-to-run
+                        # swings (issue 28 saw 0.70 and 1.12 in two runs of one cell on AMD)
+                        ratio_p10=float(np.percentile(ratios, 10)),
+                        ratio_p90=float(np.percentile(ratios, 90)),
                     )
                 )
                 print(rows[-1], flush=True)
