@@ -108,12 +108,3 @@ TINY_TRAIN = [
     "--dataset", "synthetic", "--synthetic-shape", "64", "32", "1", "8", "--width", "0.25",
     "--batch-size", "32", "--eval-batch-size", "32", "--device", "cpu", "--no-progress",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread for a module of tiny models: more threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
