@@ -257,14 +257,12 @@ def test_masked_sgd_step_paired(measure, benchmark, config, device):
 @pytest.mark.parametrize("mode", ["cached", "rebuilt", "op"])
 def test_step_host_time(measure, mode, monkeypatch):
     """Host time of one ResNet-18 step (62 tensors) with the native kernel replaced by a no-op:
-    what the Python side costs, with the op's Python implementation serving CPU tensors (the
-    C++ dispatcher kernel of _C_host, which calls the real kernel, is switched off here;
-    ``host_time_pairs`` times it). ``cached``: opt.step() with the optimizer's lists and the
+    what the host side costs. ``cached``: opt.step() with the optimizer's lists and the
     kernel's plan cached (every step goes through torch.ops.ong_kernels.masked_sgd_step_);
     ``rebuilt``: both dropped before every step (validation, partition, tables: a step after
     every layout change); ``op``: the op called with the lists directly (the op's share)."""
     from ong_kernels import _ops
-    from ong_kernels.backends import _host, _native, cpu
+    from ong_kernels.backends import _native, cpu
 
     if not _native.has_cpu():
         pytest.skip("needs the compiled CPU kernels")
@@ -298,15 +296,14 @@ def test_step_host_time(measure, mode, monkeypatch):
         def fn():
             _ops.masked_sgd_step_(params, grads, bufs, bits, 0.1, 0.9, 0, 5e-4, True, False, False)
 
-    with _host.python_cpu_step():
-        measure(
-            fn,
-            kernel="masked_sgd_host",
-            provider=f"ours_{mode}",
-            workload=f"{WORKLOAD} no-op kernel",
-            device=torch.device("cpu"),
-            warmup_rounds=3,
-        )
+    measure(
+        fn,
+        kernel="masked_sgd_host",
+        provider=f"ours_{mode}",
+        workload=f"{WORKLOAD} no-op kernel",
+        device=torch.device("cpu"),
+        warmup_rounds=3,
+    )
     assert calls and all(n == len(params) for n in calls)  # the (no-op) kernel saw every tensor
 
 
@@ -365,7 +362,7 @@ def host_time_pairs(pairs: int = 400, repeats: int = 5) -> dict:
 
 @pytest.mark.benchmark
 def test_step_host_time_paired(benchmark):
-    """Issue 17 target: a step over 62 tiny tensors at most 0.5x SGD(fused=True)'s host time
+    """Issue 28 bar: a step over 62 tiny tensors at most 1.0x SGD(fused=True)'s host time
     (reported, not asserted: benchmarks never gate on a time)."""
     result = host_time_pairs(pairs=200, repeats=2)
     benchmark.extra_info["paired"] = result
@@ -453,7 +450,8 @@ def isa_table(pairs: int = 7, total: int = 20_000_000) -> list[dict]:
     """Issue 17's ISA x density x layout table on this CPU: for each ISA the CPU kernel can
     run (``_C.set_isa``), kept fraction and layout (tensor count x size, `total` weights),
     the dense-state and the compact-state step timed alternately (`pairs` pairs, 2 threads),
-    with the minimum of each and the median of the per-pair ratios. Public API plus set_isa
+    with the minimum of each and the median (and 10th / 90th percentile) of the per-pair
+    ratios. Public API plus set_isa
     only, so the same function times an older checkout (``python -m benchmarks.bench_optim
     isa``). Floors: bytes a step must move (``floor_bytes``) over the measured bandwidth."""
     from ong_kernels.backends import _native
@@ -505,6 +503,10 @@ def isa_table(pairs: int = 7, total: int = 20_000_000) -> list[dict]:
                         dense_ms=1e3 * min(t_d),
                         compact_ms=1e3 * min(t_c),
                         compact_over_dense=float(np.median(ratios)),
+                        # the spread of the per-pair ratios: a median alone hid run-to-run
+                        # swings (issue 28 saw 0.70 and 1.12 in two runs of one cell on AMD)
+                        ratio_p10=float(np.percentile(ratios, 10)),
+                        ratio_p90=float(np.percentile(ratios, 90)),
                     )
                 )
                 print(rows[-1], flush=True)

@@ -10,7 +10,6 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
-#include <cstdio>
 
 #include "ong_dtype.h"
 #include "ong_isa.h"
@@ -33,23 +32,6 @@ ong::SgdHyper hyper_from(py::handle h, std::uintptr_t grad_scale, std::uintptr_t
           h.attr("first_step").cast<bool>(),
           grad_scale,
           found_inf};
-}
-
-// The C entry points of ong_sgd.h SgdCpuEntry: the kernels' exceptions (an unsupported
-// dtype code) become an error code and message here.
-template <typename Row, void (*Step)(const Row*, std::int64_t, ong::DType, const ong::SgdHyper&, int)>
-int sgd_cpu_entry(const std::int64_t* table, std::int64_t n_tensors, int dtype,
-                  const ong::SgdHyper* h, int num_threads, char* err, std::size_t err_len) noexcept {
-  try {
-    Step(reinterpret_cast<const Row*>(table), n_tensors, static_cast<ong::DType>(dtype), *h,
-         num_threads);
-    return 0;
-  } catch (const std::exception& e) {
-    std::snprintf(err, err_len, "%s", e.what());
-  } catch (...) {
-    std::snprintf(err, err_len, "masked SGD CPU step: unknown error");
-  }
-  return 1;
 }
 
 void bind_common(py::module_& m) {
@@ -94,20 +76,6 @@ void bind_masked_sgd(py::module_& m) {
         scale and inf flag (0: none); a nonzero flag skips the step. Runs with the GIL released.
       )pbdoc");
 
-  m.def(
-      "masked_sgd_entry_points",
-      []() {
-        const ong::SgdCpuEntry dense = &sgd_cpu_entry<ong::SgdTensor, &ong::masked_sgd_step_cpu>;
-        const ong::SgdCpuEntry compact =
-            &sgd_cpu_entry<ong::SgdCompactTensor, &ong::masked_sgd_step_compact_cpu>;
-        py::dict out;
-        out["dense"] = reinterpret_cast<std::uintptr_t>(dense);
-        out["compact"] = reinterpret_cast<std::uintptr_t>(compact);
-        out["abi"] = ong::kSgdEntryAbi;
-        return out;
-      },
-      "Addresses of the CPU steps as csrc/include/ong_sgd.h SgdCpuEntry C functions "
-      "('dense', 'compact') and their 'abi' (kSgdEntryAbi), for ong_kernels._C_host.");
   m.def("masked_sgd_compact_path_cpu", &ong::masked_sgd_compact_path_cpu,
         "Which AVX-512 compact_state span runs: 'vector' (expand/compress) or 'setbits' "
         "(the set-bit loop), chosen by timing both at first use.");

@@ -6,12 +6,11 @@ masks and the methods they are compared with, and a reference CIFAR ResNet train
 
 from ong_kernels import _ops  # noqa: F401  (registers the torch.library ops)
 from ong_kernels import pruning as _pruning
+from ong_kernels._version import __version__
 from ong_kernels.backends import registry as _registry
 from ong_kernels.nmf import nmf_batched
 from ong_kernels.optim import FusedMaskedSGD
 from ong_kernels.pruning import *  # noqa: F403  (the pruning API: ong_kernels.pruning.__all__)
-
-__version__ = "0.1.0"
 
 
 def backends_available(op: str | None = None) -> dict[str, bool]:
@@ -22,4 +21,10 @@ def backends_available(op: str | None = None) -> dict[str, bool]:
     return _registry.backends_available(op)
 
 
-__all__ = ["FusedMaskedSGD", "backends_available", "nmf_batched", *_pruning.__all__]
+__all__ = [
+    "FusedMaskedSGD",
+    "__version__",
+    "backends_available",
+    "nmf_batched",
+    *_pruning.__all__,
+]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ong_kernels.backends import _host, load_all, registry
+from ong_kernels.backends import load_all, registry
 from ong_kernels.backends._sgd_args import (
     HYPER_SCHEMA,
     SgdHyper,
@@ -135,9 +135,6 @@ load_all()
 _lib.impl("masked_sgd_step_", _masked_sgd_step_impl, "CompositeExplicitAutograd")
 _lib.impl("masked_sgd_compact_step_", _masked_sgd_compact_step_impl, "CompositeExplicitAutograd")
 _lib.impl("nmf_mu_", _nmf_mu_impl, "CompositeExplicitAutograd")
-# CPU tensors: the C++ kernel of ong_kernels._C_host (csrc/host/cpu_step.cpp) runs a step whose
-# plan is cached without entering Python and calls the implementations above for the rest.
-_host.enable_cpu_step(_masked_sgd_step_impl, _masked_sgd_compact_step_impl)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")

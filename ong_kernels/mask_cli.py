@@ -25,6 +25,7 @@ import re
 import sys
 
 from ong_kernels._validate import check_device
+from ong_kernels._version import add_version_option
 from ong_kernels.pruning.checkpoint import (
     DEFAULT_EXCLUDE,
     STREAMED,
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Default: every 2-D+ floating tensor whose name does not match {DEFAULT_EXCLUDE!r} "
         "(embeddings, norms); 1-D tensors are never pruned.",
     )
+    add_version_option(p)
     p.add_argument("checkpoint", help="a .safetensors file, or a sharded checkpoint's "
                    "model.safetensors.index.json or its folder")  # fmt: skip
     p.add_argument("--method", choices=STREAMED, default="ong",

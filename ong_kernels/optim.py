@@ -4,8 +4,12 @@ The optimizer's shape is torch's optim/sgd.py: `step()` gathers each group's lis
 (`_gather_group`) and calls one op, torch.ops.ong_kernels.masked_sgd_step_ (or
 masked_sgd_compact_step_ for compact_state), eager and compiled alike. The op's kernel keeps
 the prepared pointer tables (backends/_multi_tensor.py PlanCache); the optimizer keeps only
-its state and, per group, the lists it hands the op while its parameters' addresses and
-strides stay the same.
+its state and, per group, the lists it hands the op and its checked hyper-parameters. The
+lists are reused while the group's parameters keep their addresses and layouts and the
+optimizer's state holds the same objects (`state_snapshot`: `state.clear()`, a new state
+dict, a buffer deleted or replaced all rebuild them); the hyper-parameters while the group's
+values are equal (a group holding a tensor, such as a tensor lr that schedulers change in
+place, is read every step).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ong_kernels._bitmask import block_offsets, compact, expand, pack_mask, unpa
 from ong_kernels._layout import Layout, dense_layout, layout_of
 from ong_kernels._validate import check_real
 from ong_kernels.backends import registry
-from ong_kernels.backends._host import grads_of, layout_key
+from ong_kernels.backends._host import grads_of, layout_key, state_snapshot, state_unchanged
 from ong_kernels.backends._sgd_args import SgdHyper, check_compact_args, check_step_args
 
 _HYPER_DEFAULTS = dict(
@@ -124,7 +128,9 @@ class FusedMaskedSGD(Optimizer):
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
-        lr, momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``
+            (lr 1e-3 by default, as there; a tensor lr is read at every step, so schedulers
+            that change it in place are followed).
         masks: ``{parameter: bool tensor of its shape}`` (True = kept). Parameters without a
             mask are dense. ``ong_kernels.masks_for(model, masks_by_name)`` builds it.
         backend: "auto" (the best kernel for the parameters' device), or "reference", "cpu",
@@ -163,7 +169,7 @@ class FusedMaskedSGD(Optimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float | torch.Tensor = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
@@ -189,6 +195,7 @@ class FusedMaskedSGD(Optimizer):
         _check_hyper(defaults, "FusedMaskedSGD")
         self._masks: dict[torch.Tensor, ParamMask] = {}
         self._lists: dict[int, _GroupLists] = {}
+        self._state_seen = None  # state_snapshot of self.state when the lists were built
         self._hyper_ok: dict[int, tuple] = {}
         super().__init__(params, defaults)
         if masks is not None:
@@ -208,6 +215,7 @@ class FusedMaskedSGD(Optimizer):
         if masks is not None:
             self._masks = masks
         self._lists = {}
+        self._state_seen = None
         self._hyper_ok = {}
 
     def __getstate__(self):
@@ -226,7 +234,13 @@ class FusedMaskedSGD(Optimizer):
             merged = {**self.defaults, **param_group}
             _check_hyper(merged, f"add_param_group (group {len(self.param_groups)})")
         super().add_param_group(param_group)
-        self.__dict__.setdefault("_lists", {}).clear()
+        if "_lists" in self.__dict__:  # (torch's __init__ adds the groups before ours exist)
+            self._forget_lists()
+
+    def _forget_lists(self) -> None:
+        """Drop the cached call lists (and the references they and the state snapshot hold)."""
+        self._lists.clear()
+        self._state_seen = None
 
     # ------------------------------------------------------------------ masks
 
@@ -318,7 +332,7 @@ class FusedMaskedSGD(Optimizer):
             else:
                 state["momentum_buffer"] = dense_buf
         self._masks[p] = entry
-        self._lists.clear()
+        self._forget_lists()
 
     def _dense_momentum(self, p: torch.Tensor) -> torch.Tensor | None:
         """p's momentum as a dense tensor (expanded from compact_state with p's current
@@ -337,7 +351,7 @@ class FusedMaskedSGD(Optimizer):
             state["momentum_buffer"] = self._dense_momentum(p)
             del state["momentum_compact"]
         del self._masks[p]
-        self._lists.clear()
+        self._forget_lists()
 
     @property
     def masks(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -389,7 +403,7 @@ class FusedMaskedSGD(Optimizer):
         kept = {} if has_masks else self.masks
         super().load_state_dict(state_dict)
         self._masks = {}
-        self._lists.clear()
+        self._forget_lists()
         loaded = {}
         for p in self._params():
             state = self.state.get(p)
@@ -436,7 +450,10 @@ class FusedMaskedSGD(Optimizer):
 
     def _hyper(self, index: int, group: dict) -> SgdHyper:
         """The group's hyper-parameters (first_step False), validated when they change (an LR
-        scheduler changes lr: nothing is re-uploaded)."""
+        scheduler changes lr: nothing is re-uploaded). A group holding a tensor (a tensor lr,
+        which torch's schedulers and `group["lr"].mul_()` change in place: the same tensor
+        object compares equal to itself whatever it holds) is read and checked every step
+        (``.item()``: a host sync for a CUDA tensor)."""
         values = (
             group["lr"],
             group["momentum"],
@@ -446,8 +463,12 @@ class FusedMaskedSGD(Optimizer):
             group["maximize"],
         )
         cached = self._hyper_ok.get(index)
-        if cached is not None and cached[0] == values:
-            return cached[1]
+        if cached is not None and cached[0] is not None:
+            try:
+                if cached[0] == values:
+                    return cached[1]
+            except RuntimeError:  # a multi-element tensor put in the group: checked below
+                pass
         _check_hyper(group, f"param_groups[{index}]")
         lr, momentum, dampening, weight_decay, nesterov, maximize = values
         hyper = SgdHyper(
@@ -459,7 +480,8 @@ class FusedMaskedSGD(Optimizer):
             maximize=bool(maximize),
             first_step=False,
         )
-        self._hyper_ok[index] = (values, hyper)
+        tensor = any(isinstance(v, torch.Tensor) for v in values)
+        self._hyper_ok[index] = (None if tensor else values, hyper)
         return hyper
 
     @_hooked_step
@@ -472,6 +494,9 @@ class FusedMaskedSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         hypers = [self._hyper(i, group) for i, group in enumerate(self.param_groups)]
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._lists and not state_unchanged(self.state, self._state_seen):
+            self._forget_lists()  # the state was reset or edited since the lists were built
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         steps = []
@@ -480,6 +505,8 @@ class FusedMaskedSGD(Optimizer):
             for call in calls:
                 gs = grads if call.indices is None else [grads[i] for i in call.indices]
                 steps.append((index, call, gs, hyper))
+        if not compiling and self._state_seen is None:  # lists (re)built: the state they saw
+            self._state_seen = state_snapshot(self.state)
         done = 0
         try:
             if len(steps) > 1:
@@ -525,8 +552,8 @@ class FusedMaskedSGD(Optimizer):
         """torch's `_init_group` (not named so: dynamo runs a method of that name eagerly and
         wants a constant back): the gradients of the group's parameters that have one, and
         the op calls. The calls are reused while those parameters' addresses and layouts and
-        the state stay the same (a mask or state change clears them); under torch.compile
-        they are built fresh (tracing has no addresses)."""
+        the state stay the same (a mask change, or a state reset or edit that `step` sees,
+        clears them); under torch.compile they are built fresh (tracing has no addresses)."""
         params = group["params"]
         grads = grads_of(params)
         if grads is None:  # some parameters have no gradient: they are not stepped
@@ -545,6 +572,7 @@ class FusedMaskedSGD(Optimizer):
         calls = self._build_calls(index, params, momentum)
         reusable = not any(c.first for c in calls)
         self._lists[index] = _GroupLists(key if reusable else None, calls)
+        self._state_seen = None  # the state changed (new buffers, converted layouts) or may have
         return grads, calls
 
     def _build_calls(self, index: int, params: list, momentum: float) -> list[_Call]:

@@ -77,6 +77,18 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+    Its tiny models gain nothing from a second thread, and when other work shares the 2 cores
+    OpenMP's waiting threads made the trainer tests 15x slower (measured: 120 s with 2 threads
+    vs 8 s with 1 on the busy shared box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def compiled_cpu() -> bool:
     return ong_kernels.backends_available()["cpu"]
 
@@ -96,12 +108,3 @@ TINY_TRAIN = [
     "--dataset", "synthetic", "--synthetic-shape", "64", "32", "1", "8", "--width", "0.25",
     "--batch-size", "32", "--eval-batch-size", "32", "--device", "cpu", "--no-progress",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread for a module of tiny models: more threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -158,11 +158,10 @@ def test_masked_sgd_op_passes_opcheck(device):
 
 
 def test_one_native_call_per_step(monkeypatch):
-    """The Python implementation launches once per dtype and step (the C++ dispatcher
-    kernel's own launches: tests/test_optim_host.py)."""
+    """The CPU kernel launches once per dtype and step."""
     if not compiled_cpu():
         pytest.skip("compiled CPU kernels not built")
-    from ong_kernels.backends import _host, _native
+    from ong_kernels.backends import _native
 
     calls = []
     real = _native._C.masked_sgd_step_cpu
@@ -178,11 +177,10 @@ def test_one_native_call_per_step(monkeypatch):
     monkeypatch.setattr(_native, "lib", lambda: Spy())
     params = make_params("cpu", shapes=[(64, 3, 3, 3), (64, 64, 3, 3), (10, 64), (10,)] * 5)
     opt = ong_kernels.FusedMaskedSGD(params, lr=0.1, momentum=0.9, masks=make_masks(params))
-    with _host.python_cpu_step():
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
     assert calls == [20, 20, 20]
 
 

@@ -44,6 +44,16 @@ def feed(params_a, params_b, gen, masks_a):
         p.grad, q.grad = g, g.clone()
 
 
+def step_equal(opt_a, opt_b, params_a, params_b, gen, masks_a, steps):
+    """`steps` steps of both optimizers on the same gradients, bit-equal after each."""
+    for step in range(steps):
+        feed(params_a, params_b, gen, masks_a)
+        opt_a.step()
+        opt_b.step()
+        for i, (p, q) in enumerate(zip(params_a, params_b, strict=True)):
+            assert torch.equal(p.detach(), q.detach()), f"step {step} param {i}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -54,13 +64,7 @@ def test_compact_trajectory_is_dense_mode_bit_for_bit(device, dtype, channels_la
     a, ma, b, mb = twins(device, dtype, channels_last=channels_last)
     dense = ong_kernels.FusedMaskedSGD(a, masks=ma, backend=backend, **hyper)
     comp = ong_kernels.FusedMaskedSGD(b, masks=mb, compact_state=True, backend=backend, **hyper)
-    gen = torch.Generator().manual_seed(1)
-    for step in range(6):
-        feed(a, b, gen, ma)
-        dense.step()
-        comp.step()
-        for i, (p, q) in enumerate(zip(a, b, strict=True)):
-            assert torch.equal(p.detach(), q.detach()), f"step {step} param {i}"
+    step_equal(dense, comp, a, b, torch.Generator().manual_seed(1), ma, 6)
     compiled = backend == "auto" and device == "cpu" and ong_kernels.backends_available()["cpu"]
     if compiled:
         from ong_kernels.backends import cpu as cpu_backend
@@ -227,13 +231,7 @@ def test_compact_resumes_from_a_state_dict(source):
     mb = {q: ma[p] for p, q in zip(a, b, strict=True) if p in ma}
     resumed = ong_kernels.FusedMaskedSGD(b, masks=mb, compact_state=True, **HYPER)
     resumed.load_state_dict(copy.deepcopy(state))
-    gen = torch.Generator().manual_seed(6)
-    for step in range(3):
-        feed(a, b, gen, ma)
-        saver.step()
-        resumed.step()
-        for i, (p, q) in enumerate(zip(a, b, strict=True)):
-            assert torch.equal(p.detach(), q.detach()), f"step {step} param {i}"
+    step_equal(saver, resumed, a, b, torch.Generator().manual_seed(6), ma, 3)
     for p in b:
         if p in mb:
             assert torch.equal(resumed.masks[p], mb[p])

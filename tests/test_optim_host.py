@@ -1,7 +1,7 @@
-"""The fused step's host side (issue 17): the plan cache's keys in C++ (_C_host) and in Python
-agree, new gradient tensors every step reuse the cached plan, the C++ dispatcher kernel of the
-CPU steps runs cached plans without Python and hands everything else to Python unchanged, and
-torch's step hooks and profiler range still run although the idle step skips torch's wrapper."""
+"""The fused step's host side (issue 17): the plan cache's keys and the optimizer state's
+snapshot in C++ (_C_host) and in Python agree, new gradient tensors every step reuse the cached
+plan, the CPU kernel's plan cache follows the tensors it was built for, and torch's step hooks
+and profiler range still run although the idle step skips torch's wrapper."""
 
 from __future__ import annotations
 
@@ -112,8 +112,7 @@ def test_cpp_write_addresses_checks_its_tensors(table, rows, what):
 
 @pytest.fixture(params=["cpp", "python"])
 def host_keys(request, monkeypatch):
-    """Run a test with _C_host (the C++ dispatcher kernel, C++ keys) and again with the op's
-    Python implementation and the Python keys."""
+    """Run a test with _C_host's keys and again with the Python keys."""
     if request.param == "cpp":
         if not _host.has_host_module():
             pytest.skip("_C_host not built")
@@ -123,8 +122,9 @@ def host_keys(request, monkeypatch):
     monkeypatch.setattr(_multi_tensor, "write_addresses", _host.py_write_addresses)
     monkeypatch.setattr(ong_kernels.optim, "layout_key", _host.py_layout_key)
     monkeypatch.setattr(ong_kernels.optim, "grads_of", _host.py_grads_of)
-    with _host.python_cpu_step():
-        yield "python"
+    monkeypatch.setattr(ong_kernels.optim, "state_snapshot", _host.py_state_snapshot)
+    monkeypatch.setattr(ong_kernels.optim, "state_unchanged", _host.py_state_unchanged)
+    yield "python"
 
 
 @needs_cpu
@@ -236,11 +236,7 @@ def test_steps_without_the_host_module():
     run_python(code)
 
 
-# ---------------------------------------------------------------- the C++ CPU dispatcher kernel
-
-needs_cpu_step = pytest.mark.skipif(
-    not _host.cpu_step_enabled(), reason="_C_host's CPU step kernel not registered"
-)
+# ---------------------------------------------------------------- the op's CPU kernel
 
 
 def _masked_problem(dtype=torch.float32, seed=0):
@@ -250,12 +246,6 @@ def _masked_problem(dtype=torch.float32, seed=0):
     masks = {params[0]: torch.rand(shapes[0], generator=gen) < 0.4,
              params[1]: torch.rand(shapes[1], generator=gen) < 0.6}  # fmt: skip
     return params, masks
-
-
-def _twin(params, masks):
-    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    index = {id(p): i for i, p in enumerate(params)}
-    return twin, {twin[index[id(p)]]: m for p, m in masks.items()}
 
 
 def _count_python_runs(monkeypatch):
@@ -270,52 +260,10 @@ def _count_python_runs(monkeypatch):
     return runs
 
 
-@needs_cpu_step
-@pytest.mark.parametrize("compact_state", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cached_steps_run_in_cpp_and_equal_the_python_path(monkeypatch, compact_state, dtype):
-    """After the step that builds the plan, steps with new gradient tensors run in C++ (no
-    Python plan runs; before, every step ran one) and give the Python path's results bit for
-    bit, GradScaler's unscale and inf-skip included."""
-    params, masks = _masked_problem(dtype)
-    twin, twin_masks = _twin(params, masks)
-    hyper = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True)
-    opt = ong_kernels.FusedMaskedSGD(params, **hyper, masks=masks, compact_state=compact_state)
-    with _host.python_cpu_step():
-        peer = ong_kernels.FusedMaskedSGD(
-            twin, **hyper, masks=twin_masks, compact_state=compact_state
-        )
-    runs, python_runs = _count_python_runs(monkeypatch), []
-    gen = torch.Generator().manual_seed(1)
-    for step in range(6):
-        for p, q in zip(params, twin, strict=True):
-            g = torch.randn(p.shape, generator=gen, dtype=dtype)
-            p.grad, q.grad = g, g.clone()
-        if step == 4:  # GradScaler's tensors: unscale by 1/8
-            opt.grad_scale = peer.grad_scale = torch.tensor([8.0])
-            opt.found_inf = peer.found_inf = torch.tensor([0.0])
-        if step == 5:  # an inf step changes nothing
-            opt.found_inf = peer.found_inf = torch.tensor([1.0])
-        before = len(runs)
-        opt.step()
-        python_runs.append(len(runs) - before)
-        with _host.python_cpu_step():
-            peer.step()
-    # the first step creates the buffers and builds the plan; the others are C++'s
-    assert python_runs[0] > 0 and python_runs[1:] == [0] * 5, python_runs
-    for p, q in zip(params, twin, strict=True):
-        assert torch.equal(p.detach(), q.detach())
-    for p, q in zip(params, twin, strict=True):
-        assert opt.state[p].keys() == peer.state[q].keys()
-        for name, value in opt.state[p].items():
-            assert torch.equal(value, peer.state[q][name])
-
-
-@needs_cpu_step
-def test_cpp_kernel_hands_misses_to_python_with_their_errors():
-    """Everything but a cached plan goes to the op's Python implementation with the same
-    arguments: its ValueError reaches the caller unchanged, for a first call and for a call
-    at a cached call site whose tensors changed."""
+@needs_cpu
+def test_cached_call_site_still_validates_changed_tensors():
+    """The validator's ValueError reaches the caller for a first call and for a call at a
+    cached call site whose tensors changed."""
     from ong_kernels import _ops
 
     params, _ = _masked_problem()
@@ -325,7 +273,7 @@ def test_cpp_kernel_hands_misses_to_python_with_their_errors():
     bad = [*grads[:3], torch.randn(4, 3)]
     with pytest.raises(ValueError, match=r"grads\[3\] is \(4, 3\)"):
         _ops.masked_sgd_step_(params, bad, bufs, [None] * 4, *hyper)
-    for _ in range(2):  # the plan is cached (and mirrored) now
+    for _ in range(2):  # the plan is cached now
         _ops.masked_sgd_step_(params, grads, bufs, [None] * 4, *hyper)
     with pytest.raises(ValueError, match=r"grads\[3\] is \(4, 3\)"):
         _ops.masked_sgd_step_(params, bad, bufs, [None] * 4, *hyper)
@@ -337,10 +285,10 @@ def test_cpp_kernel_hands_misses_to_python_with_their_errors():
         _ops.masked_sgd_step_(params, grads, bufs, [None] * 4, *hyper, backend="bogus")
 
 
-@needs_cpu_step
-def test_cpp_kernel_runs_other_backends_and_mixed_dtypes_in_python(monkeypatch):
-    """backend="reference" on CPU tensors, and a list with a float16 tensor (the reference
-    takes it), are Python's: they are never mirrored into the C++ cache and step correctly."""
+@needs_cpu
+def test_other_backends_and_mixed_dtypes_step_correctly(monkeypatch):
+    """backend="reference" on CPU tensors is the registry's choice at every call, and a list
+    with a float16 tensor (the reference takes it) steps correctly."""
     from ong_kernels import _ops
 
     runs = _count_python_runs(monkeypatch)
@@ -369,52 +317,70 @@ def test_cpp_kernel_runs_other_backends_and_mixed_dtypes_in_python(monkeypatch):
     assert spied == ["reference", "reference"]
 
 
-@needs_cpu_step
-def test_native_plans_follow_the_python_cache():
-    """The C++ copy of the CPU kernel's plans forgets a plan when the Python cache does: the
-    optimizer and its model deleted, or the cache cleared."""
+@needs_cpu
+def test_plans_go_with_their_model():
+    """The CPU kernel's cached plan goes when the optimizer and its model are deleted."""
     import gc
 
     kernel = registry.get("masked_sgd_step", "cpu").fn
-    mirror = kernel.plans.mirror
     gc.collect()  # other tests' garbage goes first
-    before = len(mirror)
+    before = len(kernel.plans)
     params, masks = _masked_problem()
     opt = ong_kernels.FusedMaskedSGD(params, lr=0.1, momentum=0.9, masks=masks)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
     opt.step()
-    assert len(mirror) == before + 1
+    assert len(kernel.plans) == before + 1
     del opt, params, masks, p
     gc.collect()
-    assert len(mirror) == before
-    kernel.plans.clear()
-    assert len(mirror) == 0
+    assert len(kernel.plans) == before
 
 
-@needs_cpu_step
-@pytest.mark.parametrize(
-    "tables, match",
-    [
-        (lambda t, r: [(0, t, 2, torch.tensor([0, 2]))], "gradient rows"),  # row past the table
-        (lambda t, r: [(0, t, 2, torch.tensor([0]))], "gradient rows"),  # one row for 2 grads
-        (lambda t, r: [(0, t[:, :4].contiguous(), 2, r)], "x 5"),  # too few columns
-        (lambda t, r: [(0, t, 3, r)], "x 5"),  # more rows than the table has
-        (lambda t, r: [(2, t, 2, r)], "float32/float64"),  # float16: no native kernel
-        (lambda t, r: [(0, t.float(), 2, r)], "int64"),
-    ],
-)
-def test_plan_put_refuses_tables_it_could_index_out_of(tables, match):
-    """The C++ cache checks every table and gradient row before it keeps a plan: its
-    per-step writes then stay inside the table."""
-    a, b = torch.randn(3), torch.randn(3)
-    lists = [[a, b], [torch.randn(3), torch.randn(3)], [], [None, None]]
-    table, rows = torch.zeros(2, 5, dtype=torch.int64), torch.tensor([0, 1])
-    count = _host._C_host.plan_count(0)
-    with pytest.raises(ValueError, match=match):
-        _host._C_host.plan_put(0, lists, tables(table, rows))
-    assert _host._C_host.plan_count(0) == count
+def test_state_snapshots_agree_between_cpp_and_python():
+    """state_unchanged is True exactly while the state holds the snapshot's objects: every
+    edit a user can make (clear, a new entry, an entry deleted or replaced, a buffer deleted,
+    added or replaced, even with an equal one) makes it False, in C++ and in Python."""
+    from collections import defaultdict
+
+    pairs = [(_host.py_state_snapshot, _host.py_state_unchanged)]
+    if _host.has_host_module():
+        pairs.append((_host._C_host.state_snapshot, _host._C_host.state_unchanged))
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+
+    def fresh():
+        state = defaultdict(dict)
+        state[a]["momentum_buffer"] = torch.zeros(3)
+        state[b].update(momentum_buffer=torch.ones(2), step=3)
+        return state
+
+    edits = {
+        "clear": lambda s: s.clear(),
+        "new entry": lambda s: s[torch.randn(1)],
+        "del entry": lambda s: s.pop(a),
+        "replace entry": lambda s: s.__setitem__(a, dict(s[a])),
+        "del buffer": lambda s: s[a].pop("momentum_buffer"),
+        "add buffer": lambda s: s[a].__setitem__("momentum_compact", torch.zeros(1)),
+        "replace buffer": lambda s: s[b].__setitem__(
+            "momentum_buffer", s[b]["momentum_buffer"] * 1
+        ),
+        "replace int": lambda s: s[b].__setitem__("step", 4),
+        "reorder": lambda s: s.__setitem__(a, s.pop(a)),
+    }
+    for snapshot, unchanged in pairs:
+        state = fresh()
+        seen = snapshot(state)
+        assert unchanged(state, seen)
+        state[a]["momentum_buffer"].add_(1)  # in place: the same objects
+        assert unchanged(state, seen)
+        assert not unchanged(fresh(), seen)
+        assert not unchanged(state, snapshot({}))
+        assert snapshot([]) is None and not unchanged(state, None)
+        for name, edit in edits.items():
+            state = fresh()
+            seen = snapshot(state)
+            edit(state)
+            assert not unchanged(state, seen), f"{snapshot.__module__}: {name}"
 
 
 def test_grads_of_matches_python():
@@ -445,16 +411,16 @@ def test_grads_of_matches_python():
             assert _host._C_host.grads_of(params) is None
 
 
-@needs_cpu_step
+@needs_cpu
 def test_backend_environment_variable_is_seen_after_a_plan_is_cached(monkeypatch):
-    """backend="auto" while ONG_KERNELS_BACKEND is set is the registry's (Python's) choice,
-    even at a call site whose CPU plan is cached in C++."""
+    """backend="auto" while ONG_KERNELS_BACKEND is set is the registry's choice, even at a
+    call site whose CPU plan is cached."""
     from ong_kernels import _ops
 
     params = [torch.randn(6), torch.randn(5)]
     grads = [torch.randn(6), torch.randn(5)]
     hyper = (0.1, 0.0, 0.0, 0.0, False, False, False)
-    for _ in range(2):  # cached in both caches now
+    for _ in range(2):  # cached now
         _ops.masked_sgd_step_(params, grads, [], [None, None], *hyper)
     chosen = []
     real = registry.select

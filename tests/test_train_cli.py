@@ -12,16 +12,7 @@ from ong_kernels.train.config import PRESETS, TrainConfig, preset
 from ong_kernels.train.report import format_table, mean_std
 from ong_kernels.train.schedule import LRSchedule, make_scheduler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: a second intra-op thread buys nothing, and when other work
-    # shares the 2 cores OpenMP's waiting threads made this file 15x slower (measured:
-    # 120 s with 2 threads vs 8 s with 1 on the busy shared box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: why
 
 
 TINY = [

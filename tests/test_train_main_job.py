@@ -5,18 +5,10 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 
 from ong_kernels.train import main_job
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny workload: one intra-op thread is as fast and immune to other load on the box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: why
 
 
 def write_idx_gz(path, array):

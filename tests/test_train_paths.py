@@ -8,13 +8,7 @@ from ong_kernels.train.config import TrainConfig
 from ong_kernels.train.data import make_synthetic
 from ong_kernels.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: why
 
 
 DATA = make_synthetic(96, 40, channels=3, size=8, seed=0)

@@ -8,7 +8,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 from ong_kernels.train import cli
 
@@ -19,12 +18,7 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see test_train_cli.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: why
 
 
 @pytest.fixture

@@ -47,6 +47,10 @@ using SpanFn = void (*)(T*, const T*, T*, const std::uint8_t*, std::int64_t, std
 // mul + add pairs are the portable unit's madd, so compact_state (its scalar loop in this
 // unit) is bit for bit this span. GCC did not vectorise the branch-free scalar loop
 // (20 x 1M, 50% kept: 117 ms against AVX2's 26 ms, Intel, loaded).
+struct Set4 {
+  __m128 operator()(float x) const { return _mm_set1_ps(x); }
+};
+
 inline __m128 nibble_mask(unsigned nibble) {
   const __m128i bit = _mm_setr_epi32(1, 2, 4, 8);
   const __m128i b = _mm_and_si128(_mm_set1_epi32(static_cast<int>(nibble)), bit);
@@ -57,13 +61,10 @@ template <bool kMomentum, bool kNesterov, bool kFirst>
 void update_sse2(float* __restrict p, const float* __restrict grad, float* __restrict buf,
                  const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
                  const SgdHyper& h) {
+  const Hyper<float, __m128, Set4> v(h);
   const __m128 neg_lr = _mm_set1_ps(-static_cast<float>(h.lr));
-  const __m128 wd = _mm_set1_ps(static_cast<float>(h.weight_decay));
-  const __m128 mom = _mm_set1_ps(static_cast<float>(h.momentum));
-  const __m128 damp = _mm_set1_ps(static_cast<float>(1.0 - h.dampening));
-  const __m128 sign =
-      _mm_set1_ps(static_cast<float>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)));
-  const bool use_wd = h.weight_decay != 0.0;
+  const __m128 &wd = v.wd, &mom = v.mom, &damp = v.damp, &sign = v.sign;
+  const bool use_wd = v.use_wd;
   std::int64_t i = begin;
   for (; i + 4 <= end; i += 4) {
     const unsigned nibble = bits == nullptr ? 0xFu : (bits[i >> 3] >> (i & 4)) & 0xFu;
@@ -84,13 +85,10 @@ void update_sse2(float* __restrict p, const float* __restrict grad, float* __res
 
 void span_f32_sse2(float* p, const float* grad, float* buf, const std::uint8_t* bits,
                    std::int64_t begin, std::int64_t end, const SgdHyper& h) {
-  if (h.momentum == 0.0) return update_sse2<false, false, false>(p, grad, buf, bits, begin, end, h);
-  if (h.nesterov) {
-    if (h.first_step) return update_sse2<true, true, true>(p, grad, buf, bits, begin, end, h);
-    return update_sse2<true, true, false>(p, grad, buf, bits, begin, end, h);
-  }
-  if (h.first_step) return update_sse2<true, false, true>(p, grad, buf, bits, begin, end, h);
-  return update_sse2<true, false, false>(p, grad, buf, bits, begin, end, h);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    update_sse2<decltype(m)::value, decltype(n)::value, decltype(f)::value>(p, grad, buf, bits,
+                                                                            begin, end, h);
+  });
 }
 #endif
 
@@ -109,32 +107,6 @@ SpanFn<T> pick_span() {
   if constexpr (std::is_same_v<T, float>) return span_f32_sse2;
 #endif
   return update_scalar_dispatch<T>;
-}
-
-template <typename T>
-void step_all(const SgdTensor* tensors, std::int64_t n_tensors, const SgdHyper& h,
-              int num_threads) {
-  struct Chunk {
-    std::int64_t tensor;
-    std::int64_t begin;
-    std::int64_t end;
-  };
-  std::vector<Chunk> chunks;
-  for (std::int64_t t = 0; t < n_tensors; ++t) {
-    for (std::int64_t b = 0; b < tensors[t].numel; b += kChunk) {
-      chunks.push_back({t, b, std::min(b + kChunk, tensors[t].numel)});
-    }
-  }
-  const SpanFn<T> update = pick_span<T>();
-  const auto n_chunks = static_cast<std::int64_t>(chunks.size());
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (std::int64_t c = 0; c < n_chunks; ++c) {
-    const Chunk& ch = chunks[c];
-    const SgdTensor& t = tensors[ch.tensor];
-    update(reinterpret_cast<T*>(t.param), reinterpret_cast<const T*>(t.grad),
-           reinterpret_cast<T*>(t.buf), reinterpret_cast<const std::uint8_t*>(t.mask), ch.begin,
-           ch.end, h);
-  }
 }
 
 template <typename T>
@@ -204,15 +176,35 @@ CompactFn<T> pick_compact() {
   return update_compact_dispatch<T>;
 }
 
+// A kernel's share of one tensor: kChunk elements (fewer at its end); `index` is the chunk's
+// number within the tensor (the compact offsets' index).
+struct Chunk {
+  std::int64_t tensor;
+  std::int64_t index;
+  std::int64_t begin;
+  std::int64_t end;
+};
+
 template <typename T>
-void compact_all(const SgdCompactTensor* tensors, std::int64_t n_tensors, const SgdHyper& h,
-                 int num_threads) {
-  struct Chunk {
-    std::int64_t tensor;
-    std::int64_t index;
-    std::int64_t begin;
-    std::int64_t end;
-  };
+void run_chunk(SpanFn<T> update, const SgdTensor& t, const Chunk& ch, const SgdHyper& h) {
+  update(reinterpret_cast<T*>(t.param), reinterpret_cast<const T*>(t.grad),
+         reinterpret_cast<T*>(t.buf), reinterpret_cast<const std::uint8_t*>(t.mask), ch.begin,
+         ch.end, h);
+}
+
+template <typename T>
+void run_chunk(CompactFn<T> update, const SgdCompactTensor& t, const Chunk& ch,
+               const SgdHyper& h) {
+  const auto* offsets = reinterpret_cast<const std::int64_t*>(t.offsets);
+  update(reinterpret_cast<T*>(t.param), reinterpret_cast<const T*>(t.grad),
+         reinterpret_cast<T*>(t.buf), reinterpret_cast<const std::uint8_t*>(t.mask), ch.begin,
+         ch.end, offsets[ch.index], t.buf_numel, h);
+}
+
+// Every tensor of a table (Row: SgdTensor or SgdCompactTensor) in one parallel loop over the
+// chunks of all of them.
+template <typename T, typename Row>
+void step_all(const Row* tensors, std::int64_t n_tensors, const SgdHyper& h, int num_threads) {
   std::vector<Chunk> chunks;
   for (std::int64_t t = 0; t < n_tensors; ++t) {
     std::int64_t c = 0;
@@ -220,16 +212,34 @@ void compact_all(const SgdCompactTensor* tensors, std::int64_t n_tensors, const 
       chunks.push_back({t, c, b, std::min(b + kChunk, tensors[t].numel)});
     }
   }
-  const CompactFn<T> update = pick_compact<T>();
+  const auto update = [] {
+    if constexpr (std::is_same_v<Row, SgdCompactTensor>) {
+      return pick_compact<T>();
+    } else {
+      return pick_span<T>();
+    }
+  }();
   const auto n_chunks = static_cast<std::int64_t>(chunks.size());
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (std::int64_t c = 0; c < n_chunks; ++c) {
-    const Chunk& ch = chunks[c];
-    const SgdCompactTensor& t = tensors[ch.tensor];
-    const auto* offsets = reinterpret_cast<const std::int64_t*>(t.offsets);
-    update(reinterpret_cast<T*>(t.param), reinterpret_cast<const T*>(t.grad),
-           reinterpret_cast<T*>(t.buf), reinterpret_cast<const std::uint8_t*>(t.mask), ch.begin,
-           ch.end, offsets[ch.index], t.buf_numel, h);
+    run_chunk<T>(update, tensors[chunks[c].tensor], chunks[c], h);
+  }
+}
+
+// Every tensor of one dtype of a dense (SgdTensor) or compact (SgdCompactTensor) table.
+template <typename Row>
+void step_table(const Row* table, std::int64_t n_tensors, DType dtype, const SgdHyper& h,
+                int num_threads, const char* what) {
+  if (num_threads < 1) num_threads = 1;
+  // GradScaler found an inf/NaN: the step changes nothing (read once, on the host).
+  if (h.found_inf != 0 && *reinterpret_cast<const float*>(h.found_inf) != 0.0f) return;
+  switch (dtype) {
+    case DType::kFloat32:
+      return step_all<float>(table, n_tensors, h, num_threads);
+    case DType::kFloat64:
+      return step_all<double>(table, n_tensors, h, num_threads);
+    default:
+      unsupported_dtype(what, dtype);
   }
 }
 
@@ -258,35 +268,13 @@ void set_masked_sgd_compact_path_cpu(const char* name) {
 
 void masked_sgd_step_compact_cpu(const SgdCompactTensor* table, std::int64_t n_tensors,
                                  DType dtype, const SgdHyper& h, int num_threads) {
-  if (num_threads < 1) num_threads = 1;
-  if (h.found_inf != 0 && *reinterpret_cast<const float*>(h.found_inf) != 0.0f) return;
-  switch (dtype) {
-    case DType::kFloat32:
-      compact_all<float>(table, n_tensors, h, num_threads);
-      break;
-    case DType::kFloat64:
-      compact_all<double>(table, n_tensors, h, num_threads);
-      break;
-    default:
-      unsupported_dtype("masked_sgd_step_compact_cpu (float32, float64)", dtype);
-  }
+  step_table(table, n_tensors, dtype, h, num_threads,
+             "masked_sgd_step_compact_cpu (float32, float64)");
 }
 
 void masked_sgd_step_cpu(const SgdTensor* table, std::int64_t n_tensors, DType dtype,
                          const SgdHyper& h, int num_threads) {
-  if (num_threads < 1) num_threads = 1;
-  // GradScaler found an inf/NaN: the step changes nothing (read once, on the host).
-  if (h.found_inf != 0 && *reinterpret_cast<const float*>(h.found_inf) != 0.0f) return;
-  switch (dtype) {
-    case DType::kFloat32:
-      step_all<float>(table, n_tensors, h, num_threads);
-      break;
-    case DType::kFloat64:
-      step_all<double>(table, n_tensors, h, num_threads);
-      break;
-    default:
-      unsupported_dtype("masked_sgd_step_cpu (float32, float64)", dtype);
-  }
+  step_table(table, n_tensors, dtype, h, num_threads, "masked_sgd_step_cpu (float32, float64)");
 }
 
 }  // namespace ong

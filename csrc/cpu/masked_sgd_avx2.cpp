@@ -26,20 +26,15 @@ inline __m256 lane_mask(unsigned byte) {
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, bit));
 }
 
+struct Set8 {
+  __m256 operator()(float x) const { return _mm256_set1_ps(x); }
+};
+
 // The hyper-parameters broadcast to 8 lanes, and the step's arithmetic on 8 lanes, shared by
 // the dense and the compact span (one FMA per madd, the same association: the compact
 // trajectory is the dense one bit for bit).
-struct Lanes {
-  __m256 lr, wd, mom, damp, sign;
-  bool use_wd;
-  explicit Lanes(const SgdHyper& h)
-      : lr(_mm256_set1_ps(static_cast<float>(h.lr))),
-        wd(_mm256_set1_ps(static_cast<float>(h.weight_decay))),
-        mom(_mm256_set1_ps(static_cast<float>(h.momentum))),
-        damp(_mm256_set1_ps(static_cast<float>(1.0 - h.dampening))),
-        sign(_mm256_set1_ps(
-            static_cast<float>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)))),
-        use_wd(h.weight_decay != 0.0) {}
+struct Lanes : Hyper<float, __m256, Set8> {
+  explicit Lanes(const SgdHyper& h) : Hyper(h) {}
   // The masked, unscaled, decayed gradient of lanes `keep`.
   __m256 gradient(__m256 keep, const float* grad, __m256 w) const {
     __m256 g = _mm256_and_ps(keep, _mm256_mul_ps(sign, _mm256_loadu_ps(grad)));
@@ -159,8 +154,7 @@ void compact_avx2(float* __restrict p, const float* __restrict grad, float* __re
   std::int64_t i = begin;
   for (; i + 64 <= end; i += 64) {
     prefetch_ahead(p + i, grad + i);  // masked_sgd_scalar.h: why, and the distance
-    std::uint64_t word = 0;
-    std::memcpy(&word, bits + (i >> 3), sizeof(word));
+    const std::uint64_t word = mask_word(bits, i);
     if (word == 0) continue;
     unsigned byte[8];
     int n[8];
@@ -210,27 +204,20 @@ void compact_avx2(float* __restrict p, const float* __restrict grad, float* __re
 
 void masked_sgd_span_f32_avx2(float* p, const float* grad, float* buf, const std::uint8_t* bits,
                               std::int64_t begin, std::int64_t end, const SgdHyper& h) {
-  if (h.momentum == 0.0) return update_avx2<false, false, false>(p, grad, buf, bits, begin, end, h);
-  if (h.nesterov) {
-    if (h.first_step) return update_avx2<true, true, true>(p, grad, buf, bits, begin, end, h);
-    return update_avx2<true, true, false>(p, grad, buf, bits, begin, end, h);
-  }
-  if (h.first_step) return update_avx2<true, false, true>(p, grad, buf, bits, begin, end, h);
-  return update_avx2<true, false, false>(p, grad, buf, bits, begin, end, h);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    update_avx2<decltype(m)::value, decltype(n)::value, decltype(f)::value>(p, grad, buf, bits,
+                                                                            begin, end, h);
+  });
 }
 
 void masked_sgd_compact_f32_avx2(float* p, const float* grad, float* cbuf,
                                  const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
                                  std::int64_t buf_begin, std::int64_t buf_numel,
                                  const SgdHyper& h) {
-  const auto args = [&](auto fn) { fn(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h); };
-  if (h.momentum == 0.0) return args(compact_avx2<false, false, false>);
-  if (h.nesterov) {
-    if (h.first_step) return args(compact_avx2<true, true, true>);
-    return args(compact_avx2<true, true, false>);
-  }
-  if (h.first_step) return args(compact_avx2<true, false, true>);
-  return args(compact_avx2<true, false, false>);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    compact_avx2<decltype(m)::value, decltype(n)::value, decltype(f)::value>(
+        p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  });
 }
 
 }  // namespace ong

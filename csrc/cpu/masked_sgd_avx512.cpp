@@ -14,17 +14,18 @@
 namespace ong {
 namespace {
 
+struct Set16 {
+  __m512 operator()(float x) const { return _mm512_set1_ps(x); }
+};
+
+// The hyper-parameters broadcast to 16 lanes, shared by the dense and the compact span.
+using Lanes = Hyper<float, __m512, Set16>;
+
 template <bool kMomentum, bool kNesterov, bool kFirst>
 void update_avx512(float* __restrict p, const float* __restrict grad, float* __restrict buf,
                    const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
                    const SgdHyper& h) {
-  const __m512 lr = _mm512_set1_ps(static_cast<float>(h.lr));
-  const __m512 wd = _mm512_set1_ps(static_cast<float>(h.weight_decay));
-  const __m512 mom = _mm512_set1_ps(static_cast<float>(h.momentum));
-  const __m512 damp = _mm512_set1_ps(static_cast<float>(1.0 - h.dampening));
-  const __m512 sign =
-      _mm512_set1_ps(static_cast<float>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)));
-  const bool use_wd = h.weight_decay != 0.0;
+  const Lanes v(h);
   std::int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
     if ((i & 63) == 0) {  // masked_sgd_scalar.h: why, and the measurement
@@ -33,16 +34,16 @@ void update_avx512(float* __restrict p, const float* __restrict grad, float* __r
     }
     __mmask16 keep = 0xFFFF;
     if (bits != nullptr) std::memcpy(&keep, bits + (i >> 3), sizeof(keep));
-    __m512 g = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(keep, grad + i));
+    __m512 g = _mm512_mul_ps(v.sign, _mm512_maskz_loadu_ps(keep, grad + i));
     const __m512 w = _mm512_loadu_ps(p + i);
-    if (use_wd) g = _mm512_fmadd_ps(wd, w, g);
+    if (v.use_wd) g = _mm512_fmadd_ps(v.wd, w, g);
     if constexpr (kMomentum) {
-      __m512 b = kFirst ? g : _mm512_fmadd_ps(mom, _mm512_loadu_ps(buf + i), _mm512_mul_ps(damp, g));
+      __m512 b = kFirst ? g : _mm512_fmadd_ps(v.mom, _mm512_loadu_ps(buf + i), _mm512_mul_ps(v.damp, g));
       b = _mm512_maskz_mov_ps(keep, b);
       _mm512_storeu_ps(buf + i, b);
-      g = kNesterov ? _mm512_fmadd_ps(mom, b, g) : b;
+      g = kNesterov ? _mm512_fmadd_ps(v.mom, b, g) : b;
     }
-    _mm512_storeu_ps(p + i, _mm512_maskz_mov_ps(keep, _mm512_fnmadd_ps(lr, g, w)));
+    _mm512_storeu_ps(p + i, _mm512_maskz_mov_ps(keep, _mm512_fnmadd_ps(v.lr, g, w)));
   }
   update_scalar<float, kMomentum, kNesterov, kFirst>(p, grad, buf, bits, i, end, h);
 }
@@ -63,13 +64,7 @@ template <bool kMomentum, bool kNesterov, bool kFirst>
 void compact_avx512(float* __restrict p, const float* __restrict grad, float* __restrict cbuf,
                     const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
                     std::int64_t buf_begin, std::int64_t buf_numel, const SgdHyper& h) {
-  const __m512 lr = _mm512_set1_ps(static_cast<float>(h.lr));
-  const __m512 wd = _mm512_set1_ps(static_cast<float>(h.weight_decay));
-  const __m512 mom = _mm512_set1_ps(static_cast<float>(h.momentum));
-  const __m512 damp = _mm512_set1_ps(static_cast<float>(1.0 - h.dampening));
-  const __m512 sign =
-      _mm512_set1_ps(static_cast<float>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)));
-  const bool use_wd = h.weight_decay != 0.0;
+  const Lanes v(h);
   std::int64_t k = buf_begin;
   std::int64_t i = begin;
   // 64 weights (4 groups) per block: the block's 4 packed momentum loads are issued before
@@ -78,8 +73,7 @@ void compact_avx512(float* __restrict p, const float* __restrict grad, float* __
   // timed in cache at 50% kept, the set-bit loop then beat this span.
   for (; i + 64 <= end; i += 64) {
     prefetch_ahead(p + i, grad + i);  // masked_sgd_scalar.h: why, and the distance
-    std::uint64_t word = 0;
-    std::memcpy(&word, bits + (i >> 3), sizeof(word));
+    const std::uint64_t word = mask_word(bits, i);
     if (word == 0) continue;
     __mmask16 keep[4];
     std::int64_t at[4];
@@ -100,20 +94,20 @@ void compact_avx512(float* __restrict p, const float* __restrict grad, float* __
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const float* gj = grad + i + 16 * j;
-      __m512 g = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(keep[j], gj));
+      __m512 g = _mm512_mul_ps(v.sign, _mm512_maskz_loadu_ps(keep[j], gj));
       const __m512 w = _mm512_maskz_loadu_ps(keep[j], p + i + 16 * j);
-      if (use_wd) g = _mm512_fmadd_ps(wd, w, g);
+      if (v.use_wd) g = _mm512_fmadd_ps(v.wd, w, g);
       if constexpr (kMomentum) {
         b[j] = g;
         if constexpr (!kFirst) {
           const __mmask16 first = static_cast<__mmask16>((1u << n[j]) - 1u);
           const __m512 packed = _mm512_maskz_loadu_ps(first, cbuf + at[j]);
-          b[j] = _mm512_fmadd_ps(mom, _mm512_maskz_expand_ps(keep[j], packed),
-                                 _mm512_mul_ps(damp, g));
+          b[j] = _mm512_fmadd_ps(v.mom, _mm512_maskz_expand_ps(keep[j], packed),
+                                 _mm512_mul_ps(v.damp, g));
         }
-        g = kNesterov ? _mm512_fmadd_ps(mom, b[j], g) : b[j];
+        g = kNesterov ? _mm512_fmadd_ps(v.mom, b[j], g) : b[j];
       }
-      w_new[j] = _mm512_fnmadd_ps(lr, g, w);
+      w_new[j] = _mm512_fnmadd_ps(v.lr, g, w);
     }
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
@@ -134,20 +128,20 @@ void compact_avx512(float* __restrict p, const float* __restrict grad, float* __
       // bits and offsets that disagree with the buffer cannot make us touch memory past it
       if (k < 0 || k + n > buf_numel) return;
     }
-    __m512 g = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps(keep, grad + i));
+    __m512 g = _mm512_mul_ps(v.sign, _mm512_maskz_loadu_ps(keep, grad + i));
     const __m512 w = _mm512_maskz_loadu_ps(keep, p + i);
-    if (use_wd) g = _mm512_fmadd_ps(wd, w, g);
+    if (v.use_wd) g = _mm512_fmadd_ps(v.wd, w, g);
     if constexpr (kMomentum) {
       const __mmask16 first = static_cast<__mmask16>((1u << n) - 1u);
       __m512 b = g;
       if constexpr (!kFirst) {
         const __m512 packed = _mm512_maskz_loadu_ps(first, cbuf + k);
-        b = _mm512_fmadd_ps(mom, _mm512_maskz_expand_ps(keep, packed), _mm512_mul_ps(damp, g));
+        b = _mm512_fmadd_ps(v.mom, _mm512_maskz_expand_ps(keep, packed), _mm512_mul_ps(v.damp, g));
       }
       _mm512_mask_storeu_ps(cbuf + k, first, _mm512_maskz_compress_ps(keep, b));
-      g = kNesterov ? _mm512_fmadd_ps(mom, b, g) : b;
+      g = kNesterov ? _mm512_fmadd_ps(v.mom, b, g) : b;
     }
-    _mm512_mask_storeu_ps(p + i, keep, _mm512_fnmadd_ps(lr, g, w));
+    _mm512_mask_storeu_ps(p + i, keep, _mm512_fnmadd_ps(v.lr, g, w));
     k += n;
   }
   update_compact<float, kMomentum, kNesterov, kFirst>(p, grad, cbuf, bits, i, end, k, buf_numel,
@@ -160,14 +154,10 @@ void masked_sgd_compact_f32_avx512(float* p, const float* grad, float* cbuf,
                                    const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
                                    std::int64_t buf_begin, std::int64_t buf_numel,
                                    const SgdHyper& h) {
-  const auto args = [&](auto fn) { fn(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h); };
-  if (h.momentum == 0.0) return args(compact_avx512<false, false, false>);
-  if (h.nesterov) {
-    if (h.first_step) return args(compact_avx512<true, true, true>);
-    return args(compact_avx512<true, true, false>);
-  }
-  if (h.first_step) return args(compact_avx512<true, false, true>);
-  return args(compact_avx512<true, false, false>);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    compact_avx512<decltype(m)::value, decltype(n)::value, decltype(f)::value>(
+        p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  });
 }
 
 void masked_sgd_compact_f32_avx512_setbits(float* p, const float* grad, float* cbuf,
@@ -181,13 +171,10 @@ void masked_sgd_compact_f32_avx512_setbits(float* p, const float* grad, float* c
 void masked_sgd_span_f32_avx512(float* p, const float* grad, float* buf,
                                 const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
                                 const SgdHyper& h) {
-  if (h.momentum == 0.0) return update_avx512<false, false, false>(p, grad, buf, bits, begin, end, h);
-  if (h.nesterov) {
-    if (h.first_step) return update_avx512<true, true, true>(p, grad, buf, bits, begin, end, h);
-    return update_avx512<true, true, false>(p, grad, buf, bits, begin, end, h);
-  }
-  if (h.first_step) return update_avx512<true, false, true>(p, grad, buf, bits, begin, end, h);
-  return update_avx512<true, false, false>(p, grad, buf, bits, begin, end, h);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    update_avx512<decltype(m)::value, decltype(n)::value, decltype(f)::value>(p, grad, buf, bits,
+                                                                              begin, end, h);
+  });
 }
 
 }  // namespace ong

@@ -27,6 +27,35 @@ inline T madd(T a, T b, T c) {
 
 inline bool kept(const std::uint8_t* bits, std::int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
 
+// The 64 mask bits of weights [i, i + 64) (i a multiple of 8; all 8 bytes inside the mask).
+inline std::uint64_t mask_word(const std::uint8_t* bits, std::int64_t i) {
+  std::uint64_t word;
+  std::memcpy(&word, bits + (i >> 3), sizeof(word));
+  return word;
+}
+
+// The step's scalars in T (float for the float32 spans, T for the scalar loops), each passed
+// through `set` (a vector unit's set1 broadcast; by default the scalar itself): one place
+// that reads them from SgdHyper for every span. `sign` folds maximize and GradScaler's
+// unscale (grad_scale is a host address here).
+struct Scalar {
+  template <typename T>
+  T operator()(T x) const { return x; }
+};
+
+template <typename T, typename V = T, typename Set = Scalar>
+struct Hyper {
+  V lr, wd, mom, damp, sign;
+  bool use_wd;
+  explicit Hyper(const SgdHyper& h, Set set = {})
+      : lr(set(static_cast<T>(h.lr))),
+        wd(set(static_cast<T>(h.weight_decay))),
+        mom(set(static_cast<T>(h.momentum))),
+        damp(set(static_cast<T>(1.0 - h.dampening))),
+        sign(set(static_cast<T>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f)))),
+        use_wd(h.weight_decay != 0.0) {}
+};
+
 // Elements [begin, end) of one tensor; `bits` == nullptr for a dense tensor. Written without
 // a branch on the mask: one mask byte is 8 lanes whose value is selected (keep ? x : 0, with
 // x computed either way). The per-element branch it replaces ran 6x slower than AVX-512 at
@@ -36,12 +65,8 @@ template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
 void update_scalar(T* __restrict p, const T* __restrict grad, T* __restrict buf,
                    const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
                    const SgdHyper& h) {
-  const T lr = static_cast<T>(h.lr);
-  const T wd = static_cast<T>(h.weight_decay);
-  const T mom = static_cast<T>(h.momentum);
-  const T damp = static_cast<T>(1.0 - h.dampening);
-  // maximize and GradScaler's unscale in one factor (grad_scale is a host address here)
-  const T sign = static_cast<T>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f));
+  const Hyper<T> v(h);
+  const T lr = v.lr, wd = v.wd, mom = v.mom, damp = v.damp, sign = v.sign;
   const auto one = [&](std::int64_t i, bool keep, bool use_wd) {
     // Select, never multiply: a NaN/Inf gradient at a pruned position must not reach p or buf.
     T g = keep ? sign * grad[i] : T(0);
@@ -111,11 +136,8 @@ template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
 void update_compact(T* __restrict p, const T* __restrict grad, T* __restrict cbuf,
                     const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
                     std::int64_t buf_begin, std::int64_t buf_numel, const SgdHyper& h) {
-  const T lr = static_cast<T>(h.lr);
-  const T wd = static_cast<T>(h.weight_decay);
-  const T mom = static_cast<T>(h.momentum);
-  const T damp = static_cast<T>(1.0 - h.dampening);
-  const T sign = static_cast<T>(grad_sign(h, h.grad_scale ? host_unscale(h) : 1.0f));
+  const Hyper<T> v(h);
+  const T lr = v.lr, wd = v.wd, mom = v.mom, damp = v.damp, sign = v.sign;
   std::int64_t k = buf_begin;
   for (std::int64_t base = begin; base < end; base += 64) {
     prefetch_ahead(p + base, grad + base);
@@ -145,32 +167,24 @@ void update_compact(T* __restrict p, const T* __restrict grad, T* __restrict cbu
   }
 }
 
+// update_compact and update_scalar with the flags of `h` as template arguments.
 template <typename T>
 void update_compact_dispatch(T* p, const T* grad, T* cbuf, const std::uint8_t* bits,
                              std::int64_t begin, std::int64_t end, std::int64_t buf_begin,
                              std::int64_t buf_numel, const SgdHyper& h) {
-  if (h.momentum == 0.0) {
-    return update_compact<T, false, false, false>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
-  }
-  if (h.nesterov) {
-    if (h.first_step) return update_compact<T, true, true, true>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
-    return update_compact<T, true, true, false>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
-  }
-  if (h.first_step) return update_compact<T, true, false, true>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
-  return update_compact<T, true, false, false>(p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    update_compact<T, decltype(m)::value, decltype(n)::value, decltype(f)::value>(
+        p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  });
 }
 
-// update_scalar with the flags of `h` as template arguments.
 template <typename T>
 void update_scalar_dispatch(T* p, const T* grad, T* buf, const std::uint8_t* bits,
                             std::int64_t begin, std::int64_t end, const SgdHyper& h) {
-  if (h.momentum == 0.0) return update_scalar<T, false, false, false>(p, grad, buf, bits, begin, end, h);
-  if (h.nesterov) {
-    if (h.first_step) return update_scalar<T, true, true, true>(p, grad, buf, bits, begin, end, h);
-    return update_scalar<T, true, true, false>(p, grad, buf, bits, begin, end, h);
-  }
-  if (h.first_step) return update_scalar<T, true, false, true>(p, grad, buf, bits, begin, end, h);
-  return update_scalar<T, true, false, false>(p, grad, buf, bits, begin, end, h);
+  with_flags(h, [&](auto m, auto n, auto f) {
+    update_scalar<T, decltype(m)::value, decltype(n)::value, decltype(f)::value>(
+        p, grad, buf, bits, begin, end, h);
+  });
 }
 
 }  // namespace

@@ -387,11 +387,32 @@ struct Team {
 
 // ----------------------------------------------------------------------------- one matrix
 
+// The blocks' partial Gram products (max(nbw, nbh) blocks of rp x rp): float64 on a pass that
+// checks the error, float32 otherwise, in one buffer sized for float64. One type, so no call
+// site picks the precision by casting the buffer.
+struct Partials {
+  void* data = nullptr;
+  i64 stride = 0;  // rp * rp
+  template <typename T>
+  T* block(i64 b) const {
+    static_assert(sizeof(T) <= sizeof(double), "the buffer is sized for float64");
+    return static_cast<T*>(data) + b * stride;
+  }
+};
+
+// What a sweep block computes: kUpdate the multiplicative update (float32 Gram partials);
+// kCheck the update and the float64 terms of the error check (float64 Gram partials, the H
+// sweep's cross term); kError only the H sweep's cross term of the current H (the initial
+// error: no update).
+enum class Pass { kUpdate, kCheck, kError };
+
 struct Matrix {
   Job job;
   i64 rp = 0, block = 0, nbw = 0, nbh = 0;
   bool checks = false;
   bool fused = false;  // solved by one thread: numH buffers exist
+  // One thread walks the W blocks in order, so it can fuse the H numerator (w_block).
+  bool fuse_wtv = false;  // solo and rp <= kFuseMaxRank
   Buffer buf;
   Buffer vbuf;           // V in float32 when V is a half type or float64
   const float* V = nullptr;
@@ -401,7 +422,7 @@ struct Matrix {
   double* numHd = nullptr;                 // the same in float64 (check iterations)
   float *WtW = nullptr, *HHt = nullptr;    // rp x rp
   double *WtWd = nullptr, *HHtd = nullptr;
-  double* partial = nullptr;               // max(nbw, nbh) x rp x rp (float or double)
+  Partials partials;
   double* terms = nullptr;                 // max(nbw, nbh): ||V||^2 or cross-term partials
   double norm_v2 = 0, initial = 0, previous = 0;
   bool stopped = false;
@@ -415,7 +436,7 @@ struct Matrix {
     Ht = c.take<float>(n * rp);
     WtW = c.take<float>(rp * rp);
     HHt = c.take<float>(rp * rp);
-    partial = c.take<double>(nb * rp * rp);
+    partials = {c.take<double>(nb * rp * rp), rp * rp};
     terms = c.take<double>(nb);
     numH = fused ? c.take<float>(n * rp) : nullptr;
     numHd = fused && checks ? c.take<double>(n * rp) : nullptr;
@@ -433,6 +454,7 @@ struct Matrix {
     checks = with_checks;
     fused = solo;
     rp = padded_rank(j.r);
+    fuse_wtv = solo && rp <= kFuseMaxRank;
     block = block_size(rp);
     nbw = (j.m + block - 1) / block;
     nbh = (j.n + block - 1) / block;
@@ -464,6 +486,32 @@ void gram_block(const float* X, const T* Xb, i64 rows, i64 r, i64 rp, T* out) {
   cols_product<T>(X, rp, rows, r, Xb, rp, rp, out, rp);
 }
 
+// Block b's partial Gram product of the factor rows [x0, x0 + rows) of X (padded rows of rp):
+// in float64 (`exact`) from the rows' float64 copy, written into Xd here (the error terms
+// read it), else in float32.
+void partial_gram(Matrix& s, float* X, double* Xd, i64 x0, i64 rows, i64 b, bool exact) {
+  const i64 rp = s.rp;
+  const float* rows_f = X + x0 * rp;
+  if (exact) {
+    double* rows_d = Xd + x0 * rp;
+    for (i64 k = 0; k < rows * rp; ++k) rows_d[k] = rows_f[k];
+    gram_block<double>(rows_f, rows_d, rows, s.job.r, rp, s.partials.block<double>(b));
+  } else {
+    gram_block<float>(rows_f, rows_f, rows, s.job.r, rp, s.partials.block<float>(b));
+  }
+}
+
+// The Gram product from the first `count` block partials: float64 into gd and its float32
+// copy into g when `exact`, else float32 into g.
+void sum_gram(const Matrix& s, i64 count, bool exact, float* g, double* gd) {
+  if (exact) {
+    sum_partials(s.partials.block<double>(0), count, s.job.r, s.rp, gd);
+    for (i64 k = 0; k < s.rp * s.rp; ++k) g[k] = static_cast<float>(gd[k]);
+  } else {
+    sum_partials(s.partials.block<float>(0), count, s.job.r, s.rp, g);
+  }
+}
+
 template <typename T>
 inline double dot_d(const T* a, const float* b, i64 count) {
   double s = 0;
@@ -471,27 +519,22 @@ inline double dot_d(const T* a, const float* b, i64 count) {
   return s;
 }
 
-// W sweep, block b: W <- W * (V H^T) / (W (H H^T)) on its rows, then their partial Gram.
-// fused (a matrix solved by one thread, blocks in order): also adds the block's share of the
-// H numerator, W_new^T V over its rows, to s.numH (s.numHd on check iterations) while V's rows
-// are still in cache: V is then read once per iteration instead of twice (rank 16 is bound
-// by streaming V: 2 flops per float per sweep and rank). The sum runs over row blocks in
-// order, exactly as wtv's does, so fused and team solves agree bitwise.
-void w_block(Matrix& s, Scratch& t, i64 b, bool check, bool fused) {
+// W sweep, block b (kUpdate or kCheck): W <- W * (V H^T) / (W (H H^T)) on its rows, then
+// their partial Gram. s.fuse_wtv (a matrix solved by one thread, blocks in order): also adds
+// the block's share of the H numerator, W_new^T V over its rows, to s.numH (s.numHd on check
+// iterations) while V's rows are still in cache: V is then read once per iteration instead of
+// twice (rank 16 is bound by streaming V: 2 flops per float per sweep and rank). The sum runs
+// over row blocks in order, exactly as wtv's does, so fused and team solves agree bitwise.
+void w_block(Matrix& s, Scratch& t, i64 b, Pass pass) {
   const i64 n = s.job.n, r = s.job.r, rp = s.rp;
   const i64 i0 = b * s.block, rows = std::min(s.block, s.job.m - i0);
+  const bool check = pass == Pass::kCheck;
   float* W = s.W + i0 * rp;
   rows_product(s.V + i0 * n, n, n, rows, s.Ht, rp, rp, t.num, rp);
   rows_product(W, rp, r, rows, s.HHt, rp, rp, t.den, rp);
   for (i64 ii = 0; ii < rows; ++ii) mu_update_row(W + ii * rp, t.num + ii * rp, t.den + ii * rp, rp);
-  if (check) {
-    double* Wd = s.Wd + i0 * rp;
-    for (i64 k = 0; k < rows * rp; ++k) Wd[k] = W[k];
-    gram_block<double>(W, Wd, rows, r, rp, s.partial + b * rp * rp);
-  } else {
-    gram_block<float>(W, W, rows, r, rp, reinterpret_cast<float*>(s.partial) + b * rp * rp);
-  }
-  if (!fused) return;
+  partial_gram(s, s.W, s.Wd, i0, rows, b, check);
+  if (!s.fuse_wtv) return;
   const float* V = s.V + i0 * n;
   if (check) {
     cols_product<double>(V, n, rows, n, s.Wd + i0 * rp, rp, rp, s.numHd, rp, b > 0);
@@ -520,12 +563,14 @@ void wtv(const Matrix& s, Scratch& t, i64 j0, i64 cols, const T* W, T* out) {
 }
 
 // H sweep, block b: H <- H * (W^T V) / ((W^T W) H) on its columns (rows of Ht), then their
-// partial Gram. On check iterations W^T V is accumulated in double and the block's cross
-// term sum((W^T V) o H_new) recorded; update = false records the cross term of the current H
-// without updating (the initial error).
-void h_block(Matrix& s, Scratch& t, i64 b, bool check, bool update, bool fused) {
+// partial Gram. On check passes W^T V is accumulated in double and the block's cross term
+// sum((W^T V) o H_new) recorded; kError records the cross term of the current H without
+// updating (the initial error: W^T V is not fused yet).
+void h_block(Matrix& s, Scratch& t, i64 b, Pass pass) {
   const i64 n = s.job.n, r = s.job.r, rp = s.rp;
   const i64 j0 = b * s.block, cols = std::min(s.block, n - j0);
+  const bool check = pass != Pass::kUpdate, update = pass != Pass::kError;
+  const bool fused = s.fuse_wtv && update;
   float* Ht = s.Ht + j0 * rp;
   const float* num = t.num;
   const double* num_d = t.num_d;
@@ -551,14 +596,7 @@ void h_block(Matrix& s, Scratch& t, i64 b, bool check, bool update, bool fused) 
     for (i64 jj = 0; jj < cols; ++jj) cross += dot_d(num_d + jj * rp, Ht + jj * rp, r);
     s.terms[b] = cross;
   }
-  if (!update) return;
-  if (check) {
-    double* Htd = s.Htd + j0 * rp;
-    for (i64 k = 0; k < cols * rp; ++k) Htd[k] = Ht[k];
-    gram_block<double>(Ht, Htd, cols, r, rp, s.partial + b * rp * rp);
-  } else {
-    gram_block<float>(Ht, Ht, cols, r, rp, reinterpret_cast<float*>(s.partial) + b * rp * rp);
-  }
+  if (update) partial_gram(s, s.Ht, s.Htd, j0, cols, b, check);
 }
 
 // ||V - W H||_F from the current double Gram products and the cross-term partials.
@@ -587,16 +625,14 @@ void prepare(Matrix& s, Scratch& t, const Team& team) {
       double sum = 0;
       for (i64 k = i0 * n; k < i1 * n; ++k) sum += static_cast<double>(s.V[k]) * s.V[k];
       s.terms[b] = sum;
-      double* Wd = s.Wd + i0 * rp;
-      for (i64 k = 0; k < (i1 - i0) * rp; ++k) Wd[k] = s.W[i0 * rp + k];
-      gram_block<double>(s.W + i0 * rp, Wd, i1 - i0, r, rp, s.partial + b * rp * rp);
+      partial_gram(s, s.W, s.Wd, i0, i1 - i0, b, true);
     }
   });
   if (s.checks) {
     team.single([&] {
       s.norm_v2 = 0;
       for (i64 b = 0; b < s.nbw; ++b) s.norm_v2 += s.terms[b];
-      sum_partials(s.partial, s.nbw, r, rp, s.WtWd);
+      sum_gram(s, s.nbw, true, s.WtW, s.WtWd);
     });
   }
   team.for_blocks(s.nbh, [&](i64 b) {
@@ -606,25 +642,11 @@ void prepare(Matrix& s, Scratch& t, const Team& team) {
       for (i64 k = 0; k < r; ++k) row[k] = s.job.h[k * n + j];
       std::fill(row + r, row + rp, 0.0f);
     }
-    float* Ht = s.Ht + j0 * rp;
-    if (s.checks) {
-      double* Htd = s.Htd + j0 * rp;
-      for (i64 k = 0; k < (j1 - j0) * rp; ++k) Htd[k] = Ht[k];
-      gram_block<double>(Ht, Htd, j1 - j0, r, rp, s.partial + b * rp * rp);
-    } else {
-      gram_block<float>(Ht, Ht, j1 - j0, r, rp, reinterpret_cast<float*>(s.partial) + b * rp * rp);
-    }
+    partial_gram(s, s.Ht, s.Htd, j0, j1 - j0, b, s.checks);
   });
-  team.single([&] {
-    if (s.checks) {
-      sum_partials(s.partial, s.nbh, r, rp, s.HHtd);
-      for (i64 k = 0; k < rp * rp; ++k) s.HHt[k] = static_cast<float>(s.HHtd[k]);
-    } else {
-      sum_partials(reinterpret_cast<const float*>(s.partial), s.nbh, r, rp, s.HHt);
-    }
-  });
+  team.single([&] { sum_gram(s, s.nbh, s.checks, s.HHt, s.HHtd); });
   if (s.checks) {
-    team.for_blocks(s.nbh, [&](i64 b) { h_block(s, t, b, true, false, false); });
+    team.for_blocks(s.nbh, [&](i64 b) { h_block(s, t, b, Pass::kError); });
     team.single([&] {
       s.initial = s.previous = trace_error(s);
       s.stopped = false;
@@ -647,32 +669,20 @@ void write_back(Matrix& s, const Team& team) {
 
 // Runs the iterations with scikit-learn's per-matrix stopping rule (nmf_plan.stop_rule).
 void solve(Matrix& s, Scratch& t, const Team& team, i64 max_iter, double tol) {
-  const i64 r = s.job.r, rp = s.rp;
   prepare(s, t, team);
   i64 done = max_iter;
   for (i64 it = 1; it <= max_iter; ++it) {
     const bool check = s.checks && it % kCheckEvery == 0 && it < max_iter;
-    // One thread walks the W blocks in order, so it can fuse the H numerator (w_block).
-    const bool fused = !team.coop && rp <= kFuseMaxRank;
-    team.for_blocks(s.nbw, [&](i64 b) { w_block(s, t, b, check, fused); });
+    const Pass pass = check ? Pass::kCheck : Pass::kUpdate;
+    team.for_blocks(s.nbw, [&](i64 b) { w_block(s, t, b, pass); });
+    team.single([&] { sum_gram(s, s.nbw, check, s.WtW, s.WtWd); });
+    team.for_blocks(s.nbh, [&](i64 b) { h_block(s, t, b, pass); });
     team.single([&] {
+      sum_gram(s, s.nbh, check, s.HHt, s.HHtd);
       if (check) {
-        sum_partials(s.partial, s.nbw, r, rp, s.WtWd);
-        for (i64 k = 0; k < rp * rp; ++k) s.WtW[k] = static_cast<float>(s.WtWd[k]);
-      } else {
-        sum_partials(reinterpret_cast<const float*>(s.partial), s.nbw, r, rp, s.WtW);
-      }
-    });
-    team.for_blocks(s.nbh, [&](i64 b) { h_block(s, t, b, check, true, fused); });
-    team.single([&] {
-      if (check) {
-        sum_partials(s.partial, s.nbh, r, rp, s.HHtd);
-        for (i64 k = 0; k < rp * rp; ++k) s.HHt[k] = static_cast<float>(s.HHtd[k]);
         const double error = trace_error(s);
         s.stopped = s.initial <= 0 || (s.previous - error) / s.initial < tol;
         s.previous = error;
-      } else {
-        sum_partials(reinterpret_cast<const float*>(s.partial), s.nbh, r, rp, s.HHt);
       }
     });
     // Every thread reads `stopped` after the barrier that ends the single above.

@@ -9,8 +9,8 @@
 //   p   = mask ? p - lr * g : 0 ;  buf = mask ? buf : 0
 #pragma once
 
-#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "ong_dtype.h"
 
@@ -31,6 +31,19 @@ struct SgdHyper {
   std::uintptr_t grad_scale;
   std::uintptr_t found_inf;
 };
+
+// f(std::bool_constant<kMomentum>{}, std::bool_constant<kNesterov>{},
+// std::bool_constant<kFirst>{}) for the runtime flags of `h`: the one place that maps them to a
+// kernel template's arguments (nesterov and first_step matter only with momentum). A kernel
+// reads them as decltype(m)::value.
+template <typename F>
+decltype(auto) with_flags(const SgdHyper& h, F&& f) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (h.momentum == 0.0) return f(N{}, N{}, N{});
+  if (h.nesterov) return h.first_step ? f(Y{}, Y{}, Y{}) : f(Y{}, Y{}, N{});
+  return h.first_step ? f(Y{}, N{}, Y{}) : f(Y{}, N{}, N{});
+}
 
 #ifdef __CUDACC__
 #define ONG_HOST_DEVICE __host__ __device__
@@ -86,17 +99,6 @@ void masked_sgd_step_compact_cpu(const SgdCompactTensor* table, std::int64_t n_t
                                  DType dtype, const SgdHyper& h, int num_threads);
 std::int64_t masked_sgd_chunk_size_cpu();
 
-// The CPU steps as plain C functions, for ong_kernels._C_host's dispatcher kernel
-// (csrc/host/cpu_step.cpp), which launches them without Python: ong_kernels._C hands their
-// addresses over (masked_sgd_entry_points) and no C++ exception crosses the module boundary.
-// `table` holds SgdTensor rows (kind dense) or SgdCompactTensor rows (kind compact); returns
-// 0, or 1 with a message in err[0, err_len). kSgdEntryAbi names this signature and the
-// layouts of SgdHyper and the rows: change it with any of them, so a module built against
-// another header is refused instead of misread.
-using SgdCpuEntry = int (*)(const std::int64_t* table, std::int64_t n_tensors, int dtype,
-                            const SgdHyper* h, int num_threads, char* err,
-                            std::size_t err_len);
-constexpr int kSgdEntryAbi = 1;
 void masked_sgd_compact_f32_avx512(float* p, const float* grad, float* cbuf,
                                    const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
                                    std::int64_t buf_begin, std::int64_t buf_numel,

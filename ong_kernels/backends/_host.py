@@ -1,5 +1,5 @@
-"""Keys of tensor lists for the fused step's plan cache, the per-step gradient addresses, and
-the CPU step's dispatcher kernel (the C++ side of ong_kernels._C_host).
+"""The per-step host work of the fused step: keys of tensor lists for the plan caches, the
+gradients and their addresses, and the identity snapshot of an optimizer's state.
 
 `layout_key(tensors, with_address)` is equal for two lists exactly when every entry agrees in
 dtype, device, sizes and strides (and data address when `with_address`); None marks an entry
@@ -7,29 +7,25 @@ of None; the key is None when some entry's metadata cannot be read (no strides o
 the validator then says why). `grads_of(params)` is `[p.grad for p in params]`, or None when some
 gradient is None. `write_addresses(tensors, table, rows, column)` writes
 `tensors[i].data_ptr()` into `table[rows[i], column]` for every `rows[i] >= 0`, bounds
-checked.
+checked. `state_snapshot(state)` holds the objects of an optimizer's state (parameter ->
+{name: value}) and `state_unchanged(state, snapshot)` says whether the state still holds
+exactly those objects, by identity (no tensor hashing, no __eq__): a reset or edited state
+(`state.clear()`, a new dict, a buffer deleted or replaced) is seen in ~1 us per step over 62
+parameters.
 
-Both run in ong_kernels._C_host (csrc/host/tensor_keys.cpp, C++ against libtorch: ~2 us per
+All run in ong_kernels._C_host (csrc/host/tensor_keys.cpp, C++ against libtorch: ~2 us per
 list of 62 tensors) when it was built, else in Python here (~3.5 us per `map` pass over such a
 list, five passes a list). tests/test_optim_host.py checks that the two agree.
-
-With _C_host, the ops masked_sgd_step_ and masked_sgd_compact_step_ also get a C++ kernel for
-CPU tensors (csrc/host/cpu_step.cpp, `enable_cpu_step`): a step whose plan the CPU kernel's
-PlanCache holds runs from C++ without entering Python; everything else calls the op's Python
-implementation. `NativePlans` mirrors the CPU kernel's cached plans into that kernel.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import importlib
+import itertools
 import operator
 import warnings
 
 import torch
-
-from ong_kernels.backends import _native
 
 _REBUILD = "rebuild with `pip install --no-build-isolation -e .` (or `make build`)"
 try:
@@ -103,99 +99,47 @@ def py_grads_of(params):
     return None if id(None) in set(map(id, grads)) else grads
 
 
+def py_state_snapshot(state):
+    """The Python form of state_snapshot: (objects, sizes) of a dict of dicts, or None."""
+    if not isinstance(state, dict):
+        return None
+    objects, sizes = [], []
+    for key, value in state.items():
+        objects += (key, value)
+        if isinstance(value, dict):
+            sizes.append(len(value))
+            objects.extend(itertools.chain.from_iterable(value.items()))
+        else:
+            sizes.append(-1)
+    return objects, sizes
+
+
+def py_state_unchanged(state, snapshot) -> bool:
+    """The Python form of state_unchanged (objects compared by identity, sizes by value)."""
+    now = py_state_snapshot(state)
+    if now is None or snapshot is None:
+        return False
+    return (
+        now[1] == snapshot[1]
+        and len(now[0]) == len(snapshot[0])
+        and all(map(operator.is_, now[0], snapshot[0]))
+    )
+
+
 if _C_host is not None:
     layout_key = _C_host.layout_key
     write_addresses = _C_host.write_addresses
     grads_of = _C_host.grads_of
+    state_snapshot = _C_host.state_snapshot
+    state_unchanged = _C_host.state_unchanged
 else:
     layout_key = py_layout_key
     write_addresses = py_write_addresses
     grads_of = py_grads_of
+    state_snapshot = py_state_snapshot
+    state_unchanged = py_state_unchanged
 
 
 def has_host_module() -> bool:
     """True when the per-step host work runs in ong_kernels._C_host (C++)."""
     return _C_host is not None
-
-
-KINDS = {"dense": 0, "compact": 1}  # csrc/host/cpu_step.cpp kDense, kCompact
-
-_cpu_step_impls: tuple | None = None  # the ops' Python implementations, once registered
-
-
-def enable_cpu_step(dense_impl, compact_impl) -> bool:
-    """Register the C++ CPU kernel of both masked SGD ops (ong_kernels/_ops.py calls this once
-    the ops exist); the Python implementations serve its misses. False (nothing registered)
-    without _C_host or without the compiled CPU kernels (an older ong_kernels._C)."""
-    global _cpu_step_impls
-    if _C_host is None or not _native.has_cpu():
-        return False
-    entries = getattr(_native.lib(), "masked_sgd_entry_points", None)
-    if entries is None:
-        return False
-    try:
-        _C_host.enable_cpu_step(entries(), dense_impl, compact_impl)
-    except (RuntimeError, ValueError) as exc:  # _C and _C_host of different builds
-        warnings.warn(f"{exc}; CPU optimizer steps run in Python", stacklevel=2)
-        return False
-    _cpu_step_impls = (dense_impl, compact_impl)
-    return True
-
-
-def _drop_native_plans() -> None:
-    for kind in KINDS.values():
-        _C_host.plan_drop(kind, None, None)
-
-
-if _C_host is not None:  # the C++ plans go before the interpreter does, not in static teardown
-    atexit.register(_drop_native_plans)
-
-
-def cpu_step_enabled() -> bool:
-    """True while the C++ CPU kernel of the masked SGD ops is registered."""
-    return _cpu_step_impls is not None
-
-
-@contextlib.contextmanager
-def python_cpu_step():
-    """Within: CPU steps run the ops' Python implementation (tests that look inside it)."""
-    global _cpu_step_impls
-    impls = _cpu_step_impls
-    if impls is None:
-        yield
-        return
-    _C_host.disable_cpu_step()
-    _cpu_step_impls = None
-    try:
-        yield
-    finally:
-        enable_cpu_step(*impls)
-
-
-class NativePlans:
-    """The C++ CPU kernel's copy of one PlanCache's host-table plans (kind "dense" or
-    "compact"): `put` mirrors a plan that the native kernel runs whole (TablePlan
-    .native_tables), `drop` and `clear` forget what the PlanCache forgets."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = KINDS[kind]
-
-    def put(self, slot: tuple, plan, lists: tuple) -> None:
-        if _C_host is None:
-            return
-        tables = plan.native_tables()
-        if tables is None:  # tensors the reference or a scratch copy serves: Python runs it
-            _C_host.plan_drop(self.kind, slot[1], slot[2])
-        else:
-            _C_host.plan_put(self.kind, list(lists), tables)
-
-    def drop(self, slot: tuple) -> None:
-        if _C_host is not None:
-            _C_host.plan_drop(self.kind, slot[1], slot[2])
-
-    def clear(self) -> None:
-        if _C_host is not None:
-            _C_host.plan_drop(self.kind, None, None)
-
-    def __len__(self) -> int:
-        return 0 if _C_host is None else _C_host.plan_count(self.kind)

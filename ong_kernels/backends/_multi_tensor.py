@@ -20,8 +20,7 @@ import torch
 
 from ong_kernels._layout import dense_layout
 from ong_kernels.backends import reference
-from ong_kernels.backends._host import NativePlans, layout_key, write_addresses
-from ong_kernels.backends._native import NATIVE_DTYPES
+from ong_kernels.backends._host import layout_key, write_addresses
 from ong_kernels.backends._sgd_args import SgdHyper, check_compact_args, check_step_args
 
 TABLE_COLUMNS = 5  # param, grad, buf, mask, numel (csrc/include/ong_sgd.h SgdTensor)
@@ -73,9 +72,8 @@ class PlanCache:
     goes when its first parameter is garbage (the model deleted), and beyond `size` slots the
     oldest."""
 
-    def __init__(self, size: int = 64, mirror: NativePlans | None = None) -> None:
+    def __init__(self, size: int = 64) -> None:
         self.size = size
-        self.mirror = mirror  # the C++ CPU kernel's copy (NativePlans): forgets what this does
         self._slots: OrderedDict[tuple, tuple[tuple, object]] = OrderedDict()
         self._watch: dict[tuple, list[weakref.finalize]] = {}
 
@@ -83,20 +81,12 @@ class PlanCache:
         entry = self._slots.get(slot)
         return entry[1] if entry is not None and entry[0] == key else None
 
-    def put(
-        self, slot: tuple, key: tuple, plan, owners: Sequence[torch.Tensor], lists: tuple
-    ) -> None:
-        """`lists`: the step's tensor lists, for the mirror's own key. The mirror first: if it
-        refuses the plan, neither cache holds it."""
-        if self.mirror is not None:
-            self.mirror.put(slot, plan, lists)
+    def put(self, slot: tuple, key: tuple, plan, owners: Sequence[torch.Tensor]) -> None:
         self._slots[slot] = (key, plan)
         self._slots.move_to_end(slot)
         while len(self._slots) > self.size:
             old, _ = self._slots.popitem(last=False)
             self._unwatch(old)
-            if self.mirror is not None:
-                self.mirror.drop(old)
         watched = self._watch.get(slot, [])
         same = len(watched) == len(owners) and all(
             f.alive and f.peek()[0] is o for f, o in zip(watched, owners, strict=True)
@@ -112,8 +102,6 @@ class PlanCache:
     def _drop(self, slot: tuple) -> None:
         self._slots.pop(slot, None)
         self._watch.pop(slot, None)
-        if self.mirror is not None:
-            self.mirror.drop(slot)
 
     def plans(self) -> list:
         """The cached plans, oldest first."""
@@ -123,8 +111,6 @@ class PlanCache:
         for slot in list(self._watch):
             self._unwatch(slot)
         self._slots.clear()
-        if self.mirror is not None:
-            self.mirror.clear()
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -226,18 +212,6 @@ class TablePlan:
             row += [self.offsets[i].data_ptr(), 0 if buf is None else buf.numel()]
         return row
 
-    def native_tables(self) -> list[tuple] | None:
-        """The plan as the C++ CPU kernel runs it (csrc/host/cpu_step.cpp plan_put): per table
-        (native dtype code, table, rows, grad_rows); None when part of the step is Python's
-        (tensors for the reference, gradients copied into scratch) or the table is not the
-        host's."""
-        if not self.host_table or self.parts.fallback or self.parts.scratch:
-            return None
-        return [
-            (int(NATIVE_DTYPES[dtype]), table, n, grad_rows)
-            for dtype, table, n, grad_rows in self.tables
-        ]
-
     def run(self, grads, hyper: SgdHyper, grad_scale=None, found_inf=None) -> None:
         """One step. `grads` must have the step_key the plan was built with (a host-table
         plan: the same layouts, any addresses). grad_scale / found_inf: GradScaler's tensors
@@ -269,18 +243,15 @@ def planned_kernel(
     *,
     host_table: bool,
     compact: bool = False,
-    native_mirror: bool = False,
 ) -> Callable:
     """A registry kernel whose step is `prepare(params, grads, bufs, bits[, offsets]).run(...)`,
     with its plans cached (PlanCache) while `step_key` holds: a step then costs the key and
     the launch. A plan is built only after the shared validator accepted the tensors.
     `host_table`: prepare's plans are TablePlan.host_table (they take new gradient addresses
-    at every step). `compact`: the kernel of the compact format (takes the block offsets).
-    `native_mirror`: the C++ CPU dispatcher kernel runs these plans too (NativePlans): the
-    compiled CPU kernel's, whose launch it knows."""
+    at every step). `compact`: the kernel of the compact format (takes the block offsets)."""
     check = check_compact_args if compact else check_step_args
     kind = "compact" if compact else "dense"
-    cache = PlanCache(mirror=NativePlans(kind) if native_mirror else None)
+    cache = PlanCache()
 
     def step(params, grads, bufs, bits, lists, hyper, grad_scale, found_inf) -> None:
         if not params:
@@ -298,7 +269,7 @@ def planned_kernel(
                     f"{prepare}: host_table={plan.host_table}, declared {host_table}"
                 )
             if key is not None:
-                cache.put(slot, key, plan, [params[0]], (params, grads, bufs, bits, *lists))
+                cache.put(slot, key, plan, [params[0]])
         plan.run(grads, hyper, grad_scale, found_inf)
 
     if compact:

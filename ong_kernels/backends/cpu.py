@@ -73,7 +73,6 @@ masked_sgd_step_ = register(
         "The step for every float32/float64 tensor in ONE native call (GIL released); "
         "tensors the kernel cannot take go to the reference kernel.",
         host_table=True,
-        native_mirror=True,
     )
 )
 masked_sgd_step_.compact = planned_kernel(
@@ -82,5 +81,4 @@ masked_sgd_step_.compact = planned_kernel(
     "and layouts go to the reference's gather/scatter.",
     host_table=True,
     compact=True,
-    native_mirror=True,
 )

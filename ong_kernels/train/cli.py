@@ -26,6 +26,7 @@ from typing import Any
 
 from ong_kernels.pruning import methods as M
 
+from .._version import add_version_option
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunFolderError, read_json_object
 from .config import (
     METHODS,
@@ -84,6 +85,7 @@ def _add_config_options(parser: argparse.ArgumentParser, *, sweep: bool) -> None
     """Every TrainConfig field that has an :class:`~.config.Option` as a command-line option
     (generated from the fields, so the two cannot drift apart). Defaults are 'not given'
     (SUPPRESS): what was given is told apart from TrainConfig's defaults and a preset's."""
+    add_version_option(parser)
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
