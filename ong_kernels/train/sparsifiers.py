@@ -402,8 +402,7 @@ class FinalCut:
             "target_sparsity": sparsity,
             # A reparametrisation method reports the sparsity its own masks reached (its
             # fold may have revived weights to reach the goal exactly).
-            "sparsity_before": getattr(host.sparsifier, "reached_sparsity", None)
-            or zeros / total,
+            "sparsity_before": getattr(host.sparsifier, "reached_sparsity", None) or zeros / total,
         }
         before = host.pruned_count
         # Exact methods are at their goal already (a one-shot method with per-layer scopes
