@@ -2,7 +2,7 @@
 calibration (no penalty touched): ResNet-20 on Fashion-MNIST, the first TRAIN images,
 6 epochs, batch 128, lr 0.1 cosine, weight decay 1e-4 (the main job's recipe).
 
-    python benchmarks/reparam_calibration.py OUT_DIR [TRAIN] [EPOCHS] [METHODS...]
+    python benchmarks/reparam_calibration.py OUT_DIR [TRAIN] [EPOCHS] [METHODS...] [GOALS...]
 
 Prints one line per run: method, goal, sparsity reached before the cut, its distance to
 the goal in points, test accuracy after the exact cut, the controller's last lambda.
@@ -18,15 +18,18 @@ from ong_kernels.train.config import TrainConfig
 from ong_kernels.train.data import load_dataset
 from ong_kernels.train.trainer import Trainer
 
+GOALS = (0.9, 0.98)
+
 
 def main(argv):
     out = argv[0]
     train = int(argv[1]) if len(argv) > 1 else 6000
     epochs = int(argv[2]) if len(argv) > 2 else 6
-    methods = argv[3:] or ["str", "cs", "dst"]
+    methods = [m for m in argv[3:] if not m.startswith("0.")] or ["str", "cs", "dst"]
+    goals = [float(m) for m in argv[3:] if m.startswith("0.")] or GOALS
     data = load_dataset("fashion-mnist", "/usr/share/datasets/fashion-mnist")
     for method in methods:
-        for goal in (0.9, 0.98):
+        for goal in goals:
             cfg = TrainConfig(
                 model="resnet20", dataset="fashion-mnist", train_subset=train, test_subset=2000,
                 epochs=epochs, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
