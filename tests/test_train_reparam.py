@@ -375,3 +375,64 @@ def test_penalty_help_gives_each_method_its_default():
         M.spec(name).settings()  # the defaults are valid
     assert M.resolve_settings("cs", {}).penalty == 1e-8
     assert M.resolve_settings("dst", {}).penalty == 5e-6
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+DDP_WORKER = textwrap.dedent(
+    """
+    import os, sys, torch
+    from ong_kernels.train.config import TrainConfig
+    from ong_kernels.train.trainer import Trainer
+
+    out, method = sys.argv[1], sys.argv[2]
+    config = TrainConfig(
+        model="resnet20", dataset="synthetic", synthetic_shape=[128, 40, 3, 8], width=0.25,
+        epochs=3, batch_size=32, eval_batch_size=16, lr=0.05, method=method, sparsity=0.9,
+        progress=False, device="cpu", run_dir=os.path.join(out, "run"),
+    )
+    trainer = Trainer(config, log=None)
+    results = trainer.fit()
+    torch.save(
+        {"state": trainer.model.state_dict(), "masks": trainer.masks,
+         "theta": {k: v.detach() for k, v in trainer.sparsifier.theta.items()},
+         "cuts": results["method_cuts"], "world": results["world_size"]},
+        os.path.join(out, f"rank{os.environ['RANK']}.pt"),
+    )
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["dnw", "dst"])
+def test_two_gloo_ranks_end_identical(tmp_path, method):
+    # The swap, theta's SGD and the controller see only all-reduced gradients and identical
+    # weights, so both ranks hold the same latent weights, thresholds and masks throughout.
+    import os
+
+    import ong_kernels
+
+    repo = os.path.dirname(os.path.dirname(ong_kernels.__file__))
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(script), str(tmp_path), method,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["world"] == r1["world"] == 2
+    assert r0["cuts"] == r1["cuts"]
+    for key in ("state", "masks", "theta"):
+        assert r0[key].keys() == r1[key].keys()
+        for name in r0[key]:
+            assert torch.equal(r0[key][name], r1[key][name]), (key, name)
+    n = sum(m.numel() for m in r0["masks"].values())
+    assert sum(int((~m).sum()) for m in r0["masks"].values()) == round(0.9 * n)
