@@ -35,11 +35,12 @@ controller in log space with a small proportional term, clamped to [1e-12, c / l
 0.002). The target follows GMP's cubic ramp from 0 to the goal over the first ``ramp`` of
 the method's iterations for STR and DST, which start dense; CS's mask starts at ``m = m0``
 (every weight on the pruned side of ``m > 0``) and is held at the goal from the start.
-All on the device, no host sync. The sparsity reached is reported (``sparsity_before_cut``), then BIMP's final cut
-makes it exact: a method that ends less sparse than the goal is cut by global magnitude
-(:class:`~.sparsifiers.FinalCut`); one that ends sparser gets back the pruned weights of
-the largest margin (``|w| - sigmoid(s)``, ``m``, ``|w| - t``) at their latent value, to
-exactly round(s N) zeros (counted in the method's record as ``revived``).
+All on the device, no host sync. The sparsity reached is reported
+(``sparsity_before_cut``), then BIMP's final cut makes it exact: a method that ends less
+sparse than the goal is cut by global magnitude (:class:`~.sparsifiers.FinalCut`); one
+that ends sparser gets back the pruned weights of the largest margin (``|w| -
+sigmoid(s)``, ``m``, ``|w| - t``) at their latent value, to exactly round(s N) zeros
+(counted in the method's record as ``revived``).
 
 Weight decay, per method (BIMP HEAD gives the optimizer's weight decay to every latent
 weight and to thresholds and logits, and CS/DST a second explicit 0.5 wd sum w^2; INIT
@@ -274,6 +275,16 @@ class _Reparam(Sparsifier):
     def _epoch_record(self, epoch: int) -> dict[str, Any]:
         return {"epoch": epoch, "sparsity": float(self.pruned_fraction())}
 
+    @property
+    def plan_text(self) -> str:
+        """What the run will do, for the trainer's first log line."""
+        return (
+            f"{self._plan_text()}; folded into plain weights after epoch {self.host.config.epochs}"
+        )
+
+    def _plan_text(self) -> str:
+        raise NotImplementedError
+
     def train_end(self) -> None:
         """Fold for good: the method's masks through update_masks, exact zeros; a method
         sparser than the goal gets its largest-margin pruned weights back at their latent
@@ -361,6 +372,9 @@ class Dnw(_Reparam):
     def effective(self, name, w):
         return w * self._step_masks[name]
 
+    def _plan_text(self):
+        return "every forward at the goal's global top-k |w|, straight through"
+
 
 class Dpf(_Reparam):
     """Dynamic Pruning with Feedback (Lin et al. 2020) as BIMP HEAD ``DPF``
@@ -393,6 +407,13 @@ class Dpf(_Reparam):
 
     def effective(self, name, w):
         return w if self.mask is None else w * self.mask[name]
+
+    def _plan_text(self):
+        cuts = ", ".join(map(str, sorted(self.plan)))
+        return (
+            f"masks at GMP's cuts after epochs {cuts}, recomputed every "
+            f"{self.settings.refresh_interval} iterations"
+        )
 
     def _iteration_done(self) -> None:
         if self.current > 0 and self.iteration % self.settings.refresh_interval == 0:
@@ -440,6 +461,16 @@ class _Calibrated(_Reparam):
         )
         self.log_integral = self.log_lambda.clone()
         self.log_bounds = (math.log(1e-12), math.log(self.max_penalty_step / cfg.lr))
+
+    def _plan_text(self):
+        if self.settings.calibrate:
+            how = (
+                "held at it"
+                if self.hold_goal
+                else f"ramped to it over {self.settings.ramp:g} of the run"
+            )
+            return f"penalty calibrated to the goal ({how}); the final cut makes it exact"
+        return f"fixed penalty {self.settings.penalty:g}; the final cut makes it exact"
 
     def lam(self) -> torch.Tensor:
         return self.log_lambda.exp().float()

@@ -696,7 +696,7 @@ class Trainer:
             )
         elif cfg.method != "dense":
             cuts = sorted(getattr(self.sparsifier, "plan", {}))
-            when = (
+            when = getattr(self.sparsifier, "plan_text", None) or (
                 f"cuts after epochs {', '.join(map(str, cuts))}"
                 if cuts
                 else f"dense until the final cut after epoch {cfg.epochs}"
