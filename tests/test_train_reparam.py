@@ -198,6 +198,8 @@ def test_dpf_mask_changes_every_16_iterations_and_not_in_between():
     def spy():
         it = sp.iteration
         forward()
+        for (name, p), w in zip(trainer.targets, sp.saved, strict=True):  # masked weights
+            assert torch.equal(p.detach(), w if sp.mask is None else w * sp.mask[name])
         used.append(None if sp.mask is None else {n: m.clone() for n, m in sp.mask.items()})
         if it == 16:  # recomputed from the dense weights after iteration 16
             oracle[it] = sort_top_k(sp.saved, sp.current)
