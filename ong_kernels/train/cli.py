@@ -130,7 +130,7 @@ def _add_setting_options(parser: argparse.ArgumentParser) -> None:
     )
     for name, (setting, default, annotation, owners) in M.setting_options().items():
         kwargs = _argparse_kwargs(annotation, Option("", ""))
-        shown = "half the epochs" if default is None else default
+        shown = setting.shown or ("half the epochs" if default is None else default)
         group.add_argument(
             "--" + name.replace("_", "-"),
             dest=_SETTING + name,

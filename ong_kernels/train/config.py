@@ -174,7 +174,8 @@ class TrainConfig:
         f"the mean W H of {CONSENSUS_RESTARTS} random NMF restarts; another count: "
         "--method-kwargs '{\"restarts\": K}'), magnitude, random, snip, grasp, synflow; "
         "during training gmp (gradual magnitude), bimp (budgeted IMP), gsm (global sparse "
-        "momentum), lc (learning-compression); see the method settings below",
+        "momentum), lc (learning-compression), dnw, dpf, str, cs, dst (reparametrisations); "
+        "see the method settings below",
         choices=METHODS,
         swept=True,
     )

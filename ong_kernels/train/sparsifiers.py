@@ -350,7 +350,9 @@ def build_sparsifier(host: SeamHost) -> Sparsifier:
     cfg = host.config
     s = M.spec(cfg.method)
     settings = M.resolve_settings(cfg.method, cfg.method_kwargs)
-    cls = OneShot if s.one_shot else _CLASSES[cfg.method]
+    from .reparam import CLASSES as reparametrised  # it builds on this module
+
+    cls = OneShot if s.one_shot else {**_CLASSES, **reparametrised}[cfg.method]
     return cls(host, settings)
 
 
@@ -398,7 +400,9 @@ class FinalCut:
             "phase": j + 1,
             "epoch": epoch,
             "target_sparsity": sparsity,
-            "sparsity_before": zeros / total,
+            # A reparametrisation method reports the sparsity its own masks reached (its
+            # fold may have revived weights to reach the goal exactly).
+            "sparsity_before": getattr(host.sparsifier, "reached_sparsity", None) or zeros / total,
         }
         before = host.pruned_count
         # Exact methods are at their goal already (a one-shot method with per-layer scopes

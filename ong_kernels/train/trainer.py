@@ -657,7 +657,11 @@ class Trainer:
         if not self.masks:
             return 0.0
         zeros, total = self.measured_sparsity()
-        exact = M.spec(self.config.method).exact
+        # While a reparametrisation is live the masks keep every weight and the exported
+        # weights hold the method's zeros (ong_kernels.train.reparam).
+        exact = M.spec(self.config.method).exact and not getattr(
+            self.sparsifier, "reparametrised", False
+        )
         if zeros < self.pruned_count or (exact and zeros != self.pruned_count):
             params = dict(self.model.named_parameters())
             leaked = {n: int((params[n][~m] != 0).sum()) for n, m in self.masks.items()}
@@ -697,7 +701,7 @@ class Trainer:
             )
         elif cfg.method != "dense":
             cuts = sorted(getattr(self.sparsifier, "plan", {}))
-            when = (
+            when = getattr(self.sparsifier, "plan_text", None) or (
                 f"cuts after epochs {', '.join(map(str, cuts))}"
                 if cuts
                 else f"dense until the final cut after epoch {cfg.epochs}"
