@@ -73,7 +73,7 @@ def fit_both(x, **params):
             alpha_W=0.01,
             l1_ratio=0.5,
             random_state=2,
-        ),  # fmt: skip
+        ),
         dict(
             n_components=3,
             init="random",
@@ -82,7 +82,7 @@ def fit_both(x, **params):
             alpha_H=0.0,
             random_state=3,
             max_iter=50,
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_fit_matches_sklearn_from_the_same_start(params):
@@ -195,7 +195,7 @@ def test_sparse_input_is_densified_within_the_budget(monkeypatch):
     sparse = ong_kernels.NMF(3, random_state=0, max_iter=20, tol=0).fit_transform(sp.csr_matrix(x))
     assert np.allclose(dense, sparse, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(nmf_groups, "free_bytes", lambda device: 1000)
-    with pytest.raises(ValueError, match="dense copy needs .* more than the memory budget"):
+    with pytest.raises(ValueError, match=r"dense copy needs .* more than the memory budget"):
         ong_kernels.NMF(3).fit(sp.csr_matrix(x))
 
 
