@@ -22,7 +22,7 @@ from ong_kernels.backends import reference_beta
 from ong_kernels.nmf import nmf_batched, nmf_batched_with_info
 from ong_kernels.nmf_beta import BetaLoss, divergence_error
 
-BETAS = [2.0, 1.0, 0.0, 0.5, 1.5, 2.5, -0.5]
+BETAS = [2.0, 1.0, 0.0, 0.5, 1.5, 2.5, 3.0, -0.5]
 # (alpha_W, alpha_H, l1_ratio): none, L2 only, mixed with alpha_H="same", L1 only on W
 REGS = [(0.0, "same", 0.0), (0.01, 0.02, 0.0), (0.005, "same", 0.3), (0.01, 0.0, 1.0)]
 

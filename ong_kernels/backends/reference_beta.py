@@ -28,7 +28,7 @@ def _power(x: torch.Tensor, exponent: float) -> torch.Tensor:
     if exponent == 0.5:
         return x.sqrt()
     if exponent == 1:
-        return x
+        return x.clone()  # callers write into the result: never hand back x itself
     return x.pow(exponent)
 
 
