@@ -115,8 +115,8 @@ def checked_loss(beta_loss, alpha_W, alpha_H, l1_ratio, update_h) -> BetaLoss:
 
 
 def divergence_error(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor, beta: float):
-    """sqrt(2 * max(D_beta(V | W H), 0)) per matrix of a batch (v, w, h of shapes (b, m, n),
-    (b, m, r), (b, r, n)), in float64, as scikit-learn's _beta_divergence(square_root=True)."""
+    """sqrt(2 * max(D_beta(V | W H), 0)) of one matrix (or per matrix of a batch), in
+    float64, as scikit-learn's _beta_divergence(square_root=True)."""
     return torch.sqrt(2 * divergence(v, w, h, beta).clamp(min=0))
 
 
@@ -132,18 +132,19 @@ def reconstruction_error(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor, beta
     total = 0.0
     for start in range(0, v.shape[0], rows):
         part = slice(start, start + rows)
-        total += float(divergence(v[None, part], w[None, part], h[None], beta)[0])
+        total += float(divergence(v[part], w[part], h, beta))
     return math.sqrt(2 * max(total, 0.0))
 
 
 def divergence(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor, beta: float):
-    """D_beta(V | W H) per matrix of a batch, in float64, as scikit-learn's _beta_divergence:
+    """D_beta(V | W H) of one matrix (or per matrix of a batch), in float64, as scikit-learn's
+    _beta_divergence:
     entries with V <= EPS leave out the V terms and W H is raised to EPS where V's terms read
     it. Additive over row blocks (reconstruction_error sums them)."""
     x = v.double()
     w64, h64 = w.double(), h.double()
-    wh = torch.bmm(w64, h64)
-    dims = (1, 2)
+    wh = torch.matmul(w64, h64)
+    dims = (-2, -1)
     if beta == 2:
         res = (x - wh).square().sum(dims) / 2
     else:
@@ -151,12 +152,14 @@ def divergence(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor, beta: float):
         zero = torch.zeros((), dtype=torch.float64, device=x.device)
         wh_c = wh.clamp(min=EPS)
         if beta == 1:
-            sum_wh = (w64.sum(1) * h64.sum(2)).sum(1)
+            sum_wh = (w64.sum(-2) * h64.sum(-1)).sum(-1)
             x_log = torch.where(keep, x * torch.log(torch.where(keep, x, 1) / wh_c), zero)
             res = x_log.sum(dims) + sum_wh - torch.where(keep, x, zero).sum(dims)
         elif beta == 0:
             div = torch.where(keep, x, 1) / wh_c
-            res = torch.where(keep, div - torch.log(div), zero).sum(dims) - x.shape[1] * x.shape[2]
+            res = (
+                torch.where(keep, div - torch.log(div), zero).sum(dims) - x.shape[-2] * x.shape[-1]
+            )
         else:
             sum_wh_beta = wh.pow(beta).sum(dims)
             sum_x_wh = torch.where(keep, x * wh_c.pow(beta - 1), zero).sum(dims)

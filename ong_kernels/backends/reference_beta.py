@@ -1,9 +1,10 @@
 """The pure-PyTorch kernel of op nmf_beta_mu: beta-divergence MU with scikit-learn's
 regularisation (the rules are ong_kernels/nmf_beta.py), the oracle of the compiled beta kernels.
 
-It follows scikit-learn's arithmetic step by step (float32, the same clipping and order), over
-same-shape buckets as batched matmuls, so it materialises W H and V / (W H)^(2 - beta) for a
-whole bucket: m x n temporaries the compiled kernels never hold.
+It follows scikit-learn's arithmetic step by step (float32, the same clipping and order), one
+matrix's 2-D products at a time on its own copies (as the Frobenius reference, issue 24: a
+matrix's result never depends on the others in the call), and materialises W H and
+V / (W H)^(2 - beta): m x n temporaries the compiled kernels never hold.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ong_kernels import nmf_plan
-from ong_kernels._batching import group_indices
+from ong_kernels.backends.reference import _MatrixStepper
 from ong_kernels.backends.registry import ANY_DEVICE, Shape, register
 from ong_kernels.nmf_beta import EPS, TINY, BetaLoss, divergence_error
 from ong_kernels.nmf_plan import Matrices
@@ -63,104 +64,82 @@ def _apply_(factor, numerator, denominator, l1: float, l2: float, gamma: float) 
 
 
 def update_w_(v, w, h, beta: float, l1: float, l2: float, gamma: float) -> None:
-    """scikit-learn's _multiplicative_update_w on a batch, in place."""
-    ht = h.transpose(1, 2)
+    """scikit-learn's _multiplicative_update_w on one matrix (or a batch), in place."""
+    ht = h.transpose(-2, -1)
     if beta == 2:
-        numerator = torch.bmm(v, ht)
-        denominator = torch.bmm(w, torch.bmm(h, ht))
+        numerator = torch.matmul(v, ht)
+        denominator = torch.matmul(w, torch.matmul(h, ht))
     else:
-        wh = torch.bmm(w, h)
-        numerator = torch.bmm(weighted_v(v, wh, beta), ht)
+        wh = torch.matmul(w, h)
+        numerator = torch.matmul(weighted_v(v, wh, beta), ht)
         if beta == 1:
-            denominator = h.sum(2).unsqueeze(1).expand_as(w)
+            denominator = h.sum(-1).unsqueeze(-2).expand_as(w)
         else:
-            denominator = torch.bmm(powered_wh(wh, beta), ht)
+            denominator = torch.matmul(powered_wh(wh, beta), ht)
     _apply_(w, numerator, denominator, l1, l2, gamma)
     if beta < 1:
         w.masked_fill_(w < TINY, 0)
 
 
 def update_h_(v, w, h, beta: float, l1: float, l2: float, gamma: float) -> None:
-    """scikit-learn's _multiplicative_update_h on a batch, in place."""
-    wt = w.transpose(1, 2)
+    """scikit-learn's _multiplicative_update_h on one matrix (or a batch), in place."""
+    wt = w.transpose(-2, -1)
     if beta == 2:
-        numerator = torch.bmm(wt, v)
-        denominator = torch.bmm(torch.bmm(wt, w), h)
+        numerator = torch.matmul(wt, v)
+        denominator = torch.matmul(torch.matmul(wt, w), h)
     else:
-        wh = torch.bmm(w, h)
-        numerator = torch.bmm(wt, weighted_v(v, wh, beta))
+        wh = torch.matmul(w, h)
+        numerator = torch.matmul(wt, weighted_v(v, wh, beta))
         if beta == 1:
-            w_sum = w.sum(1)
-            denominator = w_sum.masked_fill(w_sum == 0, 1.0).unsqueeze(2).expand_as(h)
+            w_sum = w.sum(-2)
+            denominator = w_sum.masked_fill(w_sum == 0, 1.0).unsqueeze(-1).expand_as(h)
         else:
-            denominator = torch.bmm(wt, powered_wh(wh, beta))
+            denominator = torch.matmul(wt, powered_wh(wh, beta))
     _apply_(h, numerator, denominator, l1, l2, gamma)
     if beta <= 1:
         h.masked_fill_(h < TINY, 0)
 
 
 def beta_iteration_(v, w, h, loss: BetaLoss, reg: tuple[float, float, float, float]) -> None:
-    """One MU iteration of a same-shape batch: W, then H unless loss.update_h is False."""
+    """One MU iteration: W, then H unless loss.update_h is False."""
     l1_w, l1_h, l2_w, l2_h = reg
     update_w_(v, w, h, loss.beta, l1_w, l2_w, loss.gamma)
     if loss.update_h:
         update_h_(v, w, h, loss.beta, l1_h, l2_h, loss.gamma)
 
 
-class BetaStepper:
-    """nmf_plan.Stepper over same-shape buckets (as the Frobenius reference's): each bucket is
-    one stacked batch; stopped matrices leave it (the host reads the flags)."""
-
-    syncs = True
+class BetaStepper(_MatrixStepper):
+    """The Frobenius reference's stepper (each matrix on its own copies, its own 2-D products)
+    running beta_iteration_ with each matrix's regularisation, and the beta error."""
 
     def __init__(self, v_list, w_list, h_list, loss: BetaLoss) -> None:
-        self.w_list, self.h_list, self.loss = w_list, h_list, loss
-        self.n = len(v_list)
-        shapes = [(v.shape[0], v.shape[1], w.shape[1]) for v, w in zip(v_list, w_list, strict=True)]
-        self.buckets = []
-        for (m, n, _), indices in group_indices(shapes).items():
-            v = torch.stack([v_list[i].to(torch.float32) for i in indices])
-            w = torch.stack([w_list[i] for i in indices])
-            h = torch.stack([h_list[i] for i in indices])
-            self.buckets.append((torch.tensor(indices), v, w, h, loss.regularization(m, n)))
+        super().__init__(v_list, w_list, h_list)
+        self.loss = loss
+        self.regs = [loss.regularization(*v.shape) for v in v_list]
 
     def iterate(self, n: int, active: torch.Tensor | None) -> None:
-        for indices, v, w, h, reg in self.buckets:
-            keep = None if active is None else active.cpu()[indices]
-            if keep is None or bool(keep.all()):
+        flags = [True] * len(self.v) if active is None else active.tolist()
+        for v, w, h, reg, on in zip(self.v, self.w, self.h, self.regs, flags, strict=True):
+            if on:
                 for _ in range(n):
                     beta_iteration_(v, w, h, self.loss, reg)
-            elif bool(keep.any()):
-                sub = keep.nonzero().squeeze(1).to(v.device)
-                vs, ws, hs = v[sub], w[sub], h[sub]
-                for _ in range(n):
-                    beta_iteration_(vs, ws, hs, self.loss, reg)
-                w[sub], h[sub] = ws, hs
 
     def errors(self) -> torch.Tensor:
-        out = torch.empty(self.n, dtype=torch.float64, device=self.buckets[0][1].device)
-        for indices, v, w, h, _ in self.buckets:
-            out[indices.to(out.device)] = divergence_error(v, w, h, self.loss.beta)
-        return out
-
-    def finish(self) -> None:
-        for indices, _, w, h, _ in self.buckets:
-            for j, i in enumerate(indices.tolist()):
-                self.w_list[i].copy_(w[j])
-                self.h_list[i].copy_(h[j])
+        triples = zip(self.v, self.w, self.h, strict=True)
+        return torch.stack([divergence_error(v, w, h, self.loss.beta) for v, w, h in triples])
 
 
 def workspace(shapes: Sequence[Shape]) -> int:
-    """Peak extra bytes of BetaStepper: per matrix its stacked float32 V (and the float32
-    conversion of another dtype), stacked W and H and an iteration's factor-sized products
-    (~3 more); for the largest bucket, an update's m x n float32 temporaries (W H, the
+    """Peak extra bytes of BetaStepper: per matrix its float32 copy of V (and the float32
+    conversion of another dtype), its W and H copies and an iteration's factor-sized products
+    (~3 more); for the largest matrix, an update's m x n float32 temporaries (W H, the
     weighted V, the powered W H, the pow's result: 4) or the error's float64 ones (V, W H,
     clipped W H, the masked terms: 5), the larger: 40 bytes per entry."""
-    held, buckets = 0, {}
+    held, largest = 0, 0
     for m, n, r, dtype in shapes:
         held += 4 * m * n * (1 if dtype == torch.float32 else 2) + 4 * 4 * r * (m + n)
-        buckets[(m, n, r)] = buckets.get((m, n, r), 0) + m * n
-    return held + 40 * max(buckets.values())
+        largest = max(largest, m * n)
+    return held + 40 * largest
 
 
 @register("nmf_beta_mu", "reference", devices=(ANY_DEVICE,), workspace=workspace)

@@ -83,8 +83,8 @@ def test_stopping_and_divergence_match_reference(backend, device, beta):
     got = run(backend, vs, ws, hs, max_iter, 1e-3, beta, setting)
     assert got[2].tolist() == expected[2].tolist(), "n_iter per matrix"
     for i, v in enumerate(vs):
-        e_ref = float(divergence_error(v[None], expected[0][i][None], expected[1][i][None], beta))
-        e = float(divergence_error(v[None], got[0][i][None], got[1][i][None], beta))
+        e_ref = float(divergence_error(v, expected[0][i], expected[1][i], beta))
+        e = float(divergence_error(v, got[0][i], got[1][i], beta))
         assert e == pytest.approx(e_ref, rel=1e-3, abs=1e-6), f"matrix {i} {shapes[i]}"
         assert torch.isfinite(got[0][i]).all() and torch.isfinite(got[1][i]).all()
 
