@@ -35,9 +35,11 @@ import torch
 from ong_kernels import _ops
 from ong_kernels._validate import check_bool, check_device, check_int
 from ong_kernels.backends import registry
-from ong_kernels.nmf_beta import check_zeros_allowed
+from ong_kernels.nmf_beta import BetaLoss, check_zeros_allowed
 from ong_kernels.nmf_init import initial_factors, use_exact_svd
 from ong_kernels.nmf_rules import (
+    FLOAT32_MAX,
+    FLOAT32_TINY,
     Factors,
     Solver,
     check_count,
@@ -360,16 +362,16 @@ def run(refs, solver: Solver, streaming: Streaming):
     home = first.device
     compute = home if device is None else device
     kernel = registry.select(solver.op, compute.type, solver.backend, solver.precision)
-    beta = solver.loss().beta
+    loss = solver.loss()
     largest: dict[int, float] = {}  # values of weights already in memory, checked up front
     total = None
     if known:
         solver.check_counts(sum(ref.repeats for ref in refs))
         for pos, ref in enumerate(refs):
             if ref.tensor is not None and not ref.abs:
-                largest[pos] = _checked_values(ref.tensor, _label(ref.name, pos), beta)
+                largest[pos] = _checked_values(ref.tensor, _label(ref.name, pos), loss)
         total = sum(ref.numel * ref.repeats for ref in refs)
-    items = _items(_chain(first, source), home, largest, beta)
+    items = _items(_chain(first, source), home, largest, loss)
     in_memory = known and all(ref.tensor is not None and not ref.abs for ref in refs)
     if in_memory and not streaming.requested():
         yield solve_group(list(items), solver, compute, home)
@@ -412,17 +414,25 @@ def _load(ref: WeightRef, pos: int, home: torch.device) -> torch.Tensor:
     return tensor.abs() if ref.abs else tensor
 
 
-def _checked_values(tensor: torch.Tensor, what: str, beta: float) -> float:
-    """check_values (returns the largest entry), and for beta <= 0 scikit-learn's refusal of
-    a V with zeros (one more pass, Itakura-Saito and below only)."""
+def _checked_values(tensor: torch.Tensor, what: str, loss: BetaLoss) -> float:
+    """check_values (returns the largest entry); for a loss solved on V as given (not the
+    plain Frobenius one, which is scaled by 4^-j), a largest entry inside float32's normal
+    range, since the solve is float32 (outside it V would read as inf, NaN factors, or as
+    zeros); and for beta <= 0 scikit-learn's refusal of a V with zeros (one more pass)."""
     largest = check_values(tensor, what)
-    if beta <= 0:
-        check_zeros_allowed(float(tensor.min()), beta, what)
+    if not loss.is_frobenius() and largest and not FLOAT32_TINY <= largest <= FLOAT32_MAX:
+        raise ValueError(
+            f"{what} has its largest entry {largest:.3g} outside float32's normal range "
+            f"[{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}]; beta_loss other than the plain Frobenius "
+            "loss solves V as given in float32: rescale it first"
+        )
+    if loss.beta <= 0:
+        check_zeros_allowed(float(tensor.min()), loss.beta, what)
     return largest
 
 
 def _items(
-    refs: Iterable[WeightRef], home: torch.device, largest: dict, beta: float
+    refs: Iterable[WeightRef], home: torch.device, largest: dict, loss: BetaLoss
 ) -> Iterator[Item]:
     """Each descriptor's matrices (one per repeat), loaded and value-checked as they come."""
     index = 0
@@ -431,7 +441,7 @@ def _items(
         if pos in largest:
             top = largest[pos]
         else:
-            top = _checked_values(tensor, _label(ref.name, pos), beta)
+            top = _checked_values(tensor, _label(ref.name, pos), loss)
         rank = _clipped_rank(ref, pos)
         for j in range(ref.repeats):
             yield Item(index, tensor, rank, top, ref.name, j if ref.repeats > 1 else None)

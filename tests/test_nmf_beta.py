@@ -191,3 +191,16 @@ def test_beta_batch_equals_each_matrix_alone(backend):
         # bit for bit: a matrix's result never depends on the others in the call
         assert n_alone == [n_together[i]]
         assert torch.equal(together[i][0], w) and torch.equal(together[i][1], h)
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-300])
+def test_beta_loss_refuses_values_float32_cannot_hold(scale):
+    # The beta solve runs V as given in float32 (no 4^-j scaling): a float64 V outside float32's
+    # normal range would read as inf (NaN factors) or zeros, so it is refused; Frobenius scales.
+    v = torch.rand(6, 7, dtype=torch.float64) * scale
+    with pytest.raises(ValueError, match=r"weights\[0\] has its largest entry .* outside float32"):
+        nmf_batched([v], 2, beta_loss=1, max_iter=3)
+    with pytest.raises(ValueError, match="outside float32"):
+        nmf_batched(iter([v]), 2, beta_loss=1, max_iter=3)
+    ((w, _),) = nmf_batched([v], 2, max_iter=3)
+    assert torch.isfinite(w).all() and w.abs().max() > 0
