@@ -91,7 +91,9 @@ def nmf_batched(
             "kullback-leibler" (1), "itakura-saito" (0, refuses a V with zeros, as
             scikit-learn) or any real beta; scikit-learn's MU rules for it
             (ong_kernels/nmf_beta.py), and `tol` reads its divergence
-            (sqrt(2 D_beta(V | W H)), scikit-learn's reconstruction error).
+            (sqrt(2 D_beta(V | W H)), scikit-learn's reconstruction error). Any loss but
+            the plain Frobenius one solves V as given (no 4^-j scaling), in float32: a V
+            whose largest entry is outside float32's normal range is refused.
         alpha_W, alpha_H, l1_ratio: scikit-learn's regularisation (>= 1.2 semantics): W's
             penalty alpha_W * n * (l1_ratio |W|_1 + (1 - l1_ratio) / 2 |W|_F^2), H's the same
             with alpha_H and m; alpha_H="same" takes alpha_W.
