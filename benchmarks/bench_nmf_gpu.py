@@ -539,5 +539,19 @@ def summarise(results, name) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Issue 30, written predictions only (no GPU was lent; nothing below is run): beta-divergence
+# MU on CUDA tensors runs the reference nmf_beta_mu kernel (batched torch ops; there is no
+# Triton beta kernel yet). H100 SXM: ~3 TB/s HBM, fp32 (no TF32) matmul ~50 TFLOP/s.
+# - KL, Fashion-MNIST 60,000 x 784, rank 20, 200 iterations: 8 m n r = 7.5 GFLOP per
+#   iteration (0.15 ms) but the reference moves ~20 m x n float32 arrays per iteration
+#   (W H, its clipped copy, V / W H, the products' operands: ~3.8 GB, 1.3 ms): ~1.5 ms per
+#   iteration, ~0.3 s for 200. A fused Triton beta kernel reading V twice per iteration
+#   (0.38 GB, 0.13 ms) would be compute-bound: ~0.3 ms per iteration, ~60 ms for 200.
+# - cNMF-shaped (5,000 x 784, ranks 5..15 x 20 replicates, KL, tol 1e-4, <= 200 iterations):
+#   11 shape buckets of 20 stacked V copies (3.4 GB); ~69 GB of traffic per iteration, ~23 ms:
+#   <= ~4.6 s for 200 iterations (less as replicates stop).
+BETA_PREDICTIONS_H100_S = {"kl_fashion_mnist_r20_200it": 0.3, "cnmf_5000x784_r5-15x20": 4.6}
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@
 #include "ong_dtype.h"
 #include "ong_isa.h"
 #include "ong_nmf.h"
+#include "ong_nmf_beta.h"
 #include "ong_sgd.h"
 
 namespace py = pybind11;
@@ -149,6 +150,30 @@ void bind_nmf_mu(py::module_& m) {
       )pbdoc");
 }
 
+void bind_nmf_beta(py::module_& m) {
+  m.def(
+      "nmf_beta_cpu",
+      [](std::uintptr_t table, std::int64_t n_matrices, std::int64_t max_iter, double tol,
+         double beta, double alpha_w, double alpha_h, double l1_ratio, bool update_h,
+         std::uintptr_t n_iter, int num_threads) {
+        py::gil_scoped_release release;
+        const ong::NmfBetaLoss loss{beta, alpha_w, alpha_h, l1_ratio, update_h};
+        ong::nmf_beta_cpu(reinterpret_cast<const ong::NmfMatrix*>(table), n_matrices, max_iter,
+                          tol, loss, reinterpret_cast<std::int64_t*>(n_iter), num_threads);
+      },
+      py::arg("table"), py::arg("n_matrices"), py::arg("max_iter"), py::arg("tol"),
+      py::arg("beta"), py::arg("alpha_w"), py::arg("alpha_h"), py::arg("l1_ratio"),
+      py::arg("update_h"), py::arg("n_iter"), py::arg("num_threads"),
+      R"pbdoc(
+        Beta-divergence MU NMF (scikit-learn's rules, ong_kernels/nmf_beta.py) of a whole
+        ragged batch in ONE call (GIL released); W H is formed one tile at a time, never whole.
+
+        table: host address of the int64 table of ong_kernels.nmf_plan.matrix_table; every V
+        float32. n_iter: int64 output. update_h=False keeps H fixed. Raises ValueError on a
+        malformed table or loss before touching anything.
+      )pbdoc");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -161,4 +186,5 @@ PYBIND11_MODULE(_C, m) {
   bind_common(m);
   bind_masked_sgd(m);
   bind_nmf_mu(m);
+  bind_nmf_beta(m);
 }

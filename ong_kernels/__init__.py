@@ -21,7 +21,22 @@ def backends_available(op: str | None = None) -> dict[str, bool]:
     return _registry.backends_available(op)
 
 
-__all__ = [
+def __getattr__(name: str):
+    """`ong_kernels.NMF`, the scikit-learn estimator (ong_kernels/estimator.py), imported on
+    first use: scikit-learn is an optional extra, so `import ong_kernels` never needs it."""
+    if name == "NMF":
+        try:
+            from ong_kernels.estimator import NMF
+        except ImportError as exc:
+            raise ImportError(
+                f"ong_kernels.NMF needs scikit-learn ({exc}): pip install 'ong_kernels[sklearn]'"
+            ) from exc
+        return NMF
+    raise AttributeError(f"module 'ong_kernels' has no attribute {name!r}")
+
+
+__all__ = [  # noqa: F405  (NMF comes from __getattr__)
+    "NMF",
     "FusedMaskedSGD",
     "__version__",
     "backends_available",

@@ -29,6 +29,7 @@ from ong_kernels.backends._sgd_args import (
     check_momentum,
     check_step_args,
 )
+from ong_kernels.nmf_beta import BetaLoss
 
 NAMESPACE = "ong_kernels"
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -58,6 +59,14 @@ _lib.define(
 _lib.define(
     "nmf_mu_(Tensor[] v, Tensor(a!)[] w, Tensor(b!)[] h, int max_iter, float tol, "
     "str backend='auto', str precision='ieee') -> Tensor"
+)
+
+# Beta-divergence MU with scikit-learn's regularisation (ong_kernels/nmf_beta.py has the rules):
+# one beta per call; alpha_h already resolved from "same"; update_h=False keeps H fixed.
+_lib.define(
+    "nmf_beta_mu_(Tensor[] v, Tensor(a!)[] w, Tensor(b!)[] h, int max_iter, float tol, "
+    "float beta, float alpha_w=0., float alpha_h=0., float l1_ratio=0., bool update_h=True, "
+    "str backend='auto') -> Tensor"
 )
 
 NMF_INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -131,10 +140,21 @@ def _nmf_mu_impl(v, w, h, max_iter, tol, backend="auto", precision="ieee") -> to
     return kernel.fn(v, w, h, max_iter, tol, precision=precision)  # declared by the kernel
 
 
+def _nmf_beta_mu_impl(
+    v, w, h, max_iter, tol, beta, alpha_w=0.0, alpha_h=0.0, l1_ratio=0.0, update_h=True,
+    backend="auto",
+) -> torch.Tensor:  # fmt: skip
+    check_nmf_args(v, w, h)
+    kernel = registry.select("nmf_beta_mu", v[0].device.type, backend)
+    loss = BetaLoss(float(beta), float(alpha_w), float(alpha_h), float(l1_ratio), bool(update_h))
+    return kernel.fn(v, w, h, max_iter, tol, loss)
+
+
 load_all()
 _lib.impl("masked_sgd_step_", _masked_sgd_step_impl, "CompositeExplicitAutograd")
 _lib.impl("masked_sgd_compact_step_", _masked_sgd_compact_step_impl, "CompositeExplicitAutograd")
 _lib.impl("nmf_mu_", _nmf_mu_impl, "CompositeExplicitAutograd")
+_lib.impl("nmf_beta_mu_", _nmf_beta_mu_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::masked_sgd_step_")
@@ -159,6 +179,13 @@ def _nmf_mu_fake(
     return v[0].new_empty((len(v),), dtype=torch.int64)
 
 
+@torch.library.register_fake(f"{NAMESPACE}::nmf_beta_mu_")
+def _nmf_beta_mu_fake(v: Sequence[torch.Tensor], w, h, *_settings) -> torch.Tensor:
+    check_nmf_args(v, w, h)
+    return v[0].new_empty((len(v),), dtype=torch.int64)
+
+
 masked_sgd_step_ = torch.ops.ong_kernels.masked_sgd_step_
 masked_sgd_compact_step_ = torch.ops.ong_kernels.masked_sgd_compact_step_
 nmf_mu_ = torch.ops.ong_kernels.nmf_mu_
+nmf_beta_mu_ = torch.ops.ong_kernels.nmf_beta_mu_

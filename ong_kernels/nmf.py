@@ -33,6 +33,11 @@ def nmf_batched(
     progress: bool = False,
     precision: str = "ieee",
     names: Sequence[str] | None = None,
+    beta_loss: str | float = "frobenius",
+    alpha_W: float = 0.0,
+    alpha_H: float | str = "same",
+    l1_ratio: float = 0.0,
+    update_h: bool = True,
 ) -> list[Factors]:
     """Factorise every matrix V_i ~= W_i H_i with Lee-Seung multiplicative updates, together.
 
@@ -82,6 +87,18 @@ def nmf_batched(
             has their effect on ONG masks).
         names: optional label per matrix (e.g. parameter names) for error messages:
             "'layer1.0.conv1.weight' contains NaN" instead of "weights[3] contains NaN".
+        beta_loss: the divergence minimised, one for the call: "frobenius" (2, the default),
+            "kullback-leibler" (1), "itakura-saito" (0, refuses a V with zeros, as
+            scikit-learn) or any real beta; scikit-learn's MU rules for it
+            (ong_kernels/nmf_beta.py), and `tol` reads its divergence
+            (sqrt(2 D_beta(V | W H)), scikit-learn's reconstruction error). Any loss but
+            the plain Frobenius one solves V as given (no 4^-j scaling), in float32: a V
+            whose largest entry is outside float32's normal range is refused.
+        alpha_W, alpha_H, l1_ratio: scikit-learn's regularisation (>= 1.2 semantics): W's
+            penalty alpha_W * n * (l1_ratio |W|_1 + (1 - l1_ratio) / 2 |W|_F^2), H's the same
+            with alpha_H and m; alpha_H="same" takes alpha_W.
+        update_h: False keeps H fixed and solves W only (scikit-learn's transform); needs
+            `init` as (W0, H) pairs.
 
     Returns:
         [(W_i, H_i)]: float32 factors on the inputs' device (float64 for a float64 matrix
@@ -90,11 +107,13 @@ def nmf_batched(
         always detached (the solve is not differentiable; inputs that require grad are read
         as data).
 
-    The update order and epsilon rule are scikit-learn's NMF(solver="mu", beta_loss=2):
-    W <- W * (V H^T) / (W H H^T), then H <- H * (W^T V) / (W^T W H), and a denominator that is
-    exactly 0 becomes float32 eps. All matrices advance together in one op call.
+    The update order and epsilon rule are scikit-learn's NMF(solver="mu"): for the Frobenius
+    loss W <- W * (V H^T) / (W H H^T), then H <- H * (W^T V) / (W^T W H), and a denominator
+    that is exactly 0 becomes float32 eps (op nmf_mu_); any other beta, a penalty or a fixed H
+    run op nmf_beta_mu_ (nmf_beta.py). All matrices advance together in one op call.
     """
-    solver = Solver(max_iter, tol, init, seed, backend, precision)
+    solver = Solver(max_iter, tol, init, seed, backend, precision, beta_loss, alpha_W, alpha_H,
+                    l1_ratio, update_h)  # fmt: skip
     streaming = Streaming(device, memory_budget, progress)
     factors, _ = solve_all(weights, rank, solver, streaming, names)
     return factors

@@ -4,7 +4,8 @@
 the values; |W| and repeats are properties of the item), from a list, a model or a checkpoint's
 header, so the count, ranks, kernel, precision and budget are checked once, from shapes,
 before any value is read; the values are checked as they are loaded (at once for tensors
-already in memory). Then the matrices are solved by ONE nmf_mu_ op call per group: the whole
+already in memory). Then the matrices are solved by ONE op call per group (nmf_mu_ for the
+plain Frobenius loss, nmf_beta_mu_ for any other, Solver.op): the whole
 call is one group unless the caller streams (a `device`, a `memory_budget`, a progress bar) or
 the values are not all in memory yet (an iterator, a checkpoint reader, |W| made as it is
 loaded). Then each group of consecutive matrices is moved to the compute device, solved, and
@@ -34,8 +35,11 @@ import torch
 from ong_kernels import _ops
 from ong_kernels._validate import check_bool, check_device, check_int
 from ong_kernels.backends import registry
+from ong_kernels.nmf_beta import BetaLoss, check_zeros_allowed
 from ong_kernels.nmf_init import initial_factors, use_exact_svd
 from ong_kernels.nmf_rules import (
+    FLOAT32_MAX,
+    FLOAT32_TINY,
     Factors,
     Solver,
     check_count,
@@ -310,7 +314,11 @@ def check_fits(item: Item, budget: int, kernel: registry.Kernel, init, device) -
 
 def solve_group(items: Sequence[Item], solver: Solver, compute: torch.device, home: torch.device):
     """One op call over checked items: ([(W_i, H_i)] on `home`, [n_iter_i])."""
-    inputs = [kernel_input(it.tensor.to(compute), it.largest) for it in items]
+    loss = solver.loss()
+    # Only the plain Frobenius solve is scaled into float32's safe range (it is exact there);
+    # a beta / regularised solve runs on V as given, as scikit-learn's (nmf_beta.py).
+    scaled = loss.is_frobenius()
+    inputs = [kernel_input(it.tensor.to(compute), it.largest if scaled else 0.0) for it in items]
     mats = [mat for mat, _ in inputs]
     exponents = [j for _, j in inputs]
     factors = initial_factors(
@@ -319,9 +327,15 @@ def solve_group(items: Sequence[Item], solver: Solver, compute: torch.device, ho
     )  # fmt: skip
     w_list = [w for w, _ in factors]
     h_list = [h for _, h in factors]
-    n_iter = _ops.nmf_mu_(
-        mats, w_list, h_list, solver.max_iter, solver.tol, solver.backend, solver.precision
-    )
+    if scaled:
+        n_iter = _ops.nmf_mu_(
+            mats, w_list, h_list, solver.max_iter, solver.tol, solver.backend, solver.precision
+        )
+    else:
+        n_iter = _ops.nmf_beta_mu_(
+            mats, w_list, h_list, solver.max_iter, solver.tol, loss.beta, loss.alpha_w,
+            loss.alpha_h, loss.l1_ratio, loss.update_h, solver.backend,
+        )  # fmt: skip
     del mats, inputs
     out = []
     for it, w, h, j in zip(items, w_list, h_list, exponents, strict=True):
@@ -347,16 +361,17 @@ def run(refs, solver: Solver, streaming: Streaming):
         raise ValueError("weights is empty: pass at least one tensor")
     home = first.device
     compute = home if device is None else device
-    kernel = registry.select("nmf_mu", compute.type, solver.backend, solver.precision)
+    kernel = registry.select(solver.op, compute.type, solver.backend, solver.precision)
+    loss = solver.loss()
     largest: dict[int, float] = {}  # values of weights already in memory, checked up front
     total = None
     if known:
         solver.check_counts(sum(ref.repeats for ref in refs))
         for pos, ref in enumerate(refs):
             if ref.tensor is not None and not ref.abs:
-                largest[pos] = check_values(ref.tensor, _label(ref.name, pos))
+                largest[pos] = _checked_values(ref.tensor, _label(ref.name, pos), loss)
         total = sum(ref.numel * ref.repeats for ref in refs)
-    items = _items(_chain(first, source), home, largest)
+    items = _items(_chain(first, source), home, largest, loss)
     in_memory = known and all(ref.tensor is not None and not ref.abs for ref in refs)
     if in_memory and not streaming.requested():
         yield solve_group(list(items), solver, compute, home)
@@ -399,12 +414,34 @@ def _load(ref: WeightRef, pos: int, home: torch.device) -> torch.Tensor:
     return tensor.abs() if ref.abs else tensor
 
 
-def _items(refs: Iterable[WeightRef], home: torch.device, largest: dict) -> Iterator[Item]:
+def _checked_values(tensor: torch.Tensor, what: str, loss: BetaLoss) -> float:
+    """check_values (returns the largest entry); for a loss solved on V as given (not the
+    plain Frobenius one, which is scaled by 4^-j), a largest entry inside float32's normal
+    range, since the solve is float32 (outside it V would read as inf, NaN factors, or as
+    zeros); and for beta <= 0 scikit-learn's refusal of a V with zeros (one more pass)."""
+    largest = check_values(tensor, what)
+    if not loss.is_frobenius() and largest and not FLOAT32_TINY <= largest <= FLOAT32_MAX:
+        raise ValueError(
+            f"{what} has its largest entry {largest:.3g} outside float32's normal range "
+            f"[{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}]; beta_loss other than the plain Frobenius "
+            "loss solves V as given in float32: rescale it first"
+        )
+    if loss.beta <= 0:
+        check_zeros_allowed(float(tensor.min()), loss.beta, what)
+    return largest
+
+
+def _items(
+    refs: Iterable[WeightRef], home: torch.device, largest: dict, loss: BetaLoss
+) -> Iterator[Item]:
     """Each descriptor's matrices (one per repeat), loaded and value-checked as they come."""
     index = 0
     for pos, ref in enumerate(refs):
         tensor = _load(ref, pos, home)
-        top = largest[pos] if pos in largest else check_values(tensor, _label(ref.name, pos))
+        if pos in largest:
+            top = largest[pos]
+        else:
+            top = _checked_values(tensor, _label(ref.name, pos), loss)
         rank = _clipped_rank(ref, pos)
         for j in range(ref.repeats):
             yield Item(index, tensor, rank, top, ref.name, j if ref.repeats > 1 else None)

@@ -33,6 +33,7 @@ from ong_kernels._validate import (
     check_tensor,
 )
 from ong_kernels.backends import registry
+from ong_kernels.nmf_beta import BetaLoss, checked_loss
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -288,6 +289,13 @@ class Solver:
     seed: int | Sequence[int] = 0
     backend: str = "auto"
     precision: str = "ieee"
+    # The loss (ong_kernels/nmf_beta.py): scikit-learn's beta_loss, alpha_W, alpha_H,
+    # l1_ratio; update_h=False keeps each init pair's H fixed (scikit-learn's transform).
+    beta_loss: str | float = "frobenius"
+    alpha_W: float = 0.0
+    alpha_H: float | str = "same"
+    l1_ratio: float = 0.0
+    update_h: bool = True
 
     def checked(self) -> Solver:
         """Self with tol as a float and a per-matrix seed as a tuple; a ValueError/TypeError
@@ -297,7 +305,28 @@ class Solver:
         seed = check_seeds(self.seed)
         check_init(self.init)
         registry.check_backend_name(self.backend)  # precision: where the kernel is selected
+        loss = self.loss()
+        if not loss.update_h and isinstance(self.init, str):
+            raise ValueError(
+                "update_h=False needs init as (W0, H) pairs: H is the fixed factor W is solved for"
+            )
+        if self.precision != registry.IEEE and not loss.is_frobenius():
+            raise ValueError(
+                f"precision={self.precision!r} serves the plain Frobenius solve only (beta_loss 2,"
+                " no alpha_W/alpha_H, update_h=True)"
+            )
         return dataclasses.replace(self, tol=tol, seed=seed)
+
+    def loss(self) -> BetaLoss:
+        """The checked loss settings (a ValueError/TypeError naming a bad one)."""
+        return checked_loss(self.beta_loss, self.alpha_W, self.alpha_H, self.l1_ratio,
+                            self.update_h)  # fmt: skip
+
+    @property
+    def op(self) -> str:
+        """The op that solves this loss: nmf_mu (plain Frobenius, today's kernels) or
+        nmf_beta_mu."""
+        return "nmf_mu" if self.loss().is_frobenius() else "nmf_beta_mu"
 
     def kwargs(self) -> dict:
         """The settings as nmf_batched's keyword arguments (init pairs not copied)."""

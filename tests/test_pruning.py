@@ -210,7 +210,9 @@ def test_ong_scores_are_one_nmf_batched_call(monkeypatch):
     assert ranks == [max(1, round(0.3 * m)) for m in mins]
     assert kw == {
         "max_iter": 40, "tol": 0.0, "init": "nndsvda", "seed": 0, "backend": "auto",
-        "precision": "ieee", "names": [n for n, _ in model.named_parameters() if n in PRUNABLE],
+        "precision": "ieee", "beta_loss": "frobenius", "alpha_W": 0.0, "alpha_H": "same",
+        "l1_ratio": 0.0, "update_h": True,
+        "names": [n for n, _ in model.named_parameters() if n in PRUNABLE],
     }  # fmt: skip
     # score = W_f @ H_f of a reference factorisation with the same arguments.
     factors = real([w.abs() for w in weights], ranks, max_iter=40, tol=0.0, init="nndsvda")

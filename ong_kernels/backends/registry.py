@@ -24,7 +24,7 @@ import torch
 
 ENV_VAR = "ONG_KERNELS_BACKEND"
 
-OPS = ("nmf_mu", "masked_sgd_step")
+OPS = ("nmf_mu", "nmf_beta_mu", "masked_sgd_step")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 # The default order per op and device type, best first. Why each order (benchmarks/RESULTS.md):
@@ -36,6 +36,9 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 # Device types absent here (mps, xpu, ...) get the reference.
 DEFAULT_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "nmf_mu": {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")},
+    # nmf_beta_mu (beta-divergence / regularised / fixed-H MU, ong_kernels/nmf_beta.py): the
+    # same order; only the kernels that register it take part.
+    "nmf_beta_mu": {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
     "masked_sgd_step": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
 }
 
@@ -52,9 +55,9 @@ class Kernel:
     devices: device types it computes on ("cpu", "cuda"), or ANY_DEVICE (the reference).
     available: whether it can run in this process (built, installed, a GPU present).
     hint: what to do when it cannot (shown in the error of an explicit request).
-    workspace: for nmf_mu, the peak bytes the kernel allocates while it solves a group of
-        matrices of shapes (m, n, r, V dtype) together, beyond V and the factors it is
-        handed (nmf_groups sizes memory_budget groups with it).
+    workspace: for nmf_mu and nmf_beta_mu, the peak bytes the kernel allocates while it
+        solves a group of matrices of shapes (m, n, r, V dtype) together, beyond V and the
+        factors it is handed (nmf_groups sizes memory_budget groups with it).
     precisions: the products it can compute in: "ieee" (float32) for every kernel; the
         Triton NMF kernel adds its TF32 opt-ins. `select` refuses a precision the chosen
         kernel does not declare; the kernel takes precision= only when it declares more
@@ -88,12 +91,12 @@ def register(
     precisions: tuple[str, ...] = (IEEE,),
 ) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` as `backend`'s implementation of `op` (one per pair). An
-    nmf_mu kernel declares its `workspace` model (Kernel says what it returns)."""
+    NMF kernel declares its `workspace` model (Kernel says what it returns)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {OPS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {BACKENDS}")
-    if op == "nmf_mu" and workspace is None:
+    if op.startswith("nmf") and workspace is None:
         raise ValueError(f"the {backend} nmf_mu kernel must declare its workspace model")
     if IEEE not in precisions:
         raise ValueError(f"the {backend} {op} kernel must compute in {IEEE!r} (float32) too")
