@@ -108,3 +108,19 @@ TINY_TRAIN = [
     "--dataset", "synthetic", "--synthetic-shape", "64", "32", "1", "8", "--width", "0.25",
     "--batch-size", "32", "--eval-batch-size", "32", "--device", "cpu", "--no-progress",
 ]  # fmt: skip
+
+# The sparsifier-seam tests' run (test_train_methods, test_train_reparam): 160 synthetic
+# images, batch 32, so 5 steps per epoch of a narrow ResNet-20 on 8x8 images. Copy before
+# changing it (dict(SEAM_RUN, ...)).
+SEAM_RUN = dict(
+    model="resnet20",
+    dataset="synthetic",
+    width=0.5,
+    epochs=4,
+    batch_size=32,
+    eval_batch_size=64,
+    lr=0.05,
+    sparsity=0.9,
+    progress=False,
+    device="cpu",
+)

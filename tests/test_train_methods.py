@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import SEAM_RUN
 
 from ong_kernels import FusedMaskedSGD
 from ong_kernels.pruning import methods as M
@@ -16,29 +17,10 @@ from ong_kernels.train.data import make_synthetic
 from ong_kernels.train.sparsifiers import global_keep
 from ong_kernels.train.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# 160 images, batch 32: 5 steps per epoch; a narrow ResNet-20 on 8x8 images.
 DATA = make_synthetic(160, 64, channels=3, size=8, seed=0)
-SMALL = dict(
-    model="resnet20",
-    dataset="synthetic",
-    width=0.5,
-    epochs=4,
-    batch_size=32,
-    eval_batch_size=64,
-    lr=0.05,
-    sparsity=0.9,
-    progress=False,
-    device="cpu",
-)
+SMALL = SEAM_RUN
 
 
 def make_config(tmp_path=None, name="run", **changes):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import SEAM_RUN
 
 from ong_kernels.pruning import methods as M
 from ong_kernels.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -19,28 +20,10 @@ from ong_kernels.train.data import make_synthetic
 from ong_kernels.train.reparam import CLASSES, binary_step, cs_beta
 from ong_kernels.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DATA = make_synthetic(160, 64, channels=3, size=8, seed=0)
-SMALL = dict(
-    model="resnet20",
-    dataset="synthetic",
-    width=0.5,
-    epochs=4,
-    batch_size=32,
-    eval_batch_size=64,
-    lr=0.05,
-    sparsity=0.9,
-    progress=False,
-    device="cpu",
-)
+SMALL = SEAM_RUN
 REPARAM = ("dnw", "dpf", "str", "cs", "dst")
 
 
