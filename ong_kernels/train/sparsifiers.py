@@ -34,7 +34,7 @@ from ong_kernels.pruning.stream import stream_masks
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer as SeamHost
 
-__all__ = ["FinalCut", "Sparsifier", "build_sparsifier", "global_keep"]
+__all__ = ["CLASSES", "FinalCut", "OneShot", "Sparsifier", "SparsityError", "global_keep"]
 
 
 def global_keep(
@@ -56,6 +56,10 @@ def _masked_magnitude(host: SeamHost) -> list[torch.Tensor]:
         mask = host.masks[name]
         out.append(p.detach().abs().float().masked_fill(~mask, -math.inf))
     return out
+
+
+class SparsityError(RuntimeError):
+    """The weights do not hold the sparsity the masks promise."""
 
 
 class Sparsifier:
@@ -119,8 +123,6 @@ class _Scheduled(Sparsifier):
         host.apply_masks(dict(zip((n for n, _ in host.targets), keep, strict=True)))
         want = M.goal_count(sparsity, host.masked_total)
         if host.pruned_count != want:
-            from .trainer import SparsityError
-
             raise SparsityError(
                 f"{host.config.method} cut at epoch {epoch}: {host.pruned_count} weights "
                 f"pruned, the schedule asks for {want}"
@@ -343,17 +345,9 @@ class Lc(Sparsifier):
                     p.grad.add_(torch.where(k, p, 0.0), alpha=-wd)
 
 
-_CLASSES = {"dense": Sparsifier, "gmp": Gmp, "bimp": Bimp, "gsm": Gsm, "lc": Lc}
-
-
-def build_sparsifier(host: SeamHost) -> Sparsifier:
-    cfg = host.config
-    s = M.spec(cfg.method)
-    settings = M.resolve_settings(cfg.method, cfg.method_kwargs)
-    from .reparam import CLASSES as reparametrised  # it builds on this module
-
-    cls = OneShot if s.one_shot else {**_CLASSES, **reparametrised}[cfg.method]
-    return cls(host, settings)
+# The sparsifiers of this module by method name (one-shot methods are OneShot); the
+# reparametrisation methods' are in reparam.py, and train/methods_table.py joins them.
+CLASSES = {"dense": Sparsifier, "gmp": Gmp, "bimp": Bimp, "gsm": Gsm, "lc": Lc}
 
 
 class FinalCut:

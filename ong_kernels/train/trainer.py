@@ -66,9 +66,10 @@ from .checkpoint import (
 )
 from .config import TrainConfig, config_differences, describe_differences
 from .data import ImageDataset, load_dataset
+from .methods_table import build_sparsifier
 from .models import build_model
 from .schedule import LRSchedule
-from .sparsifiers import FinalCut, build_sparsifier
+from .sparsifiers import FinalCut, SparsityError
 
 __all__ = ["Callback", "SparsityError", "StopTraining", "Trainer"]
 
@@ -105,10 +106,6 @@ class _NoBar:
 
     def close(self):
         pass
-
-
-class SparsityError(RuntimeError):
-    """The weights do not hold the sparsity the masks promise."""
 
 
 class StopTraining(Exception):

@@ -1,0 +1,26 @@
+"""Every trainer method's sparsifier, by name: the one table the trainer builds from.
+
+Its own module because the reparametrisation methods (reparam.py) build on the seam's
+classes (sparsifiers.py): importing both here keeps either from importing the other back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ong_kernels.pruning import methods as M
+
+from . import reparam, sparsifiers
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+CLASSES = {**sparsifiers.CLASSES, **reparam.CLASSES}
+
+
+def build_sparsifier(host: Trainer) -> sparsifiers.Sparsifier:
+    """The sparsifier of the host's method, with its resolved settings."""
+    cfg = host.config
+    settings = M.resolve_settings(cfg.method, cfg.method_kwargs)
+    cls = sparsifiers.OneShot if M.spec(cfg.method).one_shot else CLASSES[cfg.method]
+    return cls(host, settings)
