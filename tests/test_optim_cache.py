@@ -79,6 +79,8 @@ def test_plain_lr_changes_are_used(compact_state):
         for opt in (ours, peer):
             opt.param_groups[0]["lr"] *= 0.5
             opt.param_groups[0]["momentum"] = 0.9 - 0.1 * step
+    step_both(ours, peer, params, peers, masks, 4)  # the last change is stepped and compared
+    assert ours.param_groups[0]["lr"] == peer.param_groups[0]["lr"] == 0.1 * 0.5**4
 
 
 def _clear(opt, p, mask):
