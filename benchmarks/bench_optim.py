@@ -446,14 +446,23 @@ def test_bandwidth(measure, op, device):
     assert torch.equal(dst, expected)
 
 
-def isa_table(pairs: int = 7, total: int = 20_000_000) -> list[dict]:
+ISSUE17_LAYOUTS = ((20, 1_000_000), (200, 100_000))
+# Issue 28 item 7's layouts (one large tensor, LLM-sized rows, many small tensors).
+ISSUE28_LAYOUTS = ((1, 40_000_000), (40, 1_000_000), (500, 20_000))
+
+
+def isa_table(
+    pairs: int = 7,
+    layouts: tuple[tuple[int, int], ...] = ISSUE17_LAYOUTS,
+    kept_fractions: tuple[float, ...] = (0.1, 0.5),
+) -> list[dict]:
     """Issue 17's ISA x density x layout table on this CPU: for each ISA the CPU kernel can
-    run (``_C.set_isa``), kept fraction and layout (tensor count x size, `total` weights),
-    the dense-state and the compact-state step timed alternately (`pairs` pairs, 2 threads),
-    with the minimum of each and the median (and 10th / 90th percentile) of the per-pair
-    ratios. Public API plus set_isa
-    only, so the same function times an older checkout (``python -m benchmarks.bench_optim
-    isa``). Floors: bytes a step must move (``floor_bytes``) over the measured bandwidth."""
+    run (``_C.set_isa``), kept fraction and layout (tensor count x size), the dense-state and
+    the compact-state step timed alternately (`pairs` pairs, 2 threads), with the minimum of
+    each and the median (and 10th / 90th percentile) of the per-pair ratios. Public API plus
+    set_isa only, so the same function times an older checkout (``python -m
+    benchmarks.bench_optim isa``). Floors: bytes a step must move (``floor_bytes``) over the
+    measured bandwidth."""
     from ong_kernels.backends import _native
 
     lib = _native.lib()
@@ -461,14 +470,13 @@ def isa_table(pairs: int = 7, total: int = 20_000_000) -> list[dict]:
     isas = [i for i in (lib.Isa.avx512, lib.Isa.avx2, lib.Isa.portable) if i.value <= best.value]
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for count in (20, 200):
-        size = total // count
+    for count, size in layouts:
         params = [torch.nn.Parameter(torch.randn(size, generator=gen) * 0.05) for _ in range(count)]
         twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
         for p, q in zip(params, twins, strict=True):
             p.grad = torch.randn(size, generator=gen) * 1e-2
             q.grad = p.grad.clone()
-        for kept in (0.1, 0.5):
+        for kept in kept_fractions:
             masks = [torch.rand(size, generator=gen) < kept for _ in params]
             dense = ong_kernels.FusedMaskedSGD(
                 params, lr=1e-3, momentum=0.9, masks=dict(zip(params, masks, strict=True))
@@ -549,5 +557,8 @@ if __name__ == "__main__":
         print(host_time_pairs())
     elif sys.argv[1:] == ["isa"]:
         isa_table()
+    elif sys.argv[1:] == ["isa28"]:
+        # issue 28 item 7: 10% kept, the issue's three layouts, 15 pairs per cell
+        isa_table(pairs=15, layouts=ISSUE28_LAYOUTS, kept_fractions=(0.1,))
     elif sys.argv[1:] == ["resnet"]:
         print(resnet_pairs())

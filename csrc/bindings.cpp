@@ -78,10 +78,12 @@ void bind_masked_sgd(py::module_& m) {
       )pbdoc");
 
   m.def("masked_sgd_compact_path_cpu", &ong::masked_sgd_compact_path_cpu,
-        "Which AVX-512 compact_state span runs: 'vector' (expand/compress) or 'setbits' "
-        "(the set-bit loop), chosen by timing both at first use.");
+        "Which compact_state span the active ISA runs: 'vector' (AVX-512 expand/compress; "
+        "AVX2 blocks from 1/12 kept) or 'setbits' (the set-bit loop; AVX2: up to 1/2 kept), "
+        "chosen per ISA by timing both at first use.");
   m.def("set_masked_sgd_compact_path_cpu", &ong::set_masked_sgd_compact_path_cpu,
-        py::arg("name"), "Override that choice (tests, benchmarks): 'vector' or 'setbits'.");
+        py::arg("name"),
+        "Override the active ISA's choice (tests, benchmarks): 'vector' or 'setbits'.");
   m.def("masked_sgd_chunk_size_cpu", &ong::masked_sgd_chunk_size_cpu,
         "Elements per chunk of the CPU kernels (the unit of the compact offsets table).");
   m.def(

@@ -114,20 +114,24 @@ using CompactFn = void (*)(T*, const T*, T*, const std::uint8_t*, std::int64_t, 
                            std::int64_t, std::int64_t, const SgdHyper&);
 
 #ifdef ONG_HAVE_X86_KERNELS
-// The AVX-512 compact span uses vexpandps / vcompressps (register forms). Their cost differs by
-// vendor (the memory forms are microcoded on AMD Zen 4: issue 17 measured that step 2.4x slower
-// than dense there), and no AMD machine was at hand to measure the register forms, so the
-// first compact step times both AVX-512 spans on 64K float32 weights in cache (the
-// instruction cost decides, not memory) and keeps the faster. At 50% kept, where the vector
-// span does 2 groups of 16 per 64 weights and the set-bit loop 32 single elements: on the
-// Intel VM the vector span wins there (and on 20 x 1M weights it ran 0.96x the set-bit loop
-// at 10% kept, 0.75x at 50%); measured at 10% kept in cache the set-bit loop won instead,
-// the opposite of the memory-bound result, so 10% is not the calibration point. Both spans
-// are the same arithmetic in one unit: the choice never changes a result.
+// Each x86 ISA has two compact spans, the same arithmetic in one unit (the choice never changes
+// a result), whose speed differs by vendor; the first compact step under an ISA times both on
+// 64K float32 weights in cache (the instruction cost decides, not memory) and keeps the faster.
+// - AVX-512: vexpandps / vcompressps (register forms) or the set-bit loop. The memory forms are
+//   microcoded on AMD Zen 4 (issue 17 measured that step 2.4x slower than dense there). Timed
+//   at 50% kept, where the vector span does 2 groups of 16 per 64 weights and the set-bit loop
+//   32 single elements: on the Intel VM the vector span wins there (and on 20 x 1M weights it
+//   ran 0.96x the set-bit loop at 10% kept, 0.75x at 50%); at 10% kept in cache the set-bit
+//   loop won instead, the opposite of the memory-bound result, so 10% is not the point.
+// - AVX2: the set-bit loop below 1/12 kept and the block loop above ("vector", the Intel VM's
+//   faster), or the set-bit loop up to 1/2 kept ("setbits", AMD Zen 3's faster: 0.67-0.74x
+//   dense against 0.75-0.89x at 10-30% kept, 40 x 1M weights; masked_sgd_avx2.cpp). Timed at
+//   25% kept, between the two thresholds.
 enum CompactPath : int { kUnmeasured = -1, kVector = 0, kSetBits = 1 };
-std::atomic<int> g_compact_path{kUnmeasured};
+// One choice per x86 ISA (index: Isa::kAvx2 - 1, Isa::kAvx512 - 1).
+std::atomic<int> g_compact_path[2] = {kUnmeasured, kUnmeasured};
 
-double time_compact(CompactFn<float> fn) {
+double time_compact(CompactFn<float> fn, unsigned kept_of_four) {
   constexpr std::int64_t n = 1 << 16;
   std::vector<float> p(n, 0.5f), grad(n, 0.25f), cbuf(n, 0.0f);
   std::vector<std::uint8_t> bits(n / 8, 0);
@@ -135,7 +139,7 @@ double time_compact(CompactFn<float> fn) {
   std::int64_t kept = 0;
   for (std::int64_t i = 0; i < n; ++i) {
     state = state * 1664525u + 1013904223u;  // LCG: a fixed random mask
-    if ((state >> 8) & 1u) {  // 50% kept
+    if (((state >> 8) & 3u) < kept_of_four) {
       bits[i >> 3] |= static_cast<std::uint8_t>(1u << (i & 7));
       ++kept;
     }
@@ -151,17 +155,32 @@ double time_compact(CompactFn<float> fn) {
   return best;
 }
 
-CompactFn<float> avx512_compact() {
-  int path = g_compact_path.load(std::memory_order_relaxed);
-  if (path == kUnmeasured) {
-    const double vec = time_compact(masked_sgd_compact_f32_avx512);
-    const double setbits = time_compact(masked_sgd_compact_f32_avx512_setbits);
-    path = vec <= setbits ? kVector : kSetBits;
-    int expected = kUnmeasured;
-    g_compact_path.compare_exchange_strong(expected, path);
-    path = g_compact_path.load();
+struct CompactPair {
+  CompactFn<float> vector;
+  CompactFn<float> setbits;
+  unsigned kept_of_four;  // the calibration point
+};
+
+CompactPair compact_pair(Isa isa) {
+  if (isa == Isa::kAvx512) {
+    return {masked_sgd_compact_f32_avx512, masked_sgd_compact_f32_avx512_setbits, 2};
   }
-  return path == kVector ? masked_sgd_compact_f32_avx512 : masked_sgd_compact_f32_avx512_setbits;
+  return {masked_sgd_compact_f32_avx2, masked_sgd_compact_f32_avx2_setbits, 1};
+}
+
+// The chosen span of an x86 ISA (kAvx2 or kAvx512), measured on first use.
+CompactFn<float> x86_compact(Isa isa) {
+  const CompactPair pair = compact_pair(isa);
+  std::atomic<int>& chosen = g_compact_path[static_cast<int>(isa) - 1];
+  int path = chosen.load(std::memory_order_relaxed);
+  if (path == kUnmeasured) {
+    const double vec = time_compact(pair.vector, pair.kept_of_four);
+    const double setbits = time_compact(pair.setbits, pair.kept_of_four);
+    int expected = kUnmeasured;
+    chosen.compare_exchange_strong(expected, vec <= setbits ? kVector : kSetBits);
+    path = chosen.load();
+  }
+  return path == kVector ? pair.vector : pair.setbits;
 }
 #endif
 
@@ -169,8 +188,7 @@ template <typename T>
 CompactFn<T> pick_compact() {
 #ifdef ONG_HAVE_X86_KERNELS
   if constexpr (std::is_same_v<T, float>) {
-    if (active_isa() == Isa::kAvx512) return avx512_compact();
-    if (active_isa() == Isa::kAvx2) return masked_sgd_compact_f32_avx2;
+    if (active_isa() != Isa::kPortable) return x86_compact(active_isa());
   }
 #endif
   return update_compact_dispatch<T>;
@@ -249,8 +267,9 @@ std::int64_t masked_sgd_chunk_size_cpu() { return kChunk; }
 
 const char* masked_sgd_compact_path_cpu() {
 #ifdef ONG_HAVE_X86_KERNELS
-  if (best_isa() == Isa::kAvx512) {
-    return avx512_compact() == masked_sgd_compact_f32_avx512 ? "vector" : "setbits";
+  const Isa isa = active_isa();
+  if (isa != Isa::kPortable) {
+    return x86_compact(isa) == compact_pair(isa).vector ? "vector" : "setbits";
   }
 #endif
   return "setbits";
@@ -262,7 +281,10 @@ void set_masked_sgd_compact_path_cpu(const char* name) {
     throw std::invalid_argument("compact path must be 'vector' or 'setbits', got '" + value + "'");
   }
 #ifdef ONG_HAVE_X86_KERNELS
-  g_compact_path.store(value == "vector" ? kVector : kSetBits);
+  const Isa isa = active_isa();
+  if (isa != Isa::kPortable) {
+    g_compact_path[static_cast<int>(isa) - 1].store(value == "vector" ? kVector : kSetBits);
+  }
 #endif
 }
 

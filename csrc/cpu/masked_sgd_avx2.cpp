@@ -133,19 +133,16 @@ inline std::int64_t kept_in(const std::uint8_t* bits, std::int64_t begin, std::i
 // leaves this span's entries (next + 8 <= kend: no other thread's chunk); the span's last
 // kept elements take the set-bit loop. Pruned weights are selected to 0 as in the dense span
 // (they are 0 already: the mask zeroed them).
-template <bool kMomentum, bool kNesterov, bool kFirst>
+// Spans with fewer than 1 / kSparseBelow of their weights kept take the set-bit loop, which
+// touches only kept weights; the run-time measurement in masked_sgd.cpp picks the threshold.
+template <int kSparseBelow, bool kMomentum, bool kNesterov, bool kFirst>
 void compact_avx2(float* __restrict p, const float* __restrict grad, float* __restrict cbuf,
                   const std::uint8_t* __restrict bits, std::int64_t begin, std::int64_t end,
                   std::int64_t buf_begin, std::int64_t buf_numel, const SgdHyper& h) {
   const Lanes v(h);
   std::int64_t k = buf_begin;
   const std::int64_t span_kept = kept_in(bits, begin, end);
-  // Sparse spans take the set-bit loop, which touches only kept weights. Measured with the
-  // prefetch in both loops (20 x 1M float32, momentum, 2 threads, Intel VM; ms, set-bit /
-  // block): 1% kept 3.5-3.7 / 5.2, 3% 4.0-4.1 / 5.0, 6% 4.6-4.8 / 4.9-5.2, 10% 5.2-5.35 /
-  // 5.2-5.3, 20% 6.0-6.8 / 5.35-5.6; on ResNet-18 at 10% kept the block loop's step was
-  // 0.79-0.80x the dense one against the set-bit loop's 0.84-0.89x. So below 1/12 kept.
-  if (12 * span_kept < end - begin) {
+  if (kSparseBelow * span_kept < end - begin) {
     return update_compact<float, kMomentum, kNesterov, kFirst>(p, grad, cbuf, bits, begin, end,
                                                                k, buf_numel, h);
   }
@@ -210,12 +207,30 @@ void masked_sgd_span_f32_avx2(float* p, const float* grad, float* buf, const std
   });
 }
 
+// The two thresholds of the set-bit loop (1 / kSparseBelow kept), measured with the prefetch
+// in both loops (20 x 1M float32, momentum, 2 threads; ms, set-bit / block):
+// - Intel Xeon VM: 1% kept 3.5-3.7 / 5.2, 3% 4.0-4.1 / 5.0, 6% 4.6-4.8 / 4.9-5.2, 10% 5.2-5.35
+//   / 5.2-5.3, 20% 6.0-6.8 / 5.35-5.6; on ResNet-18 at 10% kept the block loop's step was
+//   0.79-0.80x the dense one against the set-bit loop's 0.84-0.89x: below 1/12 kept.
+// - AMD EPYC Zen 3 VM (40 x 1M): compact / dense 0.67 / 0.68-0.75 at 5-10% kept, 0.66-0.69 /
+//   0.80-0.84 at 15-20%, 0.74 / 0.89 at 30%, about equal at 50% (16.3 / 17.1 ms) and 24.4 /
+//   14.2 ms at 80%: the block loop's permutes and blends cost more there, below 1/2 kept.
 void masked_sgd_compact_f32_avx2(float* p, const float* grad, float* cbuf,
                                  const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
                                  std::int64_t buf_begin, std::int64_t buf_numel,
                                  const SgdHyper& h) {
   with_flags(h, [&](auto m, auto n, auto f) {
-    compact_avx2<decltype(m)::value, decltype(n)::value, decltype(f)::value>(
+    compact_avx2<12, decltype(m)::value, decltype(n)::value, decltype(f)::value>(
+        p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
+  });
+}
+
+void masked_sgd_compact_f32_avx2_setbits(float* p, const float* grad, float* cbuf,
+                                         const std::uint8_t* bits, std::int64_t begin,
+                                         std::int64_t end, std::int64_t buf_begin,
+                                         std::int64_t buf_numel, const SgdHyper& h) {
+  with_flags(h, [&](auto m, auto n, auto f) {
+    compact_avx2<2, decltype(m)::value, decltype(n)::value, decltype(f)::value>(
         p, grad, cbuf, bits, begin, end, buf_begin, buf_numel, h);
   });
 }

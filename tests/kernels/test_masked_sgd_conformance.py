@@ -362,21 +362,30 @@ def test_every_cpu_isa_dense_and_compact(cpu_isa, dtype, hyper, density):
             assert torch.equal(got, bufs[i]), f"{cpu_isa} {dtype}: compact momentum {i}"
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("path", ["vector", "setbits"])
 @pytest.mark.parametrize("hyper", CPU_HYPERS[:3], ids=["nesterov", "first", "damp-max"])
-def test_both_avx512_compact_spans_are_dense_mode(path, hyper):
-    """The AVX-512 compact span is chosen by timing at first use (vector expand/compress or
-    the set-bit loop); each one, forced, is the dense step bit for bit."""
+def test_both_x86_compact_spans_are_dense_mode(isa, path, hyper):
+    """Each x86 ISA's compact span is chosen by timing at first use (AVX-512: vector
+    expand/compress or the set-bit loop; AVX2: the block loop from 1/12 kept or the set-bit
+    loop up to 1/2 kept); each one, forced, is the dense step bit for bit."""
     from ong_kernels._bitmask import expand
     from ong_kernels.backends import _native
 
-    if not _native.has_cpu() or _native.lib().best_isa() != _native.lib().Isa.avx512:
-        pytest.skip("needs the compiled CPU kernels on an AVX-512 CPU")
+    if not _native.has_cpu():
+        pytest.skip("needs the compiled CPU kernels")
     lib = _native.lib()
+    wanted = lib.Isa.__members__[isa]
+    if lib.best_isa().value < wanted.value:
+        pytest.skip(f"needs a CPU with {isa}")
+    active = lib.active_isa()
+    lib.set_isa(wanted)
     chosen = lib.masked_sgd_compact_path_cpu()
     gen = torch.Generator().manual_seed(11)
-    sizes = [70, 16_449, 40_001]  # 64-weight blocks, 16-lane groups and scalar tails
-    masks = [torch.rand(n, generator=gen) < 0.3 for n in sizes]
+    sizes = [70, 16_449, 40_001, 9_000]  # 64-weight blocks, 16-lane groups and scalar tails
+    # kept fractions on both sides of the AVX2 thresholds (1/12 and 1/2): every loop runs
+    kept = [0.3, 0.3, 0.05, 0.7]
+    masks = [torch.rand(n, generator=gen) < k for n, k in zip(sizes, kept, strict=True)]
     params = [torch.randn(n, generator=gen) * m for n, m in zip(sizes, masks, strict=True)]
     grads = [torch.randn(n, generator=gen) for n in sizes]
     bufs = [torch.randn(n, generator=gen) * m for n, m in zip(sizes, masks, strict=True)]
@@ -385,10 +394,12 @@ def test_both_avx512_compact_spans_are_dense_mode(path, hyper):
     bits = [pack_mask(m) for m in masks]
     try:
         lib.set_masked_sgd_compact_path_cpu(path)
+        assert lib.masked_sgd_compact_path_cpu() == path
         _ops.masked_sgd_step_(params, grads, bufs, bits, *hyper, "cpu")
         _ops.masked_sgd_compact_step_(twins, grads, cbufs, bits, offsets, *hyper, "cpu")
     finally:
         lib.set_masked_sgd_compact_path_cpu(chosen)
+        lib.set_isa(active)
     for i in range(len(sizes)):
         assert torch.equal(twins[i], params[i]), f"{path}: param {i}"
         assert torch.equal(expand(cbufs[i], masks[i]), bufs[i]), f"{path}: momentum {i}"
