@@ -52,20 +52,24 @@ void bind_common(py::module_& m) {
         "raises ValueError above best_isa().");
 }
 
-void bind_masked_sgd(py::module_& m) {
+// A CPU step over a host table of Row (dense or compact), with the GIL released.
+template <typename Row, void (*Step)(const Row*, std::int64_t, ong::DType, const ong::SgdHyper&,
+                                     int)>
+void def_cpu_step(py::module_& m, const char* name, const char* doc) {
   m.def(
-      "masked_sgd_step_cpu",
+      name,
       [](std::uintptr_t table, std::int64_t n_tensors, ong::DType dtype, py::handle hyper,
          int num_threads, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
         const auto h = hyper_from(hyper, grad_scale, found_inf);
         py::gil_scoped_release release;
-        ong::masked_sgd_step_cpu(reinterpret_cast<const ong::SgdTensor*>(table), n_tensors,
-                                 dtype, h, num_threads);
+        Step(reinterpret_cast<const Row*>(table), n_tensors, dtype, h, num_threads);
       },
       py::arg("table"), py::arg("n_tensors"), py::arg("dtype"), py::arg("hyper"),
-      py::arg("num_threads"),
-      py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
-      R"pbdoc(
+      py::arg("num_threads"), py::arg("grad_scale") = 0, py::arg("found_inf") = 0, doc);
+}
+
+void bind_masked_sgd(py::module_& m) {
+  def_cpu_step<ong::SgdTensor, ong::masked_sgd_step_cpu>(m, "masked_sgd_step_cpu", R"pbdoc(
         One fused masked SGD step over dense CPU tensors of one dtype (float32 or float64).
 
         hyper: an object with the fields of csrc/include/ong_sgd.h SgdHyper (lr, momentum,
@@ -86,19 +90,8 @@ void bind_masked_sgd(py::module_& m) {
         "Override the active ISA's choice (tests, benchmarks): 'vector' or 'setbits'.");
   m.def("masked_sgd_chunk_size_cpu", &ong::masked_sgd_chunk_size_cpu,
         "Elements per chunk of the CPU kernels (the unit of the compact offsets table).");
-  m.def(
-      "masked_sgd_step_compact_cpu",
-      [](std::uintptr_t table, std::int64_t n_tensors, ong::DType dtype, py::handle hyper,
-         int num_threads, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
-        const auto h = hyper_from(hyper, grad_scale, found_inf);
-        py::gil_scoped_release release;
-        ong::masked_sgd_step_compact_cpu(reinterpret_cast<const ong::SgdCompactTensor*>(table),
-                                         n_tensors, dtype, h, num_threads);
-      },
-      py::arg("table"), py::arg("n_tensors"), py::arg("dtype"), py::arg("hyper"),
-      py::arg("num_threads"),
-      py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
-      R"pbdoc(
+  def_cpu_step<ong::SgdCompactTensor, ong::masked_sgd_step_compact_cpu>(
+      m, "masked_sgd_step_compact_cpu", R"pbdoc(
         compact_state step: table rows (param, grad, compact buf, mask, numel, offsets), see
         csrc/include/ong_sgd.h SgdCompactTensor. Only kept elements are read or written.
       )pbdoc");

@@ -25,7 +25,7 @@ import re
 import sys
 
 from ong_kernels._validate import check_device
-from ong_kernels._version import add_version_option
+from ong_kernels._version import cli_parser
 from ong_kernels.pruning.checkpoint import (
     DEFAULT_EXCLUDE,
     STREAMED,
@@ -75,13 +75,12 @@ def _positive_seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli_parser(
         prog="ong-mask",
         description="ONG or magnitude masks of a safetensors checkpoint at an exact sparsity.",
         epilog=f"Default: every 2-D+ floating tensor whose name does not match {DEFAULT_EXCLUDE!r} "
         "(embeddings, norms); 1-D tensors are never pruned.",
     )
-    add_version_option(p)
     p.add_argument("checkpoint", help="a .safetensors file, or a sharded checkpoint's "
                    "model.safetensors.index.json or its folder")  # fmt: skip
     p.add_argument("--method", choices=STREAMED, default="ong",

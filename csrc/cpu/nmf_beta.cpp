@@ -12,10 +12,6 @@
 namespace ong {
 namespace {
 
-[[noreturn]] void bad(std::int64_t i, const std::string& what) {
-  throw std::invalid_argument("nmf_beta_cpu: matrix " + std::to_string(i) + ": " + what);
-}
-
 bool finite_at_least(double x, double low) { return std::isfinite(x) && x >= low; }
 
 }  // namespace
@@ -34,14 +30,10 @@ void nmf_beta_cpu(const NmfMatrix* table, std::int64_t n_matrices, std::int64_t 
     throw std::invalid_argument("nmf_beta_cpu: l1_ratio must be in [0, 1]");
   // Every row is checked before anything is touched (sizes that would index out of bounds
   // never reach the kernels); r <= min(m, n) as the op's check.
-  constexpr std::int64_t kMaxDim = std::int64_t{1} << 31;
   std::vector<nmf_beta::Job> jobs(static_cast<std::size_t>(n_matrices));
   for (std::int64_t i = 0; i < n_matrices; ++i) {
     const NmfMatrix& t = table[i];
-    if (t.m <= 0 || t.n <= 0 || t.r <= 0) bad(i, "m, n and r must be > 0");
-    if (t.m > kMaxDim || t.n > kMaxDim) bad(i, "m and n must be < 2^31");
-    if (t.r > t.m || t.r > t.n) bad(i, "r must be <= min(m, n)");
-    if (t.v == 0 || t.w == 0 || t.h == 0) bad(i, "null V, W or H address");
+    check_nmf_row("nmf_beta_cpu", i, t);
     jobs[i] = nmf_beta::Job{reinterpret_cast<const float*>(t.v), reinterpret_cast<float*>(t.w),
                             reinterpret_cast<float*>(t.h), t.m, t.n, t.r, n_iter + i};
   }

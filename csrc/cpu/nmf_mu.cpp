@@ -13,8 +13,8 @@
 namespace ong {
 namespace {
 
-[[noreturn]] void bad(std::int64_t i, const std::string& what) {
-  throw std::invalid_argument("nmf_mu_cpu: matrix " + std::to_string(i) + ": " + what);
+[[noreturn]] void bad_row(const char* op, std::int64_t i, const std::string& what) {
+  throw std::invalid_argument(std::string(op) + ": matrix " + std::to_string(i) + ": " + what);
 }
 
 DType checked_dtype(std::int64_t i, std::int64_t code) {
@@ -22,10 +22,18 @@ DType checked_dtype(std::int64_t i, std::int64_t code) {
   if (code == c) return DType::e;
   ONG_DTYPES(ONG_NMF_DTYPE_CASE)
 #undef ONG_NMF_DTYPE_CASE
-  bad(i, "unknown dtype code " + std::to_string(code));
+  bad_row("nmf_mu_cpu", i, "unknown dtype code " + std::to_string(code));
 }
 
 }  // namespace
+
+void check_nmf_row(const char* op, std::int64_t i, const NmfMatrix& t) {
+  constexpr std::int64_t kMaxDim = std::int64_t{1} << 31;
+  if (t.m <= 0 || t.n <= 0 || t.r <= 0) bad_row(op, i, "m, n and r must be > 0");
+  if (t.m > kMaxDim || t.n > kMaxDim) bad_row(op, i, "m and n must be < 2^31");
+  if (t.r > t.m || t.r > t.n) bad_row(op, i, "r must be <= min(m, n)");
+  if (t.v == 0 || t.w == 0 || t.h == 0) bad_row(op, i, "null V, W or H address");
+}
 
 void nmf_mu_cpu(const NmfMatrix* table, const std::int64_t* dtypes, std::int64_t n_matrices,
                 std::int64_t max_iter, double tol, std::int64_t* n_iter, int num_threads) {
@@ -37,14 +45,10 @@ void nmf_mu_cpu(const NmfMatrix* table, const std::int64_t* dtypes, std::int64_t
     throw std::invalid_argument("nmf_mu_cpu: tol must be finite and >= 0");
   // Every row is checked before anything is touched: sizes that index out of bounds (or
   // overflow the int64 element counts) never reach the kernels.
-  constexpr std::int64_t kMaxDim = std::int64_t{1} << 31;
   std::vector<nmf::Job> jobs(static_cast<std::size_t>(n_matrices));
   for (std::int64_t i = 0; i < n_matrices; ++i) {
     const NmfMatrix& t = table[i];
-    if (t.m <= 0 || t.n <= 0 || t.r <= 0) bad(i, "m, n and r must be > 0");
-    if (t.m > kMaxDim || t.n > kMaxDim) bad(i, "m and n must be < 2^31");
-    if (t.r > t.m || t.r > t.n) bad(i, "r must be <= min(m, n)");
-    if (t.v == 0 || t.w == 0 || t.h == 0) bad(i, "null V, W or H address");
+    check_nmf_row("nmf_mu_cpu", i, t);
     jobs[i] = nmf::Job{reinterpret_cast<const void*>(t.v), checked_dtype(i, dtypes[i]),
                        reinterpret_cast<float*>(t.w), reinterpret_cast<float*>(t.h),
                        t.m, t.n, t.r, n_iter + i};

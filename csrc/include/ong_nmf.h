@@ -23,6 +23,11 @@ struct NmfMatrix {
 };
 static_assert(sizeof(NmfMatrix) == 6 * sizeof(std::int64_t), "NmfMatrix is one table row");
 
+// Throws std::invalid_argument("<op>: matrix <i>: ...") unless row i of a table is one the
+// kernels may index: m, n, r > 0, m, n < 2^31, r <= min(m, n), non-null V, W and H. Every
+// CPU NMF entry point checks its whole table with it before touching anything.
+void check_nmf_row(const char* op, std::int64_t i, const NmfMatrix& t);
+
 // Solves every matrix of the table (max_iter iterations, or fewer where scikit-learn's rule
 // stops it; tol == 0: no checks) and writes the iterations run per matrix to n_iter.
 // Throws std::invalid_argument (before touching anything) on a malformed table.

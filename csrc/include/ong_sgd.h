@@ -99,40 +99,33 @@ void masked_sgd_step_compact_cpu(const SgdCompactTensor* table, std::int64_t n_t
                                  DType dtype, const SgdHyper& h, int num_threads);
 std::int64_t masked_sgd_chunk_size_cpu();
 
-void masked_sgd_compact_f32_avx512(float* p, const float* grad, float* cbuf,
-                                   const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
-                                   std::int64_t buf_begin, std::int64_t buf_numel,
-                                   const SgdHyper& h);
+// One tensor's float32 span [begin, end) per ISA unit: dense (buf: the momentum, or null) and
+// compact (cbuf: the packed momentum from entry buf_begin, buf_numel entries in all).
+using SpanF32 = void(float* p, const float* grad, float* buf, const std::uint8_t* bits,
+                     std::int64_t begin, std::int64_t end, const SgdHyper& h);
+using CompactSpanF32 = void(float* p, const float* grad, float* cbuf, const std::uint8_t* bits,
+                            std::int64_t begin, std::int64_t end, std::int64_t buf_begin,
+                            std::int64_t buf_numel, const SgdHyper& h);
+
+// AVX-512 (csrc/cpu/masked_sgd_avx512.cpp); call only when active_isa() is kAvx512.
+SpanF32 masked_sgd_span_f32_avx512;
+CompactSpanF32 masked_sgd_compact_f32_avx512;
 // The same step as the set-bit loop, compiled in the AVX-512 unit (bit for bit the vector
 // span): the fallback the run-time measurement picks where compress/expand are slow.
-void masked_sgd_compact_f32_avx512_setbits(float* p, const float* grad, float* cbuf,
-                                           const std::uint8_t* bits, std::int64_t begin,
-                                           std::int64_t end, std::int64_t buf_begin,
-                                           std::int64_t buf_numel, const SgdHyper& h);
+CompactSpanF32 masked_sgd_compact_f32_avx512_setbits;
+
+// AVX2 + FMA (csrc/cpu/masked_sgd_avx2.cpp); active_isa() >= kAvx2.
+SpanF32 masked_sgd_span_f32_avx2;
+CompactSpanF32 masked_sgd_compact_f32_avx2;
+// The AVX2 compact span with the set-bit loop below half kept (the block loop only from 1/12
+// kept in the "vector" one): bit for bit the same step, the faster one on AMD Zen 3.
+CompactSpanF32 masked_sgd_compact_f32_avx2_setbits;
+
 // Which compact span the active ISA runs: "vector" or "setbits", measured at first use per ISA
 // (see csrc/cpu/masked_sgd.cpp; the portable unit has only "setbits");
 // set_masked_sgd_compact_path_cpu overrides the active ISA's choice (tests, benchmarks).
 const char* masked_sgd_compact_path_cpu();
 void set_masked_sgd_compact_path_cpu(const char* name);
-
-// float32 span [begin, end) of one tensor with AVX-512 (csrc/cpu/masked_sgd_avx512.cpp);
-// call only when active_isa() is kAvx512.
-void masked_sgd_span_f32_avx512(float* p, const float* grad, float* buf,
-                                const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
-                                const SgdHyper& h);
-// The same two spans with AVX2 + FMA (csrc/cpu/masked_sgd_avx2.cpp); active_isa() >= kAvx2.
-void masked_sgd_span_f32_avx2(float* p, const float* grad, float* buf, const std::uint8_t* bits,
-                              std::int64_t begin, std::int64_t end, const SgdHyper& h);
-void masked_sgd_compact_f32_avx2(float* p, const float* grad, float* cbuf,
-                                 const std::uint8_t* bits, std::int64_t begin, std::int64_t end,
-                                 std::int64_t buf_begin, std::int64_t buf_numel,
-                                 const SgdHyper& h);
-// The AVX2 compact span with the set-bit loop below half kept (the block loop only from 1/12
-// kept in the "vector" one): bit for bit the same step, the faster one on AMD Zen 3.
-void masked_sgd_compact_f32_avx2_setbits(float* p, const float* grad, float* cbuf,
-                                         const std::uint8_t* bits, std::int64_t begin,
-                                         std::int64_t end, std::int64_t buf_begin,
-                                         std::int64_t buf_numel, const SgdHyper& h);
 
 #ifdef ONG_WITH_CUDA
 // CUDA: ONE launch for every tensor of one dtype. `table` is a device address holding the

@@ -201,11 +201,19 @@ def nmf_workspace(shapes: Sequence[Shape]) -> int:
     largest matrix during an error check, V.double(), (W H).double(), their difference and
     matrix_norm's temporary (32 bytes per entry; measured 80 MB of peak RSS growth for one
     float32 1024 x 2048 matrix, tests/test_nmf_workspace.py)."""
+    return stepper_bytes(shapes, per_entry_of_largest=32)
+
+
+def stepper_bytes(shapes: Sequence[Shape], per_entry_of_largest: int) -> int:
+    """A per-matrix stepper's peak extra bytes (this module's and reference_beta's): every
+    matrix's float32 V copy (and a non-float32 V's conversion), W, H and ~3 factor-sized
+    products, plus `per_entry_of_largest` bytes per entry of the largest matrix (its m x n
+    temporaries)."""
     held, largest = 0, 0
     for m, n, r, dtype in shapes:
         held += 4 * m * n * (1 if dtype == torch.float32 else 2) + 4 * 4 * r * (m + n)
         largest = max(largest, m * n)
-    return held + 32 * largest
+    return held + per_entry_of_largest * largest
 
 
 @register("nmf_mu", "reference", devices=(ANY_DEVICE,), workspace=nmf_workspace)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ong_kernels import nmf_plan
-from ong_kernels.backends.reference import _MatrixStepper
+from ong_kernels.backends.reference import _MatrixStepper, stepper_bytes
 from ong_kernels.backends.registry import ANY_DEVICE, Shape, register
 from ong_kernels.nmf_beta import EPS, TINY, BetaLoss, divergence_error
 from ong_kernels.nmf_plan import Matrices
@@ -135,11 +135,7 @@ def workspace(shapes: Sequence[Shape]) -> int:
     (~3 more); for the largest matrix, an update's m x n float32 temporaries (W H, the
     weighted V, the powered W H, the pow's result: 4) or the error's float64 ones (V, W H,
     clipped W H, the masked terms: 5), the larger: 40 bytes per entry."""
-    held, largest = 0, 0
-    for m, n, r, dtype in shapes:
-        held += 4 * m * n * (1 if dtype == torch.float32 else 2) + 4 * 4 * r * (m + n)
-        largest = max(largest, m * n)
-    return held + 40 * largest
+    return stepper_bytes(shapes, per_entry_of_largest=40)
 
 
 @register("nmf_beta_mu", "reference", devices=(ANY_DEVICE,), workspace=workspace)

@@ -251,7 +251,16 @@ class DpfSettings:
 
 
 @dataclass(frozen=True)
-class StrSettings:
+class _ControllerSettings:
+    """The sparsity controller's settings, shared by STR, CS and DST (train/reparam.py)."""
+
+    calibrate: bool = _CALIBRATE
+    control_gain: float = _CONTROL_GAIN
+    ramp: float = _RAMP
+
+
+@dataclass(frozen=True)
+class StrSettings(_ControllerSettings):
     """STR (Kusupati et al. 2020) as BIMP HEAD ``STR``, with the sparsity controller."""
 
     s_initial: float = _setting(
@@ -268,13 +277,10 @@ class StrSettings:
     penalty: float = _penalty(
         5e-4, "STR#2: 'weight decay above 5e-4' for CIFAR-10 (BIMP: the run's weight decay)"
     )
-    calibrate: bool = _CALIBRATE
-    control_gain: float = _CONTROL_GAIN
-    ramp: float = _RAMP
 
 
 @dataclass(frozen=True)
-class CsSettings:
+class CsSettings(_ControllerSettings):
     """CS (Savarese et al. 2020) as BIMP HEAD ``CS``, with the sparsity controller."""
 
     mask_initial: float = _setting(
@@ -296,19 +302,13 @@ class CsSettings:
         "BETA",
     )
     penalty: float = _penalty(1e-8, "CS code --lmbda 1e-8")
-    calibrate: bool = _CALIBRATE
-    control_gain: float = _CONTROL_GAIN
-    ramp: float = _RAMP
 
 
 @dataclass(frozen=True)
-class DstSettings:
+class DstSettings(_ControllerSettings):
     """DST (Liu et al. 2020) as BIMP HEAD ``DST``, with the sparsity controller."""
 
     penalty: float = _penalty(5e-6, "DST README: --alpha 5e-6 for CIFAR-10 VGG16/WideResNet")
-    calibrate: bool = _CALIBRATE
-    control_gain: float = _CONTROL_GAIN
-    ramp: float = _RAMP
 
 
 @dataclass(frozen=True)

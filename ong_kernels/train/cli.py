@@ -26,7 +26,7 @@ from typing import Any
 
 from ong_kernels.pruning import methods as M
 
-from .._version import add_version_option
+from .._version import cli_parser
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, RunFolderError, read_json_object
 from .config import (
     METHODS,
@@ -85,7 +85,6 @@ def _add_config_options(parser: argparse.ArgumentParser, *, sweep: bool) -> None
     """Every TrainConfig field that has an :class:`~.config.Option` as a command-line option
     (generated from the fields, so the two cannot drift apart). Defaults are 'not given'
     (SUPPRESS): what was given is told apart from TrainConfig's defaults and a preset's."""
-    add_version_option(parser)
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -163,7 +162,7 @@ def _merge_settings(method: str, kwargs: dict[str, Any], settings: dict[str, Any
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli_parser(
         prog="ong-train",
         description="Prune a CIFAR ResNet at initialisation (ONG or a baseline) and train it "
         "with FusedMaskedSGD. Writes config.json, metrics.csv, a checkpoint per epoch, "
@@ -197,7 +196,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli_parser(
         prog="ong-sweep",
         description="Train every combination of methods x sparsities x seeds (dense once per "
         "seed), then write results.md (mean +- std of the final test accuracy) and "

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from .._version import cli_parser
 from .checkpoint import CheckpointError, RunFolderError, atomic_write, check_writable_folder
 from .config import METHODS as REGISTERED
 from .config import TrainConfig
@@ -86,7 +87,7 @@ def table_row(results: dict) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli_parser(
         prog="python -m ong_kernels.train.main_job",
         description="Train ResNet-20 on Fashion-MNIST dense, pruned at initialisation by ONG "
         "and magnitude, and sparsified during training by GMP and budgeted IMP, at the same "

@@ -204,15 +204,8 @@ def _error_tile(v, w, h, m, n, r, row0, BR: tl.constexpr, BK: tl.constexpr, RB: 
     for k0 in range(0, n, RB):
         ok = k0 + tl.arange(0, RB)
         kmask = ok < n
-        wh = tl.zeros([BR, RB], dtype=tl.float32)
-        for q0 in range(0, r, BK):
-            q = q0 + tl.arange(0, BK)
-            qmask = q < r
-            wt = tl.load(w + rows[:, None].to(tl.int64) * r + q[None, :],
-                         mask=rmask[:, None] & qmask[None, :], other=0.0)  # fmt: skip
-            ht = tl.load(h + q[:, None].to(tl.int64) * n + ok[None, :],
-                         mask=qmask[:, None] & kmask[None, :], other=0.0)  # fmt: skip
-            wh = tl.dot(wt, ht, wh, input_precision=PRECISION)
+        # (W H)[rows, k0:k0+RB]: k runs over the rank, H's offsets q * n in int64 (WIDE_K)
+        wh = _mm_chunk(w, r, 1, h, n, 1, r, n, rows, rmask, k0, BR, BK, RB, PRECISION, True)
         mask = rmask[:, None] & kmask[None, :]
         vt = tl.load(v + rows[:, None].to(tl.int64) * n + ok[None, :], mask=mask,
                      other=0.0).to(tl.float32)  # fmt: skip
