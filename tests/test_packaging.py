@@ -11,12 +11,13 @@ import pytest
 
 import ong_kernels
 from ong_kernels import mask_cli
-from ong_kernels.train import cli
+from ong_kernels.train import cli, main_job
 
 PARSERS = {
     "ong-mask": mask_cli.build_parser,
     "ong-train": cli.build_train_parser,
     "ong-sweep": cli.build_sweep_parser,
+    "python -m ong_kernels.train.main_job": main_job.build_parser,
 }
 
 
