@@ -6,19 +6,14 @@ classes (sparsifiers.py): importing both here keeps either from importing the ot
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ong_kernels.pruning import methods as M
 
 from . import reparam, sparsifiers
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
-
 CLASSES = {**sparsifiers.CLASSES, **reparam.CLASSES}
 
 
-def build_sparsifier(host: Trainer) -> sparsifiers.Sparsifier:
+def build_sparsifier(host: sparsifiers.SeamHost) -> sparsifiers.Sparsifier:
     """The sparsifier of the host's method, with its resolved settings."""
     cfg = host.config
     settings = M.resolve_settings(cfg.method, cfg.method_kwargs)

@@ -70,7 +70,7 @@ import torch
 
 from ong_kernels.pruning import methods as M
 
-from .sparsifiers import Sparsifier, global_keep
+from .sparsifiers import SeamHost, Sparsifier, global_keep
 
 __all__ = ["CLASSES", "Cs", "Dnw", "Dpf", "Dst", "Str", "binary_step", "cs_beta"]
 
@@ -114,7 +114,7 @@ class _Reparam(Sparsifier):
     initial = "all"  # the host's masks keep every weight until train_end folds
     straight_through = False  # dL/dw = dL/d(effective weight) (DNW, DPF)
 
-    def __init__(self, host, settings):
+    def __init__(self, host: SeamHost, settings: Any):
         super().__init__(host, settings)
         self.reparametrised = True  # the trainer checks exact counts only after the fold
         self.total_iterations = host.config.epochs * host.steps_per_epoch
@@ -389,7 +389,7 @@ class Dpf(_Reparam):
 
     straight_through = True
 
-    def __init__(self, host, settings: M.DpfSettings):
+    def __init__(self, host: SeamHost, settings: M.DpfSettings):
         super().__init__(host, settings)
         cfg = host.config
         self.plan = dict(M.gmp_plan(cfg.epochs, settings.pruning_interval, cfg.sparsity))

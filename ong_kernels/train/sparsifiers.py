@@ -24,17 +24,53 @@ of the layers, as ``allocate`` does.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from ong_kernels.optim import FusedMaskedSGD
 from ong_kernels.pruning import methods as M
 from ong_kernels.pruning.stream import stream_masks
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer as SeamHost
+from .config import TrainConfig
+from .schedule import LRSchedule
 
-__all__ = ["CLASSES", "FinalCut", "OneShot", "Sparsifier", "SparsityError", "global_keep"]
+__all__ = [
+    "CLASSES",
+    "FinalCut",
+    "OneShot",
+    "SeamHost",
+    "Sparsifier",
+    "SparsityError",
+    "global_keep",
+]
+
+
+class SeamHost(Protocol):
+    """What a sparsifier sees of the training run that hosts it (the trainer is one): the
+    run's settings, its masked parameters and masks, the optimizer and lr schedule, and the
+    few operations a method may ask for. Written out here so the methods depend on this seam,
+    not on the trainer that implements it."""
+
+    config: TrainConfig
+    device: torch.device
+    targets: list[tuple[str, torch.nn.Parameter]]  # the masked parameters, by name
+    masks: dict[str, torch.Tensor]  # name -> bool mask (True: kept)
+    pruned_count: int  # pruned entries over every mask
+    masked_total: int  # entries over every mask
+    optimizer: FusedMaskedSGD
+    schedule: LRSchedule
+    steps_per_epoch: int
+    sparsifier: Sparsifier
+
+    def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Change the named parameters' masks (newly pruned weights and momentum to 0)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Test loss and accuracy of the model as it is now."""
+
+    def measured_sparsity(self) -> tuple[int, int]:
+        """(exact zeros in the masked weights, number of masked weights)."""
 
 
 def global_keep(
