@@ -152,7 +152,7 @@ class NMF(_SkNMF):
         w, h, n_iter = self._run(V, torch.as_tensor(W0[:, :k], dtype=torch.float32),
                                  torch.as_tensor(H0[:k], dtype=torch.float32))  # fmt: skip
         self.reconstruction_err_ = reconstruction_error(V, w, h, self._beta_loss)
-        return w.numpy().astype(X.dtype), h.numpy().astype(X.dtype), n_iter
+        return w.numpy().astype(X.dtype, copy=False), h.numpy().astype(X.dtype, copy=False), n_iter
 
     def _solve_tensor(self, V: torch.Tensor, W, H):
         """The same on a tensor: started by nmf_init on its device (module docstring)."""
