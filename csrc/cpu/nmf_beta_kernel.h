@@ -91,6 +91,11 @@ struct Scratch {
     num.assign(std::max(kRows, kCols) * r, 0.0f);
     den.assign(std::max(kRows, kCols) * r, 0.0f);
   }
+  // Zero the first `count` numerator and denominator sums (a block's or a chunk's).
+  void clear(i64 count) {
+    std::fill(num.begin(), num.begin() + count, 0.0f);
+    std::fill(den.begin(), den.begin() + count, 0.0f);
+  }
 };
 
 
@@ -115,23 +120,36 @@ inline Vec8 load8(const float* p) {
 }
 inline void store8(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// t[ii * ldt + j] = sum_k w[ii * r + k] h[k * n + j] for ii < MR, j < 16.
-template <int MR>
-inline void wh_micro(const float* w, i64 r, const float* h, i64 n, float* t, i64 ldt) {
-  Vec8 acc[MR][2] = {};
-  for (i64 k = 0; k < r; ++k) {
-    const Vec8 b0 = load8(h + k * n), b1 = load8(h + k * n + 8);
+// out[m * ldo + j] (+)= sum_{k < K} a[m * a_m + k * a_k] b[k * ldb + j] for m < M, j < 16:
+// a sum of rank-1 updates with broadcast a entries, summed over k in order; kAdd starts from
+// out (a reduction continued across calls), otherwise from 0. Always inlined: its callers'
+// constant strides must reach the loop (a call with run-time strides and flag ran the KL
+// iteration 17% slower).
+template <int M, bool kAdd>
+__attribute__((always_inline)) inline void rank1_tile(const float* a, i64 a_m, i64 a_k, i64 K,
+                                                      const float* b, i64 ldb, float* out,
+                                                      i64 ldo) {
+  Vec8 acc[M][2] = {};
+  if constexpr (kAdd) {
 #pragma GCC unroll 4
-    for (int ii = 0; ii < MR; ++ii) {
-      const float s = w[ii * r + k];
-      acc[ii][0] += s * b0;
-      acc[ii][1] += s * b1;
+    for (int i = 0; i < M; ++i) {
+      acc[i][0] = load8(out + i * ldo);
+      acc[i][1] = load8(out + i * ldo + 8);
+    }
+  }
+  for (i64 k = 0; k < K; ++k) {
+    const Vec8 b0 = load8(b + k * ldb), b1 = load8(b + k * ldb + 8);
+#pragma GCC unroll 4
+    for (int i = 0; i < M; ++i) {
+      const float s = a[i * a_m + k * a_k];
+      acc[i][0] += s * b0;
+      acc[i][1] += s * b1;
     }
   }
 #pragma GCC unroll 4
-  for (int ii = 0; ii < MR; ++ii) {
-    store8(t + ii * ldt, acc[ii][0]);
-    store8(t + ii * ldt + 8, acc[ii][1]);
+  for (int i = 0; i < M; ++i) {
+    store8(out + i * ldo, acc[i][0]);
+    store8(out + i * ldo + 8, acc[i][1]);
   }
 }
 
@@ -144,12 +162,12 @@ void wh_tile(const Job& job, i64 i0, i64 rows, i64 j0, i64 cols, float* t) {
   for (; ii + kTileRows <= rows; ii += kTileRows) {
     const float* w = job.w + (i0 + ii) * r;
     for (i64 jb = 0; jb < full; jb += kTileCols)
-      wh_micro<kTileRows>(w, r, h + jb, n, t + ii * kCols + jb, kCols);
+      rank1_tile<kTileRows, false>(w, r, 1, r, h + jb, n, t + ii * kCols + jb, kCols);
   }
   for (; ii < rows; ++ii) {
     const float* w = job.w + (i0 + ii) * r;
     for (i64 jb = 0; jb < full; jb += kTileCols)
-      wh_micro<1>(w, r, h + jb, n, t + ii * kCols + jb, kCols);
+      rank1_tile<1, false>(w, r, 1, r, h + jb, n, t + ii * kCols + jb, kCols);
   }
   for (ii = 0; ii < rows; ++ii) {  // the last cols % 16 columns
     float* tr = t + ii * kCols;
@@ -254,31 +272,6 @@ void times_ht(const Job& job, i64 rows, i64 j0, i64 cols, const float* x, float*
     }
 }
 
-// out[(k + kk) * kCols + j] += sum_ii w[ii * r + k + kk] x[ii * kCols + j], kk < MK, j < 16.
-template <int MK>
-inline void wt_micro(const float* w, i64 r, i64 rows, const float* x, float* out) {
-  Vec8 acc[MK][2];
-#pragma GCC unroll 4
-  for (int kk = 0; kk < MK; ++kk) {
-    acc[kk][0] = load8(out + kk * kCols);
-    acc[kk][1] = load8(out + kk * kCols + 8);
-  }
-  for (i64 ii = 0; ii < rows; ++ii) {
-    const Vec8 x0 = load8(x + ii * kCols), x1 = load8(x + ii * kCols + 8);
-#pragma GCC unroll 4
-    for (int kk = 0; kk < MK; ++kk) {
-      const float s = w[ii * r + kk];
-      acc[kk][0] += s * x0;
-      acc[kk][1] += s * x1;
-    }
-  }
-#pragma GCC unroll 4
-  for (int kk = 0; kk < MK; ++kk) {
-    store8(out + kk * kCols, acc[kk][0]);
-    store8(out + kk * kCols + 8, acc[kk][1]);
-  }
-}
-
 // out[k, j] += sum_ii W[i0 + ii, k] X[ii, j]  (out: r x kCols), kTileRows ranks by 16
 // columns per register tile.
 void wt_times(const Job& job, i64 i0, i64 rows, i64 cols, const float* x, float* out) {
@@ -288,10 +281,10 @@ void wt_times(const Job& job, i64 i0, i64 rows, i64 cols, const float* x, float*
   i64 k = 0;
   for (; k + kTileRows <= r; k += kTileRows)
     for (i64 jb = 0; jb < full; jb += kTileCols)
-      wt_micro<kTileRows>(w + k, r, rows, x + jb, out + k * kCols + jb);
+      rank1_tile<kTileRows, true>(w + k, 1, r, rows, x + jb, kCols, out + k * kCols + jb, kCols);
   for (; k < r; ++k)
     for (i64 jb = 0; jb < full; jb += kTileCols)
-      wt_micro<1>(w + k, r, rows, x + jb, out + k * kCols + jb);
+      rank1_tile<1, true>(w + k, 1, r, rows, x + jb, kCols, out + k * kCols + jb, kCols);
   for (k = 0; k < r; ++k) {  // the last cols % 16 columns
     float* ok = out + k * kCols;
     for (i64 ii = 0; ii < rows; ++ii) {
@@ -332,8 +325,8 @@ class Solver {
   }
 
   void iterate() {
-    w_sweep();
-    if (rules_.update_h) h_sweep();
+    sweep<Side::kW>();
+    if (rules_.update_h) sweep<Side::kH>();
   }
 
   // sqrt(2 max(D_beta(V | W H), 0)), W H in double (nmf_beta.divergence).
@@ -383,99 +376,127 @@ class Solver {
   }
 
  private:
-  void w_sweep() {
+  // One tile of a sweep: T = W H over it (beta != 2), A = V o f(T) and B = g(T), then the
+  // sweep's product of A into the numerators and of B into the denominators (beta not 1, 2).
+  template <typename Product>
+  void tile_step(Scratch& s, i64 i0, i64 rows, i64 j0, i64 cols, Product product) {
+    if (rules_.has_tile()) wh_tile(job_, i0, rows, j0, cols, s.t.data());
+    ratio_tiles(rules_, job_, i0, rows, j0, cols, s.t.data(), s.a.data(), s.b.data());
+    product(s.a.data(), s.num.data());
+    if (rules_.has_b()) product(s.b.data(), s.den.data());
+  }
+
+  enum class Side { kW, kH };
+
+  // One half-iteration. W: parallel over blocks of kRows rows, each walking V's columns in
+  // chunks of kCols; H: parallel over chunks of kHCols columns, each walking V's rows in
+  // blocks of kRows. Each unit sums its numerators (and denominators) over its walk, then
+  // updates its own rows of W or columns of H; no unit reads what another writes.
+  template <Side S>
+  void sweep() {
     const i64 m = job_.m, n = job_.n, r = job_.r;
-    if (rules_.kind == Kind::kFrobenius) gram(job_.h, r, n, /*rows=*/true);
-    if (rules_.kind == Kind::kKl) {
-      for (i64 k = 0; k < r; ++k) {  // row sums of H, accumulated in double
-        double s = 0.0;
-        const float* hk = job_.h + k * n;
-        for (i64 j = 0; j < n; ++j) s += hk[j];
-        sums_[k] = static_cast<float>(s);
-      }
-    }
-    const i64 blocks = (m + kRows - 1) / kRows;
-#pragma omp parallel for schedule(static) num_threads(team_) if (team_ > 1)
-    for (i64 bi = 0; bi < blocks; ++bi) {
+    constexpr bool kW = S == Side::kW;
+    prepare_denominators(kW);
+    const i64 unit = kW ? kRows : kHCols, units = ((kW ? m : n) + unit - 1) / unit;
+    const i64 walk = kW ? n : m, walk_step = kW ? kCols : kRows;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team_) if (team_ > 1)
+    for (i64 u = 0; u < units; ++u) {
       Scratch& s = scratch_[omp_get_thread_num()];
-      const i64 i0 = bi * kRows, rows = std::min(kRows, m - i0);
-      std::fill(s.num.begin(), s.num.begin() + rows * r, 0.0f);
-      std::fill(s.den.begin(), s.den.begin() + rows * r, 0.0f);
-      for (i64 j0 = 0; j0 < n; j0 += kCols) {
-        const i64 cols = std::min(kCols, n - j0);
-        if (rules_.has_tile()) wh_tile(job_, i0, rows, j0, cols, s.t.data());
-        ratio_tiles(rules_, job_, i0, rows, j0, cols, s.t.data(), s.a.data(), s.b.data());
-        times_ht(job_, rows, j0, cols, s.a.data(), s.num.data());
-        if (rules_.has_b()) times_ht(job_, rows, j0, cols, s.b.data(), s.den.data());
+      const i64 begin = u * unit, len = std::min(unit, (kW ? m : n) - begin);
+      s.clear(kW ? len * r : r * kCols);
+      for (i64 q = 0; q < walk; q += walk_step) {
+        const i64 qlen = std::min(walk_step, walk - q);
+        if constexpr (kW) {
+          tile_step(s, begin, len, q, qlen, [&](const float* x, float* out) {
+            times_ht(job_, len, q, qlen, x, out);
+          });
+        } else {
+          tile_step(s, q, qlen, begin, len, [&](const float* x, float* out) {
+            wt_times(job_, q, qlen, len, x, out);
+          });
+        }
       }
-      for (i64 ii = 0; ii < rows; ++ii) {
-        float* wr = job_.w + (i0 + ii) * r;
-        float* den = s.den.data() + ii * r;
-        if (rules_.kind == Kind::kFrobenius) {  // den = W (H H^T)
-          for (i64 k = 0; k < r; ++k) {
-            float d = 0.0f;
-            for (i64 q = 0; q < r; ++q) d += wr[q] * gram_[q * r + k];
-            den[k] = d;
-          }
-        } else if (rules_.kind == Kind::kKl) {
-          for (i64 k = 0; k < r; ++k) den[k] = sums_[k];
-        }
-        const float* num = s.num.data() + ii * r;
-        for (i64 k = 0; k < r; ++k) {
-          float w = updated(wr[k], num[k], den[k], rules_.l1_w, rules_.l2_w, rules_.gamma);
-          if (rules_.beta < 1 && w < kTiny) w = 0.0f;
-          wr[k] = w;
-        }
+      if constexpr (kW) {
+        update_w_rows(s, begin, len);
+      } else {
+        update_h_columns(s, begin, len);
       }
     }
   }
 
-  void h_sweep() {
+  // The denominators' shared part: beta = 2, the Gram matrix of the other factor; beta = 1
+  // (KL), its sums (H's row sums in double; W's column sums, zeros made 1 as scikit-learn's
+  // W_sum[W_sum == 0] = 1).
+  void prepare_denominators(bool w_side) {
     const i64 m = job_.m, n = job_.n, r = job_.r;
-    if (rules_.kind == Kind::kFrobenius) gram(job_.w, m, r, /*rows=*/false);
-    if (rules_.kind == Kind::kKl) {
-      std::vector<double> acc(static_cast<std::size_t>(r), 0.0);  // W's column sums
+    if (rules_.kind == Kind::kFrobenius) {
+      if (w_side) {
+        gram(job_.h, r, n, /*rows=*/true);
+      } else {
+        gram(job_.w, m, r, /*rows=*/false);
+      }
+    }
+    if (rules_.kind != Kind::kKl) return;
+    std::vector<double> acc(static_cast<std::size_t>(r), 0.0);
+    if (w_side) {
+      for (i64 k = 0; k < r; ++k)
+        for (i64 j = 0; j < n; ++j) acc[k] += job_.h[k * n + j];
+    } else {
       for (i64 i = 0; i < m; ++i)
         for (i64 k = 0; k < r; ++k) acc[k] += job_.w[i * r + k];
-      for (i64 k = 0; k < r; ++k)  // scikit-learn's W_sum[W_sum == 0] = 1
-        sums_[k] = acc[k] == 0 ? 1.0f : static_cast<float>(acc[k]);
     }
-    const i64 chunks = (n + kHCols - 1) / kHCols;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team_) if (team_ > 1)
-    for (i64 ci = 0; ci < chunks; ++ci) {
-      Scratch& s = scratch_[omp_get_thread_num()];
-      const i64 j0 = ci * kHCols, cols = std::min(kHCols, n - j0);
-      std::fill(s.num.begin(), s.num.begin() + r * kCols, 0.0f);
-      std::fill(s.den.begin(), s.den.begin() + r * kCols, 0.0f);
-      for (i64 i0 = 0; i0 < m; i0 += kRows) {
-        const i64 rows = std::min(kRows, m - i0);
-        if (rules_.has_tile()) wh_tile(job_, i0, rows, j0, cols, s.t.data());
-        ratio_tiles(rules_, job_, i0, rows, j0, cols, s.t.data(), s.a.data(), s.b.data());
-        wt_times(job_, i0, rows, cols, s.a.data(), s.num.data());
-        if (rules_.has_b()) wt_times(job_, i0, rows, cols, s.b.data(), s.den.data());
-      }
-      for (i64 k = 0; k < r; ++k) {
-        float* den = s.den.data() + k * kCols;
-        if (rules_.kind == Kind::kFrobenius) {  // den = (W^T W) H
-          for (i64 j = 0; j < cols; ++j) {
-            float d = 0.0f;
-            for (i64 q = 0; q < r; ++q) d += gram_[k * r + q] * job_.h[q * n + j0 + j];
-            den[j] = d;
-          }
-        } else if (rules_.kind == Kind::kKl) {
-          for (i64 j = 0; j < cols; ++j) den[j] = sums_[k];
+    for (i64 k = 0; k < r; ++k)
+      sums_[k] = !w_side && acc[k] == 0 ? 1.0f : static_cast<float>(acc[k]);
+  }
+
+  // Rows i0 .. i0 + rows of W from the block's sums (num, den: rows x r).
+  void update_w_rows(Scratch& s, i64 i0, i64 rows) {
+    const i64 r = job_.r;
+    for (i64 ii = 0; ii < rows; ++ii) {
+      float* wr = job_.w + (i0 + ii) * r;
+      float* den = s.den.data() + ii * r;
+      if (rules_.kind == Kind::kFrobenius) {  // den = W (H H^T)
+        for (i64 k = 0; k < r; ++k) {
+          float d = 0.0f;
+          for (i64 q = 0; q < r; ++q) d += wr[q] * gram_[q * r + k];
+          den[k] = d;
         }
+      } else if (rules_.kind == Kind::kKl) {
+        for (i64 k = 0; k < r; ++k) den[k] = sums_[k];
       }
-      // H's chunk is read by the denominators above (beta = 2) before any of it is written.
+      const float* num = s.num.data() + ii * r;
       for (i64 k = 0; k < r; ++k) {
-        float* hk = job_.h + k * n + j0;
-        const float* num = s.num.data() + k * kCols;
-        const float* den = s.den.data() + k * kCols;
+        float w = updated(wr[k], num[k], den[k], rules_.l1_w, rules_.l2_w, rules_.gamma);
+        if (rules_.beta < 1 && w < kTiny) w = 0.0f;
+        wr[k] = w;
+      }
+    }
+  }
+
+  // Columns j0 .. j0 + cols of H from the chunk's sums (num, den: r x kCols).
+  void update_h_columns(Scratch& s, i64 j0, i64 cols) {
+    const i64 n = job_.n, r = job_.r;
+    for (i64 k = 0; k < r; ++k) {
+      float* den = s.den.data() + k * kCols;
+      if (rules_.kind == Kind::kFrobenius) {  // den = (W^T W) H
         for (i64 j = 0; j < cols; ++j) {
-          float h = updated(hk[j], num[j], den[j], rules_.l1_h, rules_.l2_h, rules_.gamma);
-          if (rules_.beta <= 1 && h < kTiny) h = 0.0f;
-          hk[j] = h;
+          float d = 0.0f;
+          for (i64 q = 0; q < r; ++q) d += gram_[k * r + q] * job_.h[q * n + j0 + j];
+          den[j] = d;
         }
+      } else if (rules_.kind == Kind::kKl) {
+        for (i64 j = 0; j < cols; ++j) den[j] = sums_[k];
+      }
+    }
+    // H's chunk is read by the denominators above (beta = 2) before any of it is written.
+    for (i64 k = 0; k < r; ++k) {
+      float* hk = job_.h + k * n + j0;
+      const float* num = s.num.data() + k * kCols;
+      const float* den = s.den.data() + k * kCols;
+      for (i64 j = 0; j < cols; ++j) {
+        float h = updated(hk[j], num[j], den[j], rules_.l1_h, rules_.l2_h, rules_.gamma);
+        if (rules_.beta <= 1 && h < kTiny) h = 0.0f;
+        hk[j] = h;
       }
     }
   }
