@@ -19,18 +19,15 @@ holds the medians and the ratios method / step.
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 import ong_kernels
-from benchmarks.conftest import device_name
+from benchmarks.conftest import report_against_step, seconds, training_batch
 from ong_kernels.pruning import methods as M
 from ong_kernels.pruning.targets import prunable_parameters
 from ong_kernels.train.config import TrainConfig
-from ong_kernels.train.models import build_model
 from ong_kernels.train.reparam import CLASSES
 
 BATCH = 128
@@ -56,14 +53,10 @@ class _Host:
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_reparam_cost(benchmark, workload, device):
     name, channels, size, rounds = WORKLOADS[workload]
-    torch.manual_seed(0)
-    model = build_model(name, in_channels=channels, num_classes=10).to(device)
+    model, x, y = training_batch(name, channels, size, BATCH, device)
     opt = ong_kernels.FusedMaskedSGD(
         model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
     )
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, channels, size, size, generator=gen).to(device)
-    y = torch.randint(0, 10, (BATCH,), generator=gen).to(device)
     methods = {}
     for method in CLASSES:
         host = _Host(model, method, opt, device)
@@ -76,16 +69,8 @@ def test_reparam_cost(benchmark, workload, device):
     times: dict[str, list[float]] = {"step": [], "dpf_refresh": []}
     times.update({m: [] for m in methods})
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def timed(fn) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
+        return seconds(fn, device)
 
     def forward_backward():
         loss = F.cross_entropy(model(x), y)
@@ -114,23 +99,8 @@ def test_reparam_cost(benchmark, workload, device):
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1)
     med = {k: statistics.median(v[-rounds:]) for k, v in times.items()}
     med["dpf"] += med["dpf_refresh"] / dpf.settings.refresh_interval
-    ratios = {f"{m}_over_step": med[m] / med["step"] for m in methods}
-    benchmark.extra_info.update(
-        kernel="reparam_hooks",
-        provider="ours",
-        workload=f"{workload} b{BATCH}",
-        device=device.type,
-        device_name=device_name(device),
-        threads=torch.get_num_threads(),
-        **{f"{k}_median_s": v for k, v in med.items()},
-        **ratios,
-    )
-    print(
-        f"\n{workload} ({device_name(device)}, {torch.get_num_threads()} threads): dense step "
-        f"{med['step'] * 1e3:.1f} ms; "
-        + ", ".join(
-            f"{m.upper()} {med[m] * 1e3:.2f} ms ({100 * ratios[m + '_over_step']:.1f}%)"
-            for m in methods
-        )
-        + f"; DPF refresh {med['dpf_refresh'] * 1e3:.2f} ms (every 16 steps)"
-    )
+    report_against_step(
+        benchmark, kernel="reparam_hooks", workload=f"{workload} b{BATCH}", device=device,
+        med=med, costs={m: m.upper() for m in methods},
+        tail=f"; DPF refresh {med['dpf_refresh'] * 1e3:.2f} ms (every 16 steps)",
+    )  # fmt: skip

@@ -19,17 +19,15 @@ holds the medians and the ratios hook / step; the pytest-benchmark time is of th
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ong_kernels
-from benchmarks.conftest import device_name
+from benchmarks.conftest import report_against_step, seconds, training_batch
 from ong_kernels.pruning.targets import prunable_parameters
 from ong_kernels.train.config import TrainConfig
-from ong_kernels.train.models import build_model
 from ong_kernels.train.sparsifiers import Gsm, Lc, global_keep
 
 BATCH = 128
@@ -51,27 +49,17 @@ class _Host:
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_hook_cost(benchmark, workload, device):
     name, channels, size, rounds = WORKLOADS[workload]
-    torch.manual_seed(0)
-    model = build_model(name, in_channels=channels, num_classes=10).to(device)
+    model, x, y = training_batch(name, channels, size, BATCH, device)
     host = _Host(model, 0.9, 1e-4)
     masks = {p: torch.ones_like(p, dtype=torch.bool) for _, p in host.targets}
     opt = ong_kernels.FusedMaskedSGD(
         model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, masks=masks
     )
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, channels, size, size, generator=gen).to(device)
-    y = torch.randint(0, 10, (BATCH,), generator=gen).to(device)
     gsm, lc = Gsm(host, None), Lc(host, None)
     times: dict[str, list[float]] = {"step": [], "gsm": [], "lc": [], "cut": []}
 
     def timed(key, fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times[key].append(time.perf_counter() - start)
+        times[key].append(seconds(fn, device))
 
     def step():
         loss = F.cross_entropy(model(x), y)
@@ -99,22 +87,7 @@ def test_hook_cost(benchmark, workload, device):
     benchmark.group = f"hook_cost {workload}"
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1)
     med = {k: statistics.median(v[-rounds:]) for k, v in times.items()}
-    benchmark.extra_info.update(
-        kernel="sparsifier_hooks",
-        provider="ours",
-        workload=f"{workload} b{BATCH}",
-        device=device.type,
-        device_name=device_name(device),
-        threads=torch.get_num_threads(),
-        **{f"{k}_median_s": v for k, v in med.items()},
-        gsm_over_step=med["gsm"] / med["step"],
-        lc_over_step=med["lc"] / med["step"],
-        cut_over_step=med["cut"] / med["step"],
-    )
-    print(
-        f"\n{workload} ({device_name(device)}, {torch.get_num_threads()} threads): step "
-        f"{med['step'] * 1e3:.1f} ms; GSM {med['gsm'] * 1e3:.2f} ms "
-        f"({100 * med['gsm'] / med['step']:.1f}%), LC {med['lc'] * 1e3:.2f} ms "
-        f"({100 * med['lc'] / med['step']:.1f}%), cut {med['cut'] * 1e3:.2f} ms "
-        f"({100 * med['cut'] / med['step']:.1f}%)"
-    )
+    report_against_step(
+        benchmark, kernel="sparsifier_hooks", workload=f"{workload} b{BATCH}", device=device,
+        med=med, costs={"gsm": "GSM", "lc": "LC", "cut": "cut"},
+    )  # fmt: skip

@@ -158,6 +158,59 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def training_batch(
+    model_name: str, channels: int, size: int, batch: int, device: torch.device
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(model, x, y): the trainer's ``model_name`` for 10 classes (torch seed 0) on ``device``
+    and one random batch of ``batch`` images (seed 1), for the per-step cost benchmarks."""
+    from ong_kernels.train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_name, in_channels=channels, num_classes=10).to(device)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, channels, size, size, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    return model, x, y
+
+
+def seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of one ``fn()``, the device synchronised before and after."""
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def report_against_step(
+    benchmark, *, kernel: str, workload: str, device: torch.device, med: dict[str, float],
+    costs: dict[str, str], tail: str = "",
+) -> None:  # fmt: skip
+    """Records and prints per-step costs against a training step: ``med`` holds medians in
+    seconds (``med["step"]`` is the step); each ``costs`` key gets ``<key>_over_step`` in the
+    report and its label, time and share of the step in the printed line, then ``tail``."""
+    ratios = {f"{k}_over_step": med[k] / med["step"] for k in costs}
+    threads = torch.get_num_threads()
+    benchmark.extra_info.update(
+        kernel=kernel,
+        provider="ours",
+        workload=workload,
+        device=device.type,
+        device_name=device_name(device),
+        threads=threads,
+        **{f"{k}_median_s": v for k, v in med.items()},
+        **ratios,
+    )
+    shares = ", ".join(
+        f"{label} {med[k] * 1e3:.2f} ms ({100 * ratios[f'{k}_over_step']:.1f}%)"
+        for k, label in costs.items()
+    )
+    print(
+        f"\n{workload} ({device_name(device)}, {threads} threads): step "
+        f"{med['step'] * 1e3:.1f} ms; {shares}{tail}"
+    )
+
+
 @pytest.fixture
 def measure(benchmark) -> Callable[..., Any]:
     """Time ``fn`` and label the result for the report; returns what ``fn`` returned.

@@ -26,23 +26,6 @@ ODD_SHAPES = [
 ]  # fmt: skip
 
 
-def isas() -> list[str]:
-    """Every ISA this CPU and build can run (portable always)."""
-    if not _native.has_cpu():
-        return ["portable"]
-    best = int(_native.lib().best_isa())
-    return [isa.name for isa in _native.lib().Isa.__members__.values() if int(isa) <= best]
-
-
-@pytest.fixture(params=isas())
-def isa(request):
-    lib = _native.lib()
-    saved = lib.active_isa()
-    lib.set_isa(lib.Isa.__members__[request.param])
-    yield request.param
-    lib.set_isa(saved)
-
-
 @pytest.fixture
 def threads():
     saved = torch.get_num_threads()

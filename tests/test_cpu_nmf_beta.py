@@ -16,22 +16,6 @@ pytestmark = pytest.mark.skipif(not _native.has_cpu(), reason="the C++ extension
 SHAPES = [(37, 53, 5), (1, 70, 1), (300, 45, 20), (40, 600, 7)]
 
 
-def isas() -> list[str]:
-    if not _native.has_cpu():
-        return ["portable"]
-    best = int(_native.lib().best_isa())
-    return [isa.name for isa in _native.lib().Isa.__members__.values() if int(isa) <= best]
-
-
-@pytest.fixture(params=isas())
-def isa(request):
-    lib = _native.lib()
-    saved = lib.active_isa()
-    lib.set_isa(lib.Isa.__members__[request.param])
-    yield request.param
-    lib.set_isa(saved)
-
-
 def batch(seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     vs, ws, hs = [], [], []

@@ -11,17 +11,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
-import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import free_port, spawn_two, torchrun_two
 from safetensors.torch import save_file
 
 from ong_kernels.mask_cli import main
@@ -83,24 +79,8 @@ def assert_same_masks(a: Path, b: Path) -> None:
         assert torch.equal(ma[name], mb[name]), name
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], *extra: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        *extra, "-m", "ong_kernels.mask_cli", *args,
-    ]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    return torchrun_two(*extra, "-m", "ong_kernels.mask_cli", *args, timeout=TIMEOUT_S)
 
 
 def test_torchrun_equals_one_process_ties_at_the_threshold(tmp_path):
@@ -197,27 +177,11 @@ def _worker(rank: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def spawn_two(worker, folder: Path) -> None:
-    """worker(rank, port, folder) on two spawned ranks; fails the test after TIMEOUT_S."""
-    ctx = mp.start_processes(
-        worker, args=(free_port(), str(folder)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-
-
 def test_two_gloo_ranks_scopes_methods_and_failures(tmp_path):
     write(tmp_path / "model.safetensors")
     bad = next(n for n, r in zip(*_names_owners(), strict=True) if r == 1)
     write(tmp_path / "nan.safetensors", nan=bad)
-    spawn_two(_worker, tmp_path)
+    spawn_two(_worker, free_port(), str(tmp_path), timeout=TIMEOUT_S)
 
     for case, args in CASES.items():
         for rank in range(2):

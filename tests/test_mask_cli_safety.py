@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import save_file
 
 from ong_kernels import load_masks, mask_cli
-from ong_kernels.pruning import io
 from ong_kernels.pruning.checkpoint import Checkpoint
 
 
@@ -93,19 +92,14 @@ def test_unwritable_output_is_refused_before_any_work(checkpoint, tmp_path, caps
 
 
 def test_a_failed_write_leaves_the_old_masks_file_and_no_temporary_file(
-    checkpoint, tmp_path, capsys, monkeypatch
+    checkpoint, tmp_path, capsys, fill_disk
 ):
     output = tmp_path / "masks.safetensors"
     magnitude = ["--method", "magnitude"]  # the same write as ONG's, without the NMF
     assert mask_cli.main(_args(checkpoint, output, *magnitude)) == 0
     before = output.read_bytes()
 
-    def torn(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half a file")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(io, "save_file", torn)
+    fill_disk()
     capsys.readouterr()
     assert mask_cli.main(_args(checkpoint, output, *magnitude, "--sparsity", "0.9")) == 1
     err = capsys.readouterr().err

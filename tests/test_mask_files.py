@@ -54,19 +54,14 @@ def test_a_folder_a_missing_file_and_a_foreign_file_name_the_path(tmp_path):
         load_masks(junk)
 
 
-def test_save_is_atomic_and_never_touches_the_old_file_on_failure(tmp_path, monkeypatch):
+def test_save_is_atomic_and_never_touches_the_old_file_on_failure(tmp_path, fill_disk):
     path = tmp_path / "m.safetensors"
     mask = torch.rand(3, 5) > 0.5
     save_masks(path, {"w": mask})
     assert stat.S_IMODE(os.stat(path).st_mode) == io._FILE_MODE  # not mkstemp's 0600
     before = path.read_bytes()
 
-    def torn(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(io, "save_file", torn)
+    fill_disk()
     with pytest.raises(OSError, match="No space left"):
         save_masks(path, {"w": ~mask})
     assert path.read_bytes() == before  # the old file, whole

@@ -5,13 +5,11 @@ equal to one process doing all the work; an error on one rank is raised on both.
 from __future__ import annotations
 
 import datetime
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import free_port, spawn_two
 from torch import nn
 
 from ong_kernels.pruning import load_masks, mask_overlap, ong_scores, prune, save_masks
@@ -38,12 +36,6 @@ def model() -> nn.Module:
 def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + rank)
     return torch.randn(4, 3, 11, 11, generator=g), torch.randint(0, 7, (4,), generator=g)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -89,18 +81,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_give_identical_masks(tmp_path):
-    ctx = mp.start_processes(
-        _worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed pruning did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_two(_worker, 2, free_port(), str(tmp_path), timeout=TIMEOUT_S)
 
     m0 = load_masks(tmp_path / "masks0.safetensors")
     m1 = load_masks(tmp_path / "masks1.safetensors")

@@ -1,19 +1,14 @@
 """DistributedDataParallel: 2 gloo processes on CPU, launched by torchrun as users would."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_two_gloo_ranks
 
 import ong_kernels
 import ong_kernels.pruning.methods
-
-REPO = Path(ong_kernels.__file__).resolve().parent.parent
 
 # Each rank trains, then saves its final model and masks so the test can compare ranks.
 WORKER = textwrap.dedent(
@@ -47,20 +42,7 @@ WORKER = textwrap.dedent(
 def test_two_gloo_ranks_end_identical(tmp_path, method):
     # GMP and BIMP cut during training (3 epochs: cuts after epochs 1 and 2): the masks of
     # every cut are the same on both ranks and hold the scheduled counts.
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(script), str(tmp_path), method,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_gloo_ranks(tmp_path, WORKER, str(tmp_path), method, timeout=240)
 
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

@@ -2,11 +2,10 @@
 BIMP's final cut. Schedules are written out by hand here, not recomputed from the code."""
 
 import math
-import textwrap
 
 import pytest
 import torch
-from conftest import SEAM_RUN
+from conftest import SEAM_RUN, assert_one_line_cli_error, train_until_killed
 
 from ong_kernels import FusedMaskedSGD
 from ong_kernels.pruning import methods as M
@@ -307,24 +306,6 @@ def test_one_shot_final_cut_is_a_no_op(scope):
 
 # ----------------------------------------------------------------------------- resume
 
-KILL = textwrap.dedent(
-    """
-    import os, signal, sys, torch
-    torch.set_num_threads(1)
-    from ong_kernels.train.config import TrainConfig
-    from ong_kernels.train.data import make_synthetic
-    from ong_kernels.train.trainer import Trainer
-    import json
-    cfg = TrainConfig(**json.loads(sys.argv[1]))
-    data = make_synthetic(160, 64, channels=3, size=8, seed=0)
-    kill_at = int(sys.argv[2])
-    def die(trainer, epoch, metrics):
-        if epoch == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    Trainer(cfg, dataset=data, callbacks=[die], log=None).fit()
-    """
-)
-
 
 @pytest.mark.parametrize(
     "method,kwargs,kill_at",
@@ -335,22 +316,12 @@ KILL = textwrap.dedent(
     ],
 )
 def test_resume_after_sigkill_is_bit_identical(tmp_path, method, kwargs, kill_at):
-    import json
-    import subprocess
-    import sys
-
     cfg = make_config(tmp_path, method=method, method_kwargs=kwargs, retrain_epochs=1)
     reference = Trainer(
         make_config(method=method, method_kwargs=kwargs, retrain_epochs=1), dataset=DATA, log=None
     )
     ref_results = reference.fit()
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL, json.dumps(cfg.to_dict()), str(kill_at)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -9, proc.stderr
+    train_until_killed(cfg, kill_at)
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["epoch"] == kill_at
     resumed = Trainer(cfg, dataset=DATA, resume=True, log=None)
     results = resumed.fit()
@@ -394,15 +365,8 @@ def test_changed_method_setting_is_refused_on_resume(tmp_path):
     ],
 )
 def test_bad_method_options_are_one_line_errors_before_any_work(tmp_path, capsys, argv, message):
-    try:
-        code = train_main([*argv, "--run-dir", str(tmp_path / "r"), "--dataset", "synthetic"])
-    except SystemExit as exit:  # argparse's own checks: usage, then one error line
-        code = exit.code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert message in err[-1]
-    assert len(err) == 1 or err[0].startswith("usage:")
-    assert not (tmp_path / "r").exists()
+    argv = [*argv, "--run-dir", str(tmp_path / "r"), "--dataset", "synthetic"]
+    assert_one_line_cli_error(lambda: train_main(argv), tmp_path / "r", capsys, message)
 
 
 def test_generated_options_set_method_kwargs(tmp_path):

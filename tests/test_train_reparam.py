@@ -1,16 +1,13 @@
 """The reparametrisation methods DNW, DPF, STR, CS and DST (ong_kernels.train.reparam):
 formulas written out here, not taken from the code."""
 
-import json
 import math
-import subprocess
-import sys
 import textwrap
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SEAM_RUN
+from conftest import SEAM_RUN, assert_one_line_cli_error, run_two_gloo_ranks, train_until_killed
 
 from ong_kernels.pruning import methods as M
 from ong_kernels.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -270,23 +267,6 @@ def test_every_run_ends_exact_and_every_checkpoint_exports_plain_weights(tmp_pat
     assert results["epochs_completed"] == 5
 
 
-KILL = textwrap.dedent(
-    """
-    import json, os, signal, sys, torch
-    torch.set_num_threads(1)
-    from ong_kernels.train.config import TrainConfig
-    from ong_kernels.train.data import make_synthetic
-    from ong_kernels.train.trainer import Trainer
-    cfg = TrainConfig(**json.loads(sys.argv[1]))
-    data = make_synthetic(160, 64, channels=3, size=8, seed=0)
-    def die(trainer, epoch, metrics):
-        if epoch == int(sys.argv[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-    Trainer(cfg, dataset=data, callbacks=[die], log=None).fit()
-    """
-)
-
-
 def _state(trainer):
     state = {f"model.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
     for i, s in trainer.optimizer.state_dict()["state"].items():
@@ -302,13 +282,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, method):
     cfg = make_config(tmp_path, method=method, method_kwargs=kwargs, epochs=3, retrain_epochs=1)
     reference = Trainer(cfg.replace(run_dir=None), dataset=DATA, log=None)
     ref = reference.fit()
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL, json.dumps(cfg.to_dict()), "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -9, proc.stderr
+    train_until_killed(cfg, 2)
     saved = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
     assert saved["epoch"] == 2 and "latent" in saved["method_state"]
     resumed = Trainer(cfg, dataset=DATA, resume=True, log=None)
@@ -340,15 +314,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, method):
     ],
 )
 def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, argv, message):
-    try:
-        code = train_main([*argv, "--run-dir", str(tmp_path / "r"), "--dataset", "synthetic"])
-    except SystemExit as exit:
-        code = exit.code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert message in err[-1]
-    assert len(err) == 1 or err[0].startswith("usage:")
-    assert not (tmp_path / "r").exists()
+    argv = [*argv, "--run-dir", str(tmp_path / "r"), "--dataset", "synthetic"]
+    assert_one_line_cli_error(lambda: train_main(argv), tmp_path / "r", capsys, message)
 
 
 def test_penalty_help_gives_each_method_its_default():
@@ -392,25 +359,7 @@ DDP_WORKER = textwrap.dedent(
 def test_two_gloo_ranks_end_identical(tmp_path, method):
     # The swap, theta's SGD and the controller see only all-reduced gradients and identical
     # weights, so both ranks hold the same latent weights, thresholds and masks throughout.
-    import os
-
-    import ong_kernels
-
-    repo = os.path.dirname(os.path.dirname(ong_kernels.__file__))
-    script = tmp_path / "worker.py"
-    script.write_text(DDP_WORKER)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(script), str(tmp_path), method,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_gloo_ranks(tmp_path, DDP_WORKER, str(tmp_path), method)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["world"] == r1["world"] == 2

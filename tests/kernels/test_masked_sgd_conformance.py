@@ -286,30 +286,6 @@ def test_grad_scaler_values_through_the_op(backend, device, inf):
 # ----------------------------------------------------------------------------- every CPU ISA
 
 
-def _isas():
-    from ong_kernels.backends import _native
-
-    if not _native.has_cpu():
-        return [pytest.param(None, marks=pytest.mark.skip(reason="compiled CPU kernels not built"))]
-    lib = _native.lib()
-    return [
-        pytest.param(i.name, id=i.name) for i in lib.Isa.__members__.values()
-        if i.value <= lib.best_isa().value
-    ]  # fmt: skip
-
-
-@pytest.fixture
-def cpu_isa(request):
-    """Runs the test with the CPU kernel lowered to one ISA (ONG_KERNELS_ISA's effect)."""
-    from ong_kernels.backends import _native
-
-    lib = _native.lib()
-    best = lib.best_isa()
-    lib.set_isa(lib.Isa.__members__[request.param])
-    yield request.param
-    lib.set_isa(best)
-
-
 CPU_HYPERS = [
     (0.05, 0.9, 0.0, 5e-4, True, False, False),
     (0.05, 0.9, 0.0, 5e-4, True, False, True),  # first step
@@ -326,17 +302,16 @@ def _compact_inputs(params, bufs, masks):
     return cbufs, offsets
 
 
-@pytest.mark.parametrize("cpu_isa", _isas(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("hyper", CPU_HYPERS, ids=["nesterov", "first", "damp-max", "plain"])
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
-def test_every_cpu_isa_dense_and_compact(cpu_isa, dtype, hyper, density):
+def test_every_isa_dense_and_compact(isa, dtype, hyper, density):
     """The CPU kernel under each ISA: dense against the reference, and compact_state against
     the same ISA's dense step bit for bit (the odd sizes cross the 8/16-lane groups, the
     chunk boundary at 16384 and the scalar tails)."""
     from ong_kernels._bitmask import expand
 
-    gen = torch.Generator().manual_seed(int(density * 10) + len(cpu_isa))
+    gen = torch.Generator().manual_seed(int(density * 10) + len(isa))
     sizes = [1, 7, 9, 33, 16_385, 40_003]
     momentum = hyper[1]
     masks = [torch.rand(n, generator=gen) < density for n in sizes]  # every tensor masked
@@ -356,10 +331,10 @@ def test_every_cpu_isa_dense_and_compact(cpu_isa, dtype, hyper, density):
     bits = [pack_mask(m) for m in masks]
     _ops.masked_sgd_compact_step_(twins, grads, cbufs, bits, offsets, *hyper, "cpu")
     for i in range(len(sizes)):
-        assert torch.equal(twins[i], params[i]), f"{cpu_isa} {dtype}: compact param {i}"
+        assert torch.equal(twins[i], params[i]), f"{isa} {dtype}: compact param {i}"
         if bufs:
             got = expand(cbufs[i], masks[i])
-            assert torch.equal(got, bufs[i]), f"{cpu_isa} {dtype}: compact momentum {i}"
+            assert torch.equal(got, bufs[i]), f"{isa} {dtype}: compact momentum {i}"
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
