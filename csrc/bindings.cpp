@@ -145,6 +145,27 @@ void bind_nmf_mu(py::module_& m) {
       )pbdoc");
 }
 
+void bind_sketch_product(py::module_& m) {
+  m.def(
+      "sketch_product_cpu",
+      [](std::uintptr_t v, std::int64_t m_rows, std::int64_t n, std::uintptr_t x, std::int64_t wp,
+         std::uintptr_t out, bool transpose, int num_threads) {
+        py::gil_scoped_release release;
+        ong::sketch_product_cpu(reinterpret_cast<const float*>(v), m_rows, n,
+                                reinterpret_cast<const float*>(x), wp,
+                                reinterpret_cast<float*>(out), transpose, num_threads);
+      },
+      py::arg("v"), py::arg("m"), py::arg("n"), py::arg("x"), py::arg("wp"), py::arg("out"),
+      py::arg("transpose"), py::arg("num_threads"),
+      R"pbdoc(
+        out = V X (transpose False; X n x wp, out m x wp) or V^T X (transpose True; X m x wp,
+        out n x wp), float32 row-major host addresses, wp a multiple of 16 (GIL released):
+        the randomized SVD's sketch products with the MU kernels' register tiles. The caller
+        guarantees the buffers' sizes (ong_kernels.backends.cpu_nmf.sketch_product checks
+        them); raises ValueError on sizes out of range or a null address.
+      )pbdoc");
+}
+
 void bind_nmf_beta(py::module_& m) {
   m.def(
       "nmf_beta_cpu",
@@ -182,4 +203,5 @@ PYBIND11_MODULE(_C, m) {
   bind_masked_sgd(m);
   bind_nmf_mu(m);
   bind_nmf_beta(m);
+  bind_sketch_product(m);
 }

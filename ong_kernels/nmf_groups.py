@@ -35,6 +35,7 @@ import torch
 from ong_kernels import _ops
 from ong_kernels._validate import check_bool, check_device, check_int
 from ong_kernels.backends import registry
+from ong_kernels.backends.cpu_nmf import sketch_bytes
 from ong_kernels.nmf_beta import BetaLoss, check_zeros_allowed
 from ong_kernels.nmf_init import initial_factors, use_exact_svd
 from ong_kernels.nmf_rules import (
@@ -197,12 +198,15 @@ class Item:
 def _start_bytes(m: int, n: int, r: int, dtype: torch.dtype, init) -> int:
     """Temporaries of a matrix's start beyond the factors: NNDSVD's float32 copy of a
     non-float32 V and its singular vectors (the exact SVD's, or the sketch's r + 10 columns,
-    a few times over for the QRs)."""
+    a few times over for the QRs, plus the CPU sketch products' padded operands and
+    partial sums, cpu_nmf.sketch_bytes)."""
     if init != "nndsvd" and init != "nndsvda":
         return 0
-    k = min(m, n) if use_exact_svd(m, n, r) else r + 10
+    exact = use_exact_svd(m, n, r)
+    k = min(m, n) if exact else r + 10
     copy = 0 if dtype == torch.float32 else 4 * m * n
-    return copy + 3 * 4 * k * (m + n) + 4 * k * k + min(LAPACK_ALLOWANCE, 4 * m * n)
+    sketch = 0 if exact else sketch_bytes(m, n, k)
+    return copy + 3 * 4 * k * (m + n) + 4 * k * k + sketch + min(LAPACK_ALLOWANCE, 4 * m * n)
 
 
 def matrix_bytes(

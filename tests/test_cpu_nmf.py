@@ -273,3 +273,97 @@ def test_auto_picks_the_cpu_kernel_when_built(monkeypatch):
 
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     assert registry.select("nmf_mu", "cpu").backend == "cpu"
+
+
+# ----------------------------------------------------------------------------- sketch products
+
+SKETCH_SHAPES = [(1, 70, 3), (70, 1, 1), (37, 53, 5), (300, 1100, 26), (1100, 300, 17),
+                 (1000, 2100, 33), (97, 1025, 16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["v_x", "vt_x"])
+def test_sketch_product_matches_float64_matmul(isa, transpose, monkeypatch):
+    # The randomized SVD's products on the MU tiles (nmf_init._sketch_products): odd shapes,
+    # widths that are and are not a multiple of 16, several slabs and column chunks. The
+    # output is allocated NaN-filled: an entry the kernel does not write fails.
+    from ong_kernels.backends.cpu_nmf import sketch_product
+
+    full = torch.full
+    monkeypatch.setattr(torch, "empty", lambda *size: full(size, float("nan")))
+    gen = torch.Generator().manual_seed(3)
+    for m, n, w in SKETCH_SHAPES:
+        v = torch.rand(m, n, generator=gen)
+        x = torch.randn(m if transpose else n, w, generator=gen)
+        got = sketch_product(v, x, transpose=transpose)
+        v64, x64 = v.double(), x.double()
+        want = (v64.T @ x64 if transpose else v64 @ x64).float()
+        assert got.shape == want.shape
+        inner = m if transpose else n
+        assert_close(got, want, atol=1e-5 * inner**0.5, rtol=1e-4, what=f"{isa} {m}x{n} w{w}")
+
+
+def test_sketch_product_is_the_same_for_one_and_two_threads(threads, isa):
+    from ong_kernels.backends.cpu_nmf import sketch_product
+
+    gen = torch.Generator().manual_seed(4)
+    v = torch.rand(1000, 2100, generator=gen)  # 11 row blocks in 4 slabs, 3 column chunks
+    x, q = torch.randn(2100, 26, generator=gen), torch.randn(1000, 26, generator=gen)
+    results = []
+    for count in (1, 2):
+        threads(count)
+        results.append((sketch_product(v, x), sketch_product(v, q, transpose=True)))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize(
+    "v,x,transpose,message",
+    [
+        (torch.rand(5, 7), torch.rand(5, 2), False, "x must be 7 x w"),
+        (torch.rand(5, 7), torch.rand(7, 2), True, "x must be 5 x w"),
+        (torch.rand(5, 7), torch.rand(7, 0), False, "x must be 7 x w with w >= 1"),
+        (torch.rand(5, 7).double(), torch.rand(7, 2), False, "must be float32"),
+        (torch.rand(5, 7, 1), torch.rand(7, 2), False, "must be 2-D"),
+    ],
+)
+def test_sketch_product_refuses_bad_operands(v, x, transpose, message):
+    from ong_kernels.backends.cpu_nmf import sketch_product
+
+    with pytest.raises(ValueError, match=message):
+        sketch_product(v, x, transpose=transpose)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((0, 5, 7, 1, 16, 1), "null"),
+        ((1, 5, 7, 1, 20, 1), "multiple of 16"),
+        ((1, 0, 7, 1, 16, 1), "m and n"),
+        ((1, 5, 1 << 31, 1, 16, 1), "m and n"),
+    ],
+)
+def test_native_sketch_product_checks_sizes_and_addresses(args, message):
+    # Raw addresses: the native call refuses what it can check before touching memory (the
+    # dummy non-null addresses are never read: every case fails a check first).
+    v, m, n, x, wp, out = args
+    with pytest.raises(ValueError, match=message):
+        _native.lib().sketch_product_cpu(v, m, n, x, wp, out, False, 1)
+
+
+def test_randomized_svd_on_the_mu_tiles_agrees_with_torch_matmul(monkeypatch):
+    # The same sketch through torch's matmul (the path of every other device and dtype): the
+    # singular values agree to float32 rounding, the subspaces up to sign.
+    from ong_kernels import nmf_init
+
+    gen = torch.Generator().manual_seed(5)
+    for m, n in ((900, 300), (300, 900)):
+        v = torch.rand(m, n, generator=gen) ** 4
+        u1, s1, vh1 = nmf_init.randomized_svd(v, 8, seed=1)
+        monkeypatch.setattr(
+            nmf_init, "_sketch_products", lambda v: (v.__matmul__, lambda x: (x.T @ v).T)
+        )
+        u2, s2, vh2 = nmf_init.randomized_svd(v, 8, seed=1)
+        monkeypatch.undo()
+        assert_close(s1, s2, atol=1e-4, rtol=1e-4, what=f"{m}x{n} singular values")
+        assert_close((u1 * u2).sum(0).abs(), torch.ones(8), atol=1e-3, rtol=0, what="U")
+        assert_close((vh1 * vh2).sum(1).abs(), torch.ones(8), atol=1e-3, rtol=0, what="Vh")

@@ -150,34 +150,22 @@ void compact_avx2(float* __restrict p, const float* __restrict grad, float* __re
   const std::int64_t kend = std::min(buf_begin + span_kept, buf_numel);
   std::int64_t i = begin;
   for (; i + 64 <= end; i += 64) {
-    prefetch_ahead(p + i, grad + i);  // masked_sgd_scalar.h: why, and the distance
-    const std::uint64_t word = mask_word(bits, i);
-    if (word == 0) continue;
-    unsigned byte[8];
-    int n[8];
-    std::int64_t at[8];
-    std::int64_t next = k;
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      byte[j] = static_cast<unsigned>(word >> (8 * j)) & 0xFFu;
-      n[j] = __builtin_popcount(byte[j]);
-      at[j] = next;
-      next += n[j];
-    }
+    CompactBlock<8> blk;
+    if (!read_block(bits, p, grad, i, k, blk)) continue;
     if constexpr (kMomentum) {
-      if (k < 0 || next + 8 > kend) break;
+      if (k < 0 || blk.next + 8 > kend) break;
     }
     __m256 packed[8], b[8], w_new[8];
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
-      const __m256 keep = lane_mask(byte[j]);
+      const __m256 keep = lane_mask(blk.group[j]);
       const __m256 w = _mm256_loadu_ps(p + i + 8 * j);
       __m256 g = v.gradient(keep, grad + i + 8 * j, w);
       if constexpr (kMomentum) {
-        packed[j] = _mm256_loadu_ps(cbuf + at[j]);
+        packed[j] = _mm256_loadu_ps(cbuf + blk.at[j]);
         const __m256 old = kFirst ? packed[j]
                                   : _mm256_permutevar8x32_ps(packed[j],
-                                                             perm(kPerm.expand[byte[j]]));
+                                                             perm(kPerm.expand[blk.group[j]]));
         b[j] = v.momentum<kFirst>(old, g);
         g = v.direction<kNesterov>(b[j], g);
       }
@@ -186,12 +174,13 @@ void compact_avx2(float* __restrict p, const float* __restrict grad, float* __re
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       if constexpr (kMomentum) {
-        const __m256 front = _mm256_permutevar8x32_ps(b[j], perm(kPerm.compress[byte[j]]));
-        _mm256_storeu_ps(cbuf + at[j], _mm256_blendv_ps(packed[j], front, first_lanes(n[j])));
+        const __m256 front = _mm256_permutevar8x32_ps(b[j], perm(kPerm.compress[blk.group[j]]));
+        const __m256 kept_front = _mm256_blendv_ps(packed[j], front, first_lanes(blk.n[j]));
+        _mm256_storeu_ps(cbuf + blk.at[j], kept_front);
       }
       _mm256_storeu_ps(p + i + 8 * j, w_new[j]);
     }
-    k = next;
+    k = blk.next;
   }
   update_compact<float, kMomentum, kNesterov, kFirst>(p, grad, cbuf, bits, i, end, k, buf_numel,
                                                       h);

@@ -72,37 +72,25 @@ void compact_avx512(float* __restrict p, const float* __restrict grad, float* __
   // had just written and waited for it (no store-to-load forwarding for a masked store):
   // timed in cache at 50% kept, the set-bit loop then beat this span.
   for (; i + 64 <= end; i += 64) {
-    prefetch_ahead(p + i, grad + i);  // masked_sgd_scalar.h: why, and the distance
-    const std::uint64_t word = mask_word(bits, i);
-    if (word == 0) continue;
-    __mmask16 keep[4];
-    std::int64_t at[4];
-    int n[4];
-    std::int64_t next = k;
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      keep[j] = static_cast<__mmask16>(word >> (16 * j));
-      n[j] = __builtin_popcount(static_cast<unsigned>(keep[j]));
-      at[j] = next;
-      next += n[j];
-    }
+    CompactBlock<4> blk;
+    if (!read_block(bits, p, grad, i, k, blk)) continue;
     if constexpr (kMomentum) {
       // bits and offsets that disagree with the buffer cannot make us touch memory past it
-      if (k < 0 || next > buf_numel) return;
+      if (k < 0 || blk.next > buf_numel) return;
     }
     __m512 b[4], w_new[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const float* gj = grad + i + 16 * j;
-      __m512 g = _mm512_mul_ps(v.sign, _mm512_maskz_loadu_ps(keep[j], gj));
-      const __m512 w = _mm512_maskz_loadu_ps(keep[j], p + i + 16 * j);
+      __m512 g = _mm512_mul_ps(v.sign, _mm512_maskz_loadu_ps(blk.group[j], gj));
+      const __m512 w = _mm512_maskz_loadu_ps(blk.group[j], p + i + 16 * j);
       if (v.use_wd) g = _mm512_fmadd_ps(v.wd, w, g);
       if constexpr (kMomentum) {
         b[j] = g;
         if constexpr (!kFirst) {
-          const __mmask16 first = static_cast<__mmask16>((1u << n[j]) - 1u);
-          const __m512 packed = _mm512_maskz_loadu_ps(first, cbuf + at[j]);
-          b[j] = _mm512_fmadd_ps(v.mom, _mm512_maskz_expand_ps(keep[j], packed),
+          const __mmask16 first = static_cast<__mmask16>((1u << blk.n[j]) - 1u);
+          const __m512 packed = _mm512_maskz_loadu_ps(first, cbuf + blk.at[j]);
+          b[j] = _mm512_fmadd_ps(v.mom, _mm512_maskz_expand_ps(blk.group[j], packed),
                                  _mm512_mul_ps(v.damp, g));
         }
         g = kNesterov ? _mm512_fmadd_ps(v.mom, b[j], g) : b[j];
@@ -112,12 +100,13 @@ void compact_avx512(float* __restrict p, const float* __restrict grad, float* __
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       if constexpr (kMomentum) {
-        const __mmask16 first = static_cast<__mmask16>((1u << n[j]) - 1u);
-        _mm512_mask_storeu_ps(cbuf + at[j], first, _mm512_maskz_compress_ps(keep[j], b[j]));
+        const __mmask16 first = static_cast<__mmask16>((1u << blk.n[j]) - 1u);
+        const __m512 front = _mm512_maskz_compress_ps(blk.group[j], b[j]);
+        _mm512_mask_storeu_ps(cbuf + blk.at[j], first, front);
       }
-      _mm512_mask_storeu_ps(p + i + 16 * j, keep[j], w_new[j]);
+      _mm512_mask_storeu_ps(p + i + 16 * j, blk.group[j], w_new[j]);
     }
-    k = next;
+    k = blk.next;
   }
   for (; i + 16 <= end; i += 16) {
     __mmask16 keep = 0;

@@ -34,6 +34,7 @@ inline std::uint64_t mask_word(const std::uint8_t* bits, std::int64_t i) {
   return word;
 }
 
+
 // The step's scalars in T (float for the float32 spans, T for the scalar loops), each passed
 // through `set` (a vector unit's set1 broadcast; by default the scalar itself): one place
 // that reads them from SgdHyper for every span. `sign` folds maximize and GradScaler's
@@ -126,6 +127,39 @@ template <typename T>
 inline void prefetch_ahead(const T* p, const T* grad) {
   prefetch_ahead(p);
   prefetch_ahead(grad);
+}
+
+// A 64-weight block of a compact span as kGroups groups of 64 / kGroups weights (one vector
+// each): group j's mask bits, its kept count n[j], the offset at[j] of its first packed
+// momentum entry and the offset after the block. The AVX2 span takes 8 groups of 8, the
+// AVX-512 span 4 of 16.
+template <int kGroups>
+struct CompactBlock {
+  unsigned group[kGroups];
+  int n[kGroups];
+  std::int64_t at[kGroups];
+  std::int64_t next;
+};
+
+// The block of weights [i, i + 64) with its packed momentum from offset k; false when no
+// weight of it is kept (the caller skips it). Prefetches the weights and gradients ahead.
+template <int kGroups>
+inline bool read_block(const std::uint8_t* bits, const float* p, const float* grad, std::int64_t i,
+                       std::int64_t k, CompactBlock<kGroups>& b) {
+  constexpr int kWidth = 64 / kGroups;
+  constexpr std::uint64_t kLow = (std::uint64_t{1} << kWidth) - 1;
+  prefetch_ahead(p + i, grad + i);  // why, and the distance: prefetch_ahead
+  const std::uint64_t word = mask_word(bits, i);
+  if (word == 0) return false;
+#pragma GCC unroll 8
+  for (int j = 0; j < kGroups; ++j) {
+    b.group[j] = static_cast<unsigned>((word >> (kWidth * j)) & kLow);
+    b.n[j] = __builtin_popcount(b.group[j]);
+    b.at[j] = k;
+    k += b.n[j];
+  }
+  b.next = k;
+  return true;
 }
 
 // compact_state: the kept elements of [begin, end) only (begin a multiple of 8); the

@@ -71,4 +71,30 @@ void nmf_mu_cpu(const NmfMatrix* table, const std::int64_t* dtypes, std::int64_t
   if (!ok) throw std::bad_alloc();
 }
 
+void sketch_product_cpu(const float* v, std::int64_t m, std::int64_t n, const float* x,
+                        std::int64_t wp, float* out, bool transpose, int num_threads) {
+  constexpr std::int64_t kMaxDim = std::int64_t{1} << 31;
+  if (m <= 0 || n <= 0 || m >= kMaxDim || n >= kMaxDim)
+    throw std::invalid_argument("sketch_product_cpu: m and n must be in [1, 2^31)");
+  if (wp <= 0 || wp % 16 != 0 || wp >= kMaxDim)
+    throw std::invalid_argument("sketch_product_cpu: wp must be a positive multiple of 16");
+  if (v == nullptr || x == nullptr || out == nullptr)
+    throw std::invalid_argument("sketch_product_cpu: null V, X or out address");
+  bool ok;
+  switch (active_isa()) {
+#ifdef ONG_HAVE_X86_KERNELS
+    case Isa::kAvx512:
+      ok = nmf::sketch_product_avx512(v, m, n, x, wp, out, transpose, num_threads);
+      break;
+    case Isa::kAvx2:
+      ok = nmf::sketch_product_avx2(v, m, n, x, wp, out, transpose, num_threads);
+      break;
+#endif
+    default:
+      ok = nmf::sketch_product_portable(v, m, n, x, wp, out, transpose, num_threads);
+      break;
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
 }  // namespace ong

@@ -4,4 +4,5 @@
 #define ONG_NMF_VBYTES 32
 #define ONG_NMF_ACC 12
 #define ONG_NMF_SOLVE_BATCH solve_batch_avx2
+#define ONG_NMF_SKETCH_PRODUCT sketch_product_avx2
 #include "nmf_mu_kernel.h"

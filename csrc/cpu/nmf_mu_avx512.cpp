@@ -4,4 +4,5 @@
 #define ONG_NMF_VBYTES 64
 #define ONG_NMF_ACC 24
 #define ONG_NMF_SOLVE_BATCH solve_batch_avx512
+#define ONG_NMF_SKETCH_PRODUCT sketch_product_avx512
 #include "nmf_mu_kernel.h"

@@ -4,4 +4,5 @@
 #define ONG_NMF_VBYTES 16
 #define ONG_NMF_ACC 12
 #define ONG_NMF_SOLVE_BATCH solve_batch_portable
+#define ONG_NMF_SKETCH_PRODUCT sketch_product_portable
 #include "nmf_mu_kernel.h"

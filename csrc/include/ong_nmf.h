@@ -34,6 +34,14 @@ void check_nmf_row(const char* op, std::int64_t i, const NmfMatrix& t);
 void nmf_mu_cpu(const NmfMatrix* table, const std::int64_t* dtypes, std::int64_t n_matrices,
                 std::int64_t max_iter, double tol, std::int64_t* n_iter, int num_threads);
 
+// The randomized SVD's sketch products (ong_kernels/nmf_init.py) with the MU kernels' tiles:
+// out = V X (transpose false: X n x wp, out m x wp) or out = V^T X (transpose true: X m x wp,
+// out n x wp); V m x n float32 row-major, X and out float32 row-major, wp a multiple of 16.
+// Throws std::invalid_argument (before touching anything) on sizes out of range or a null
+// address, std::bad_alloc if memory ran out.
+void sketch_product_cpu(const float* v, std::int64_t m, std::int64_t n, const float* x,
+                        std::int64_t wp, float* out, bool transpose, int num_threads);
+
 namespace nmf {
 
 // One validated matrix of the batch, as the per-ISA solvers take it.
@@ -54,6 +62,13 @@ bool solve_batch_avx2(const Job* jobs, std::int64_t n_jobs, std::int64_t max_ite
                       int num_threads);
 bool solve_batch_avx512(const Job* jobs, std::int64_t n_jobs, std::int64_t max_iter, double tol,
                         int num_threads);
+// Per-ISA sketch products (sketch_product_cpu, unchecked). Return false if memory ran out.
+bool sketch_product_portable(const float* v, std::int64_t m, std::int64_t n, const float* x,
+                             std::int64_t wp, float* out, bool transpose, int num_threads);
+bool sketch_product_avx2(const float* v, std::int64_t m, std::int64_t n, const float* x,
+                         std::int64_t wp, float* out, bool transpose, int num_threads);
+bool sketch_product_avx512(const float* v, std::int64_t m, std::int64_t n, const float* x,
+                           std::int64_t wp, float* out, bool transpose, int num_threads);
 
 }  // namespace nmf
 }  // namespace ong

@@ -43,6 +43,54 @@ def workspace(shapes: Sequence[Shape]) -> int:
     return sum(per_matrix[: torch.get_num_threads()])
 
 
+# sketch_product pads the sketch to a multiple of this many columns: every ISA's float lanes
+# (4, 8, 16) divide it, as the register tiles need.
+SKETCH_LANES = 16
+# The slabs of V^T X's row blocks, each summed into its own n x wp partial (nmf_mu_kernel.h).
+SKETCH_SLABS = 4
+
+
+def sketch_bytes(m: int, n: int, width: int) -> int:
+    """Peak bytes of one sketch_product of an m x n V at ``width`` columns beyond V and x: the
+    padded copy of x and the padded output (at most wp (m + n) floats together), and V^T X's
+    partial sums of slabs 1.. (3 n wp floats)."""
+    wp = _round_up(width, SKETCH_LANES)
+    return 4 * wp * (m + n) + 4 * (SKETCH_SLABS - 1) * n * wp
+
+
+def sketch_product(v: torch.Tensor, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``v @ x`` (or ``v.T @ x`` with ``transpose``) for a float32 CPU matrix ``v`` (m x n) and
+    a skinny float32 ``x`` (n x w, or m x w), on the MU kernel's register tiles
+    (csrc/cpu/nmf_mu_kernel.h, sketch_product): ``v @ x`` as the W sweep's V H^T, ``v.T @ x``
+    as the H sweep's W^T V, without forming v^T. Each entry is summed in one order whatever
+    the thread count. nmf_init's randomized SVD takes its ten products here: MKL's sgemm at
+    26 columns ran at 45-71 GFLOP/s on AMD Zen 4 (benchmarks/RESULTS.md, issue 28), a third
+    of the MU kernel's rate on the same products."""
+    if v.dim() != 2 or x.dim() != 2:
+        raise ValueError(f"sketch_product: v and x must be 2-D, got {v.dim()}-D and {x.dim()}-D")
+    if v.dtype != torch.float32 or x.dtype != torch.float32:
+        raise ValueError(f"sketch_product: v and x must be float32, got {v.dtype}, {x.dtype}")
+    if v.device.type != "cpu" or x.device.type != "cpu":
+        raise ValueError("sketch_product: v and x must be CPU tensors")
+    m, n = v.shape
+    inner = m if transpose else n
+    if x.shape[0] != inner or x.shape[1] == 0 or m == 0 or n == 0:
+        raise ValueError(
+            f"sketch_product: x must be {inner} x w with w >= 1 for a {m} x {n} v "
+            f"(transpose={transpose}), got {tuple(x.shape)}"
+        )
+    width = x.shape[1]
+    wp = _round_up(width, SKETCH_LANES)
+    v = v.contiguous()
+    xp = torch.zeros(inner, wp)
+    xp[:, :width] = x
+    out = torch.empty(n if transpose else m, wp)
+    _native.lib().sketch_product_cpu(
+        v.data_ptr(), m, n, xp.data_ptr(), wp, out.data_ptr(), transpose, torch.get_num_threads()
+    )
+    return out[:, :width]
+
+
 @register("nmf_mu", "cpu", devices=("cpu",), available=_native.has_cpu, hint=_native.BUILD_HINT,
           workspace=workspace)  # fmt: skip
 def nmf_mu_(
