@@ -238,3 +238,32 @@ def test_registered_for_cuda_first():
     assert "cuda" in kernel.devices and kernel.precisions == (registry.IEEE,)
     assert registry.DEFAULT_ORDER["nmf_beta_mu"]["cuda"][0] == "triton"
     assert tbeta.COEF_COLUMNS[-1] == "beta" and len(tbeta.COEF_COLUMNS) == 12
+
+
+@needs_triton
+def test_workspace_counts_what_the_kernel_allocates(monkeypatch):
+    """The declared workspace (memory_budget grouping relies on it) against the float32
+    scratch a call allocates: the max(m, n) x 2r sums only when the ranks span several rank
+    blocks, never an m x n temporary."""
+    allocated = []
+    poisoned_empty = tbeta._empty
+
+    def recording(size, dtype, device):
+        if dtype == torch.float32:
+            allocated.append(4 * size)
+        return poisoned_empty(size, dtype, device)
+
+    monkeypatch.setattr(tbeta, "_empty", recording)
+    for shapes, one_chunk in (([(40, 30, 6), (9, 50, 3)], True), ([(70, 66, 66)], False)):
+        (group,) = tbeta.plan(shapes, [torch.float32] * len(shapes), 1.0)
+        assert group.config.one_chunk == one_chunk
+        allocated.clear()
+        vs, ws, hs = batch(shapes, 1.0, _seed())
+        run("triton", vs, ws, hs, 1, 0.0, 1.0)
+        scratch = sum(allocated)
+        model = tbeta.workspace([(*s, torch.float32) for s in shapes])
+        assert scratch <= model <= scratch + 64 * 512 + 8 * sum(m + n for m, n, _ in shapes)
+        sums = 4 * sum(max(m, n) * 2 * r for m, n, r in shapes)
+        assert (scratch >= sums) == (not one_chunk), (scratch, sums)
+        if one_chunk:  # KL in one rank block: no Gram, no sums, a 1-entry placeholder
+            assert scratch == 4, scratch
