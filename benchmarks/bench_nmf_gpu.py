@@ -540,18 +540,40 @@ def summarise(results, name) -> str:
 
 
 # Issue 30, written predictions only (no GPU was lent; nothing below is run): beta-divergence
-# MU on CUDA tensors runs the reference nmf_beta_mu kernel (batched torch ops; there is no
-# Triton beta kernel yet). H100 SXM: ~3 TB/s HBM, fp32 (no TF32) matmul ~50 TFLOP/s.
+# MU on CUDA tensors. The first two are the reference nmf_beta_mu kernel (batched torch ops),
+# the figures written before the Triton beta kernel existed; the "triton_" ones are the Triton
+# beta kernel (ong_kernels/backends/triton/nmf_beta.py), now the default on CUDA. H100 SXM:
+# ~3.35 TB/s HBM, fp32 FMA (no tensor cores) ~50 TFLOP/s, i.e. ~0.38 TFLOP/s per SM (132).
 # - KL, Fashion-MNIST 60,000 x 784, rank 20, 200 iterations: 8 m n r = 7.5 GFLOP per
 #   iteration (0.15 ms) but the reference moves ~20 m x n float32 arrays per iteration
 #   (W H, its clipped copy, V / W H, the products' operands: ~3.8 GB, 1.3 ms): ~1.5 ms per
-#   iteration, ~0.3 s for 200. A fused Triton beta kernel reading V twice per iteration
-#   (0.38 GB, 0.13 ms) would be compute-bound: ~0.3 ms per iteration, ~60 ms for 200.
+#   iteration, ~0.3 s for 200.
+#   Triton: the rank is padded to its block (T in chunks of 16: 32; the numerator 32 wide),
+#   so each half-step is 2 products of 2 m n 32 = 6.0 GFLOP (KL has no denominator product),
+#   12 GFLOP per iteration; V is read once per half-step (0.38 GB, 0.11 ms: compute-bound).
+#   The W step has 938 programs of 64 rows: 6.0 GFLOP / 50 TFLOP/s = 0.12 ms. The H step has
+#   only 25 programs of 32 columns (one per SM, each walking all 60,000 rows): 6.0 GFLOP /
+#   (25 x 0.38 TFLOP/s) = 0.63 ms at best, and one 4-warp program per SM reaches maybe half
+#   its SM's FMA rate: ~1.3 ms. So ~0.75-1.4 ms per iteration, ~0.15-0.3 s for 200 (the 20
+#   float64 error checks add ~2 ms): predicted 0.3 s, no faster than the reference, bound by
+#   the H step's 25 programs. Splitting the H step's walk over programs (split-K) would bring
+#   it to the W step's ~0.12 ms: ~0.05 s for 200.
 # - cNMF-shaped (5,000 x 784, ranks 5..15 x 20 replicates, KL, tol 1e-4, <= 200 iterations):
 #   11 shape buckets of 20 stacked V copies (3.4 GB); ~69 GB of traffic per iteration, ~23 ms:
 #   <= ~4.6 s for 200 iterations (less as replicates stop).
-BETA_PREDICTIONS_H100_S = {"kl_fashion_mnist_r20_200it": 0.3, "cnmf_5000x784_r5-15x20": 4.6}
-
+#   Triton: 220 matrices in one ragged call (rank block 16: every rank padded to 16), per
+#   matrix and iteration 2 half-steps x 2 products x 2 m n 16 = 0.50 GFLOP: 110 GFLOP per
+#   iteration (69 GFLOP useful), 2.2 ms at 50 TFLOP/s; plenty of programs (17,380 W-step
+#   and 2,860 H-step tiles of 64); V read twice per iteration (6.9 GB, 2.1 ms: as long as
+#   the products, if the 20 replicates of a V do not share it through L2). ~2.2-4.4 ms per
+#   iteration (peak to half of it): ~0.45-0.9 s for 200 iterations, predicted 0.9 s (less
+#   as replicates stop).
+BETA_PREDICTIONS_H100_S = {
+    "kl_fashion_mnist_r20_200it": 0.3,
+    "cnmf_5000x784_r5-15x20": 4.6,
+    "triton_kl_fashion_mnist_r20_200it": 0.3,
+    "triton_cnmf_5000x784_r5-15x20": 0.9,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,7 +37,9 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 DEFAULT_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "nmf_mu": {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")},
     # nmf_beta_mu (beta-divergence / regularised / fixed-H MU, ong_kernels/nmf_beta.py): the
-    # same order; only the kernels that register it take part.
+    # same order; only the kernels that register it take part. On cuda: the Triton beta kernel
+    # (triton/nmf_beta.py: W H tile by tile, no m x n temporary) before the reference, which
+    # holds several m x n temporaries; predicted, not yet measured on a GPU.
     "nmf_beta_mu": {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
     "masked_sgd_step": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
 }

@@ -138,6 +138,24 @@ def test_every_update_orders_its_reads_of_x_before_its_writes(default_reports):
             assert report.barriers >= 1, report.row()
 
 
+def test_beta_kernels_divide_exactly_order_x_and_multiply_in_fp32(default_reports):
+    """The beta kernels (nmf_beta.py): exact float32 divisions (tl.div_rn) like the reference,
+    a barrier between the reads of X and its update in every update configuration, and
+    only "ieee" (fp32 FMA) products: the op has no precision argument."""
+    seen = set()
+    for (module, index, _arch), report in default_reports.items():
+        if module != "nmf_beta":
+            continue
+        assert isinstance(report, _aot.Report), report
+        name = _aot.configs(module)[index]["fn"].__name__
+        seen.add(name)
+        assert report.approx_divisions == 0, report.row()
+        assert report.ieee_dots == report.dots > 0, report.row()
+        if name == "_beta_update_kernel":
+            assert report.barriers >= 1, report.row()
+    assert seen == {"_beta_update_kernel", "_beta_error_kernel"}
+
+
 def test_the_stopping_error_is_fp32_under_tf32():
     """The error's products are "ieee" even when the update's are TF32: the persistent
     kernel's checks (TF32 updates, fp32 error), and the grouped error kernel (which takes no
