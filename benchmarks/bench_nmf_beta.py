@@ -5,7 +5,8 @@ with tol 0, every provider from the same start (scikit-learn's init="random", ra
     flock -x /tmp/ong_cpu.lock .venv/bin/python -m pytest benchmarks/bench_nmf_beta.py \
         -m benchmark --benchmark-json=build/bench_nmf_beta.json
 
-Providers, measured in the same run:
+Providers, measured in the same run (the evidence table, `--table`, adds ``nmf-torch``:
+nmf-torch 0.1.1 batch MU, `pip install nmf-torch`):
 * ``ours``: ong_kernels.NMF(beta_loss="kullback-leibler", init="custom").fit_transform, the
   whole user-visible call (checks, the C++ beta kernel, reconstruction_err_);
 * ``sklearn``: sklearn.decomposition.NMF(solver="mu") with the same arguments;
@@ -73,33 +74,57 @@ def start(x: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
 
 
 # The fits may write the starts they are given (scikit-learn's MU updates W0 and H0 in place):
-# callers pass copies, made outside the measured region of peak_extra_bytes.
-def fit_ours(x, w0, h0, iters):
-    model = ong_kernels.NMF(RANK, init="custom", beta_loss="kullback-leibler", max_iter=iters,
-                            tol=0)  # fmt: skip
+# callers pass copies, made outside the measured region of peak_extra_bytes. Every fit takes
+# the start (w0, h0), the iterations, and the loss ("frobenius" or "kullback-leibler"); the
+# rank is the start's.
+def fit_ours(x, w0, h0, iters, loss="kullback-leibler"):
+    model = ong_kernels.NMF(w0.shape[1], init="custom", beta_loss=loss, max_iter=iters, tol=0)
     w = model.fit_transform(x, W=w0, H=h0)
     return w, model.components_
 
 
-def fit_sklearn(x, w0, h0, iters):
+def fit_sklearn(x, w0, h0, iters, loss="kullback-leibler"):
     from sklearn.decomposition import NMF
 
-    model = NMF(RANK, init="custom", solver="mu", beta_loss="kullback-leibler", max_iter=iters,
-                tol=0)  # fmt: skip
+    model = NMF(w0.shape[1], init="custom", solver="mu", beta_loss=loss, max_iter=iters, tol=0)
     w = model.fit_transform(x, W=w0, H=h0)
     return w, model.components_
 
 
-def fit_torchnmf(x, w0, h0, iters):
+def fit_torchnmf(x, w0, h0, iters, loss="kullback-leibler"):
     from torchnmf.nmf import NMF
 
     # torchnmf factors V ~= H W^T with H (m, r), W (n, r); tol=-inf runs every iteration.
     model = NMF(W=torch.from_numpy(h0).t().contiguous(), H=torch.from_numpy(w0))
-    model.fit(torch.from_numpy(x), beta=1, tol=float("-inf"), max_iter=iters)
+    model.fit(torch.from_numpy(x), beta=BETA_OF[loss], tol=float("-inf"), max_iter=iters)
     return model.H.detach().numpy(), model.W.detach().t().contiguous().numpy()
 
 
+def fit_nmf_torch(x, w0, h0, iters, loss="kullback-leibler"):
+    """nmf-torch 0.1.1 (Pegasus' NMF, `pip install nmf-torch`) batch MU, float32, on the given
+    start: its H (m, r) is our W and its W (r, n) our H; it updates them in our order. Its
+    start is set by replacing _initialize_H_W (it has no custom init); tol=0 runs every
+    iteration unless the loss stops decreasing (its rule)."""
+    import contextlib
+    import io
+
+    from nmf.nmf_models import NMFBatchMU
+
+    class Started(NMFBatchMU):
+        def _initialize_H_W(self, eps=1e-6):
+            self.H, self.W = torch.from_numpy(w0), torch.from_numpy(h0)
+
+    model = Started(n_components=w0.shape[1], init="random", beta_loss=BETA_OF[loss], tol=0,
+                    random_state=0, alpha_W=0, l1_ratio_W=0, alpha_H=0, l1_ratio_H=0,
+                    fp_precision="float", device_type="cpu", n_jobs=-1, max_iter=iters)  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its loss every 10 iterations
+        model.fit(torch.from_numpy(x))
+    return model.H.numpy(), model.W.numpy()
+
+
+BETA_OF = {"frobenius": 2, "kullback-leibler": 1}
 FITS = {"ours": fit_ours, "sklearn": fit_sklearn, "torchnmf": fit_torchnmf}
+TABLE_FITS = {**FITS, "nmf-torch": fit_nmf_torch}
 
 
 def kl_error(x: np.ndarray, w: np.ndarray, h: np.ndarray) -> float:
@@ -213,10 +238,64 @@ def peak_extra_bytes(provider: str, iters: int = 2) -> int:
     return _rss("VmHWM") - base
 
 
+def evidence_table(ranks, losses, providers, iters: int) -> None:
+    """Issue 30's evidence: every provider from the same start (scikit-learn's init="random",
+    seed 0) for `iters` iterations at each rank and loss; one timed run each, the final
+    divergence sqrt(2 D_beta) of each (ong_kernels.nmf_beta.reconstruction_error, float64),
+    and the fp32 floor: the iterations' flops (4 m n r Frobenius, 8 m n r KL) at torch.mm's
+    2048^3 rate measured in the same run."""
+    import time
+
+    from ong_kernels.nmf_beta import reconstruction_error
+
+    x = fashion_mnist()
+    m, n = x.shape
+    a = torch.rand(2048, 2048)
+    torch.mm(a, a)
+    t_mm = time.perf_counter()
+    for _ in range(5):
+        torch.mm(a, a)
+    rate = 5 * 2 * 2048**3 / (time.perf_counter() - t_mm)
+    print(f"Fashion-MNIST {m} x {n}, {iters} iterations, tol 0, {torch.get_num_threads()} "
+          f"threads; torch.mm 2048^3: {rate / 1e9:.0f} GFLOP/s")  # fmt: skip
+    print("| loss | rank | provider | s | x sklearn | x floor | final divergence |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for loss in losses:
+        flops = (4 if loss == "frobenius" else 8) * m * n
+        for rank in ranks:
+            w0, h0 = start(x, rank)
+            floor = flops * rank * iters / rate
+            times = {}
+            for provider in providers:
+                wc, hc = w0.copy(), h0.copy()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    t0 = time.perf_counter()
+                    w, h = TABLE_FITS[provider](x, wc, hc, iters, loss)
+                    times[provider] = time.perf_counter() - t0
+                w, h = (torch.from_numpy(np.ascontiguousarray(f)) for f in (w, h))
+                err = reconstruction_error(torch.from_numpy(x), w, h, BETA_OF[loss])
+                ratio = times[provider] / times["sklearn"] if "sklearn" in times else float("nan")
+                print(f"| {loss} | {rank} | {provider} | {times[provider]:.2f} | {ratio:.2f} | "
+                      f"{times[provider] / floor:.1f} | {err:.6g} |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--memory", choices=list(FITS), required=True)
+    parser.add_argument("--memory", choices=list(FITS))
+    parser.add_argument("--table", action="store_true", help="issue 30's evidence table")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[10, 20, 30, 40, 50])
+    parser.add_argument("--losses", nargs="+", default=["frobenius", "kullback-leibler"])
+    parser.add_argument(
+        "--providers", nargs="+", default=["sklearn", "ours", "torchnmf", "nmf-torch"]
+    )
+    parser.add_argument("--iters", type=int, default=50)
     args = parser.parse_args()
+    if args.table:
+        evidence_table(args.ranks, args.losses, args.providers, args.iters)
+        return
+    if args.memory is None:
+        parser.error("give --memory PROVIDER or --table")
     extra = peak_extra_bytes(args.memory)
     v_bytes = fashion_mnist().nbytes
     print(f"{args.memory}: peak extra {extra / 2**20:.1f} MiB = {extra / v_bytes:.3f} x V "

@@ -131,10 +131,11 @@ def reconstruction_error(v: torch.Tensor, w: torch.Tensor, h: torch.Tensor, beta
     """scikit-learn's reconstruction_err_ of one matrix (divergence_error), summed over row
     chunks so no m x n temporary exists."""
     rows = max(1, _CHUNK_ENTRIES // max(1, v.shape[1]))
+    h64 = h.double()  # once, not per chunk (divergence's .double() of it is then a no-op)
     total = 0.0
     for start in range(0, v.shape[0], rows):
         part = slice(start, start + rows)
-        total += float(divergence(v[part], w[part], h, beta))
+        total += float(divergence(v[part], w[part], h64, beta))
     return math.sqrt(2 * max(total, 0.0))
 
 

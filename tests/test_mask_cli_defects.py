@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port, spawn_two
 from safetensors.torch import save_file
 from test_mask_cli_distributed import (
     REPO,
@@ -22,7 +23,6 @@ from test_mask_cli_distributed import (
     TIMEOUT_S,
     assert_same_masks,
     one_process,
-    spawn_two,
     tensors,
     write,
 )
@@ -68,7 +68,7 @@ def test_ranks_reading_files_with_one_header_but_other_content_are_refused(tmp_p
     older = {n: (t * 2 if t.dim() >= 2 else t) for n, t in tensors().items()}
     save_file(older, str(tmp_path / "older.safetensors"))
     shutil.copyfile(tmp_path / "model.safetensors", tmp_path / "copy.safetensors")
-    spawn_two(_worker, tmp_path)
+    spawn_two(_worker, free_port(), str(tmp_path), timeout=TIMEOUT_S)
     for rank in range(2):
         text = (tmp_path / f"other.{rank}.txt").read_text()
         assert text.startswith("2\n") and "same header but other content" in text, text
