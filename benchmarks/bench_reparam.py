@@ -10,8 +10,8 @@ One round = one dense training step (forward, cross-entropy, backward, FusedMask
 timed on its own, then for each method one step with its hooks, the hooks timed:
 ``before_forward`` (latent saved, effective weights written: DNW's per-step radix-select
 top-k, DST's reset check), ``after_backward`` (straight-through restore, or the chain rule
-and the penalty by autograd) and ``after_step`` (theta's SGD step, the controller's sparsity
-count, CS's beta). DPF's mask refresh (a global top-k of the dense weights every 16
+and the penalty by autograd) and ``after_step`` (theta's SGD step, the projection: a kthvalue
+over every margin, CS's beta). DPF's mask refresh (a global top-k of the dense weights every 16
 iterations) is timed once per round and counted as 1/16 of it per step. ``extra_info``
 holds the medians and the ratios method / step.
 """

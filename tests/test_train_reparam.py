@@ -14,7 +14,7 @@ from ong_kernels.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ong_kernels.train.cli import train_main
 from ong_kernels.train.config import TrainConfig
 from ong_kernels.train.data import make_synthetic
-from ong_kernels.train.reparam import CLASSES, binary_step, cs_beta
+from ong_kernels.train.reparam import CLASSES, binary_step, boundary_shift, cs_beta
 from ong_kernels.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,6 +39,7 @@ class _Host:
         self.params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.5) for s in shapes]
         self.targets = [(f"p{i}", p) for i, p in enumerate(self.params)]
         self.masked_total = sum(p.numel() for p in self.params)
+        self.sizes = torch.tensor([p.numel() for p in self.params])
         self.config = make_config(method=method, method_kwargs=settings)
         self.steps_per_epoch = 5
         self.device = torch.device("cpu")
@@ -140,7 +141,7 @@ def test_gradients_to_weights_and_thresholds_are_the_chain_rule_with_the_penalty
     # Direct: the loss sum(G * f(w, theta)) + penalty, differentiated by autograd.
     ws = [w.clone().requires_grad_() for w in w0]
     th = {n: t.detach().clone().requires_grad_() for n, t in sp.theta.items()}
-    lam = float(sp.lam())
+    lam = M.resolve_settings(method, {}).penalty  # fixed: no controller
     loss = 0
     for (name, _), w, gi in zip(host.targets, ws, g, strict=True):
         t = th[name]
@@ -165,6 +166,62 @@ def test_gradients_to_weights_and_thresholds_are_the_chain_rule_with_the_penalty
         assert torch.allclose(p.grad, w_direct.grad, rtol=1e-6, atol=1e-7)
     for name, t in sp.theta.items():
         assert torch.allclose(t.grad, th[name].grad, rtol=1e-5, atol=1e-8)
+
+
+def _margins(sp):
+    ws = sp.weights()
+    pairs = zip(sp.names, ws, strict=True)
+    return torch.cat([sp.margin(n, w.double()).double().reshape(-1) for n, w in pairs])
+
+
+def test_boundary_shift_is_the_midpoint_and_prunes_ties_together():
+    m = torch.tensor([0.5, -1.0, 0.25, 0.25, 2.0, 0.25, -3.0], dtype=torch.float64)
+    # sorted: -3, -1, .25, .25, .25, .5, 2
+    assert float(boundary_shift(m, 2)) == pytest.approx((-1.0 + 0.25) / 2)
+    assert float(boundary_shift(m, 3)) == pytest.approx((0.25 + 0.5) / 2)  # 5 pruned: a tie
+    assert float(boundary_shift(m, 5)) == pytest.approx((0.25 + 0.5) / 2)
+    assert int((m <= boundary_shift(m, 0)).sum()) == 0
+    assert int((m <= boundary_shift(m, 7)).sum()) == 7
+
+
+@pytest.mark.parametrize("method", ["str", "cs", "dst"])
+def test_projection_prunes_round_target_n_of_the_methods_own_mask(method):
+    host = _Host(method, seed=7)
+    sp = host.sparsifier
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():  # weights, logits and thresholds on coarse grids: many ties
+        for p in host.params:
+            p.copy_(torch.randint(-8, 9, p.shape, generator=g).float() / 16)
+            if method == "str":  # a threshold in (0, 1) always prunes w = 0: none here
+                p.copy_(torch.where(p == 0, 1 / 16, p))
+        for t in sp.theta.values():
+            if method == "cs":
+                t.copy_(torch.randint(-4, 5, t.shape, generator=g).float() / 8)
+            elif method == "str":
+                t.copy_(torch.randint(-40, -10, t.shape, generator=g).float() / 10)
+            else:
+                t.copy_(torch.randint(0, 5, t.shape, generator=g).float() / 16)
+    n = host.masked_total
+    exact = tied = 0
+    for target in (0.0, 0.05, 0.2, 0.37, 0.5, 0.73, 0.9, 0.98, 0.5, 0.1):
+        before = _margins(sp)
+        k = round(target * n)
+        order = before.sort().values
+        # the tie rule: every margin equal to the k-th smallest is pruned with it
+        want = 0 if k == 0 else int((before <= order[k - 1]).sum())
+        exact, tied = exact + (want == k), tied + (want > k)
+        sp.project(target)
+        after = _margins(sp)
+        pruned = sum(int((~m).sum()) for m in sp.masks_of(sp.weights()))
+        assert pruned == want, (target, pruned, want)
+        assert pruned == int((after <= 0).sum())  # the margin's sign is the mask
+        # one shift for every margin (STR: of every threshold not clamped to (0, 1))
+        shift = before - after
+        if method == "str":
+            taus = torch.cat([torch.sigmoid(t.detach()).reshape(1) for t in sp.theta.values()])
+            shift = shift[torch.repeat_interleave(taus > 1e-6, host.sizes)]
+        assert torch.allclose(shift, shift[:1].expand_as(shift), rtol=0, atol=1e-6)
+    assert exact >= 1 and tied >= 1  # both cases were exercised
 
 
 def test_dpf_mask_changes_every_16_iterations_and_not_in_between():
@@ -264,6 +321,10 @@ def test_every_run_ends_exact_and_every_checkpoint_exports_plain_weights(tmp_pat
     assert results["sparsity_before_cut"] == fold["sparsity_reached"]
     if method in ("dnw", "dpf"):
         assert fold["sparsity_reached"] == round(0.9 * n) / n
+    else:  # the projection puts every epoch's mask at its target (float32: +-1 weight)
+        for r in records:
+            assert abs(r["sparsity"] - round(r["target"] * n) / n) <= 1 / n, r
+        assert abs(fold["sparsity_reached"] - round(0.9 * n) / n) <= 1 / n
     assert results["epochs_completed"] == 5
 
 
@@ -305,7 +366,6 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, method):
         (["--method", "cs", "--beta-final", "1"], "beta_final: expected a number > 1"),
         (["--method", "dst", "--penalty=-1e-4"], "penalty: expected a number > 0"),
         (["--method", "str", "--ramp", "0"], "ramp: expected a number in (0, 1]"),
-        (["--method", "cs", "--control-gain", "0"], "control_gain: expected a number > 0"),
         (["--method", "dpf", "--refresh-interval", "0"], "refresh_interval: expected an int >= 1"),
         (["--method", "dpf", "--epochs", "3", "--pruning-interval", "2"], "pruning_interval"),
         (["--method", "dnw", "--penalty", "1"], "--penalty: method 'dnw'"),
@@ -357,7 +417,7 @@ DDP_WORKER = textwrap.dedent(
 
 @pytest.mark.parametrize("method", ["dnw", "dst"])
 def test_two_gloo_ranks_end_identical(tmp_path, method):
-    # The swap, theta's SGD and the controller see only all-reduced gradients and identical
+    # The swap, theta's SGD and the projection see only all-reduced gradients and identical
     # weights, so both ranks hold the same latent weights, thresholds and masks throughout.
     run_two_gloo_ranks(tmp_path, DDP_WORKER, str(tmp_path), method)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)

@@ -179,11 +179,11 @@ def _fraction(v) -> bool:
 
 
 # The reparametrisation methods (ong_kernels.train.reparam). STR, CS and DST share the
-# sparsity controller's settings; BIMP has no defaults for any of these (W&B sweeps).
+# projection's settings; BIMP has no defaults for any of these (W&B sweeps).
 _PENALTY_HELP = (
     "STR/CS/DST: the penalty coefficient lambda (STR: weight decay 0.5 lambda s^2 on the "
-    "threshold logits; CS: lambda sum sigmoid(beta m); DST: lambda sum exp(-t)); with "
-    "--calibrate (default) only its start, the controller adapts it"
+    "threshold logits; CS: lambda sum sigmoid(beta m); DST: lambda sum exp(-t)); fixed, "
+    "--calibrate or not"
 )
 _PENALTY_SHOWN = "str 5e-4, cs 1e-8, dst 5e-6"
 
@@ -196,27 +196,18 @@ def _penalty(default: float, source: str) -> Any:
 
 _CALIBRATE = _setting(
     True,
-    "STR/CS/DST: adapt the penalty every iteration to the measured sparsity (log lambda += "
-    "control_gain * (target - measured)) so that the run lands near --sparsity before the "
-    "final cut; off: BIMP's fixed penalty, the sparsity is whatever it gives",
+    "STR/CS/DST: after every step, shift all thresholds (CS: logits) together so that the "
+    "method's own mask prunes the target share of the prunable weights (GMP's ramp to "
+    "--sparsity; CS: --sparsity from the start); off: BIMP's fixed penalty alone, the "
+    "sparsity is whatever it gives",
     "ours (BIMP's STR/CS/DST have no sparsity target; the issue asks that --sparsity mean "
     "something)",
     _bool,
     "a bool",
 )
-_CONTROL_GAIN = _setting(
-    1.0,
-    "STR/CS/DST: the controller's step in log lambda per iteration and unit of sparsity error",
-    "ours: with an error of 0.1 lambda changes e-fold in 10 iterations, fast enough to "
-    "follow the ramp of a 6-epoch Fashion-MNIST run, slow against the ~10-iteration lag "
-    "momentum 0.9 puts between lambda and the thresholds",
-    _positive,
-    "a number > 0",
-    "GAIN",
-)
 _RAMP = _setting(
     0.5,
-    "STR/DST: fraction of the method's iterations over which the controller's target rises "
+    "STR/DST: fraction of the method's iterations over which the projection's target rises "
     "from 0 to --sparsity (GMP's cubic shape); the rest trains at the target",
     "ours: half the run, leaving the other half to settle at the goal (GMP reaches its goal "
     "one pruning interval before the end)",
@@ -252,16 +243,15 @@ class DpfSettings:
 
 @dataclass(frozen=True)
 class _ControllerSettings:
-    """The sparsity controller's settings, shared by STR, CS and DST (train/reparam.py)."""
+    """The projection's settings, shared by STR, CS and DST (train/reparam.py)."""
 
     calibrate: bool = _CALIBRATE
-    control_gain: float = _CONTROL_GAIN
     ramp: float = _RAMP
 
 
 @dataclass(frozen=True)
 class StrSettings(_ControllerSettings):
-    """STR (Kusupati et al. 2020) as BIMP HEAD ``STR``, with the sparsity controller."""
+    """STR (Kusupati et al. 2020) as BIMP HEAD ``STR``, with the projection onto --sparsity."""
 
     s_initial: float = _setting(
         -8.0,
@@ -281,14 +271,14 @@ class StrSettings(_ControllerSettings):
 
 @dataclass(frozen=True)
 class CsSettings(_ControllerSettings):
-    """CS (Savarese et al. 2020) as BIMP HEAD ``CS``, with the sparsity controller."""
+    """CS (Savarese et al. 2020) as BIMP HEAD ``CS``, with the projection onto --sparsity."""
 
     mask_initial: float = _setting(
         0.0,
         "CS: initial mask logit m of every weight (the forward is rescaled by "
         "1/sigmoid(mask_initial))",
         "CS README (default mask initial value 0.0; -0.1 for high sparsity, which the "
-        "controller reaches without it)",
+        "projection reaches without it)",
         _finite,
         "a finite number",
         "M",
@@ -306,7 +296,7 @@ class CsSettings(_ControllerSettings):
 
 @dataclass(frozen=True)
 class DstSettings(_ControllerSettings):
-    """DST (Liu et al. 2020) as BIMP HEAD ``DST``, with the sparsity controller."""
+    """DST (Liu et al. 2020) as BIMP HEAD ``DST``, with the projection onto --sparsity."""
 
     penalty: float = _penalty(5e-6, "DST README: --alpha 5e-6 for CIFAR-10 VGG16/WideResNet")
 

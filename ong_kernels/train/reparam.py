@@ -14,33 +14,45 @@ five, so the model keeps its plain ``weight`` parameters (DDP, ``torch.compile``
   autograd together with the method's penalty (CS, DST, STR), which also gives
   ``theta.grad``;
 * :meth:`after_step` steps ``theta`` with the lr the optimizer just used and runs the
-  method's per-iteration work (DPF's mask refresh, CS's beta, the sparsity controller).
+  method's per-iteration work (DPF's mask refresh, CS's beta, the projection onto the
+  target sparsity).
 
 Between epochs the parameters hold the *exported* weights: the reparametrisation folded
 into plain weights with exact zeros (STR ``sign(w) relu(|w| - sigmoid(s))``, CS ``w
 sigma(beta m) / sigma(s0)`` where ``m > 0``, DST ``w`` where ``|w| > t``, DNW/DPF the
 masked ``w``), so evaluation measures the model a user would get if training stopped
 there and every checkpoint's ``model`` entry is an ordinary sparse model; ``w``, ``theta``,
-their optimizer state and the controller state are the method's checkpoint state, and a
+their optimizer state are the method's checkpoint state, and a
 resumed run continues bit for bit. At the end of the method's epochs :meth:`train_end`
 folds for good: the masks become the method's own through ``FusedMaskedSGD.update_masks``,
 the latent weights are dropped, and the final cut and its retraining see a plain model.
 
-**Sparsity a user asks for** (STR, CS, DST; BIMP's versions reach whatever their penalty,
-initial threshold and weight decay give). With ``calibrate`` (the default) the method's
-penalty coefficient ``lambda`` is adapted every iteration to the measured sparsity of the
-method's own mask: ``log lambda += control_gain * (target - measured)`` (an integral
-controller in log space with a small proportional term, clamped to [1e-12, c / lr]:
-``lr * lambda <= c`` bounds the penalty's own step on a threshold or logit, c = 0.01, STR
-0.002). The target follows GMP's cubic ramp from 0 to the goal over the first ``ramp`` of
-the method's iterations for STR and DST, which start dense; CS's mask starts at ``m = m0``
-(every weight on the pruned side of ``m > 0``) and is held at the goal from the start.
-All on the device, no host sync. The sparsity reached is reported
+**Sparsity a user asks for** (STR, CS, DST). The papers and BIMP give these no target:
+they reach whatever their penalty, initial threshold and weight decay give, and BIMP
+compares them at that sparsity. Here ``--sparsity`` means something, so with ``calibrate``
+(the default) we deviate from them: after every optimizer step (theta's step included) the
+thresholds or logits are *projected* onto the iteration's target. One global shift
+``delta`` of the method's own margin (> 0 exactly where the mask keeps: STR ``|w| -
+sigmoid(s)``, CS ``m``, DST ``|w| - t``) is found over the whole prunable set so that
+exactly round(target N) margins fall to ``<= 0`` (:func:`boundary_shift`: the midpoint
+between the k-th and (k+1)-th smallest margins, torch.kthvalue on the concatenated float64
+margins; margins tied at the boundary are pruned together), and applied to theta: STR's
+thresholds sigmoid(s) += delta (in threshold space, kept in (0, 1)), DST's t += delta, CS's
+m -= delta. The method still learns theta with its own loss gradient and its penalty at
+the documented default, fixed; the projection only moves all thresholds together, so the
+*global* count follows the target while the split between layers (STR, DST) and between
+weights (CS) stays the method's. The target follows GMP's cubic ramp from 0 to the goal
+over the first ``ramp`` of the method's iterations for STR and DST, which start dense;
+CS's mask starts at ``m = m0`` (every weight on the pruned side of ``m > 0``) and is held
+at the goal from the start. All on the device, no host sync, nothing to checkpoint (the
+projection is a function of ``w`` and theta, which are). It replaced a controller of the
+penalty's coefficient, which on a 138-iteration Fashion-MNIST run lagged (STR 62% for 90%)
+or collapsed STR and overshot CS to 96-99.9% (benchmarks/RESULTS.md). Without
+``calibrate``: BIMP's fixed penalty, no projection. The sparsity reached is reported
 (``sparsity_before_cut``), then BIMP's final cut makes it exact: a method that ends less
 sparse than the goal is cut by global magnitude (:class:`~.sparsifiers.FinalCut`); one
-that ends sparser gets back the pruned weights of the largest margin (``|w| -
-sigmoid(s)``, ``m``, ``|w| - t``) at their latent value, to exactly round(s N) zeros
-(counted in the method's record as ``revived``).
+that ends sparser gets back the pruned weights of the largest margin at their latent
+value, to exactly round(s N) zeros (counted in the method's record as ``revived``).
 
 Weight decay, per method (BIMP HEAD gives the optimizer's weight decay to every latent
 weight and to thresholds and logits, and CS/DST a second explicit 0.5 wd sum w^2; INIT
@@ -49,7 +61,7 @@ switched the optimizer's off for CS):
 * DNW, DPF: the run's weight decay on the dense latent weights (BIMP, both authors).
 * STR: the run's weight decay on ``w``; on ``s`` the penalty ``lambda`` (0.5 lambda s^2,
   i.e. weight decay on s): it is STR's sparsity driver (Kusupati et al. 2020 train s with
-  weight decay), here a coefficient of its own so the controller can adapt it.
+  weight decay), here a coefficient of its own (fixed).
 * CS: once on ``w`` (the optimizer; INIT and the CS paper, not HEAD's double decay), none
   on the mask logits (CS's code steps them with an optimizer without weight decay).
 * DST: once on ``w``; none on the thresholds (BIMP decays them and ``w`` twice; weight
@@ -72,7 +84,7 @@ from ong_kernels.pruning import methods as M
 
 from .sparsifiers import SeamHost, Sparsifier, global_keep
 
-__all__ = ["CLASSES", "Cs", "Dnw", "Dpf", "Dst", "Str", "binary_step", "cs_beta"]
+__all__ = ["CLASSES", "Cs", "Dnw", "Dpf", "Dst", "Str", "binary_step", "boundary_shift", "cs_beta"]
 
 
 def cs_beta(beta_final: float, iteration: int, total: int) -> float:
@@ -99,13 +111,6 @@ class _BinaryStep(torch.autograd.Function):
 
 
 binary_step = _BinaryStep.apply
-
-# The controller's proportional term, in units of its integral gain: an error that
-# vanishes takes its share of lambda with it at once, which damps the overshoot the lag
-# between lambda and the measured sparsity (momentum, thresholds integrating the penalty)
-# otherwise causes. 20 was measured to overshoot STR to 99.99% in its first epoch on
-# Fashion-MNIST (a jump of e^12 for an early error of 0.6); 2 moves lambda at most e-fold.
-PROPORTIONAL = 2.0
 
 
 class _Reparam(Sparsifier):
@@ -192,7 +197,7 @@ class _Reparam(Sparsifier):
         """Per-step work before the effective weights are made (DNW's top-k, DST's reset)."""
 
     def _iteration_done(self) -> None:
-        """Per-iteration work after the step (DPF's refresh, the sparsity controller)."""
+        """Per-iteration work after the step (DPF's refresh, the projection)."""
 
     def folded(self, ws: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(plain weights with exact zeros, masks) of the latent weights ``ws``."""
@@ -438,90 +443,104 @@ class Dpf(_Reparam):
             self.mask = {k: v.to(self.host.device) for k, v in state["mask"].items()}
 
 
+def boundary_shift(margins: torch.Tensor, k: int) -> torch.Tensor:
+    """The shift ``delta`` (0-dim, on the margins' device, no host sync) such that exactly
+    ``k`` of ``margins`` are ``<= delta``: the midpoint between the k-th and (k+1)-th
+    smallest margins (torch.kthvalue, then a masked min). Tie rule: margins equal to the
+    k-th fall on one side together, the pruned one (``<= delta``), so where the k-th and
+    (k+1)-th are tied the count is the number of margins ``<=`` the k-th (> k); a single
+    shift cannot split a tie (BIMP's kthvalue thresholds prune ties together too).
+    ``k = 0``: 1 below the smallest margin (every one kept); ``k = N``: 1 above the
+    largest."""
+    n = margins.numel()
+    if k <= 0:
+        return margins.min() - 1.0
+    if k >= n:
+        return margins.max() + 1.0
+    kth = torch.kthvalue(margins, k).values
+    above = torch.where(margins > kth, margins, math.inf).min()
+    return torch.where(torch.isinf(above), kth + 1.0, (kth + above) / 2)
+
+
 class _Calibrated(_Reparam):
-    """The sparsity controller of STR, CS and DST (see the module docstring): the
-    penalty coefficient lambda = exp(log_lambda), adapted after every iteration when
-    ``calibrate``; fixed at ``penalty`` otherwise (BIMP's behaviour)."""
+    """What STR, CS and DST share: the fixed penalty ``lambda`` (``penalty``) and, when
+    ``calibrate``, the projection onto the target sparsity after every iteration (see the
+    module docstring): one global shift ``delta`` of the method's margins (``margin()``,
+    > 0 where kept) puts the pruned count of the method's own mask at round(target N) over
+    the prunable set; :meth:`_shift` applies it to the thresholds or logits."""
 
     hold_goal = False  # CS: the target is the goal from the start, not a ramp
-    # lambda's ceiling: lr * lambda <= this, which bounds the penalty's own step on a
-    # threshold or logit (STR: the relative decay of s per step; DST: the rise of t; CS:
-    # the fall of m, times beta sigma'(beta m)). A larger step overshoots past recovery:
-    # a weight below STR's or DST's threshold gets no gradient to come back.
-    max_penalty_step = 0.01
-
-    def _start(self) -> None:
-        if self._started:
-            return
-        super()._start()
-        cfg = self.host.config
-        dev = self.host.device
-        self.log_lambda = torch.tensor(
-            math.log(self.settings.penalty), dtype=torch.float64, device=dev
-        )
-        self.log_integral = self.log_lambda.clone()
-        self.log_bounds = (math.log(1e-12), math.log(self.max_penalty_step / cfg.lr))
 
     def _plan_text(self):
+        what = f"penalty {self.settings.penalty:g} (fixed)"
         if self.settings.calibrate:
             how = (
                 "held at it"
                 if self.hold_goal
                 else f"ramped to it over {self.settings.ramp:g} of the run"
             )
-            return f"penalty calibrated to the goal ({how}); the final cut makes it exact"
-        return f"fixed penalty {self.settings.penalty:g}; the final cut makes it exact"
+            return (
+                f"{what}; thresholds shifted after every step so that the mask prunes the "
+                f"goal's share ({how}); the final cut makes it exact"
+            )
+        return f"{what}, no projection (BIMP); the final cut makes it exact"
 
-    def lam(self) -> torch.Tensor:
-        return self.log_lambda.exp().float()
+    def lam(self) -> float:
+        return float(self.settings.penalty)
 
     def target(self, iteration: int) -> float:
-        """The sparsity the controller steers to after ``iteration`` iterations."""
+        """The sparsity the projection puts the mask at after ``iteration`` iterations."""
         goal = self.host.config.sparsity
         if self.hold_goal:
             return goal
         ramp = max(1, round(self.settings.ramp * self.total_iterations))
         return goal * (1.0 - (1.0 - min(iteration / ramp, 1.0)) ** 3)
 
+    def _shift(self, delta: torch.Tensor) -> None:
+        """Move every threshold or logit so that each margin becomes ``margin - delta``."""
+        raise NotImplementedError
+
+    def project(self, sparsity: float) -> None:
+        """Shift theta so that the method's mask prunes round(sparsity N) of the prunable
+        weights (ties: :func:`boundary_shift`). The margins are taken in float64, where the
+        difference of two float32 values is exact, so their order and signs are the
+        mask's; the shifted thresholds are rounded back to float32 (CS's logits keep their
+        sign exactly; an STR or DST weight within one float32 ulp of its shifted threshold
+        may fall on either side)."""
+        with torch.no_grad():
+            margins = torch.cat(
+                [
+                    self.margin(n, w.double()).double().reshape(-1)
+                    for n, w in zip(self.names, self.weights(), strict=True)
+                ]
+            )
+            k = M.goal_count(sparsity, margins.numel())
+            self._shift(boundary_shift(margins, k))
+
     def _iteration_done(self) -> None:
-        if not self.settings.calibrate:
-            return
-        error = self.target(self.iteration) - self.pruned_fraction()
-        lo, hi = self.log_bounds
-        gain = self.settings.control_gain
-        self.log_integral = (self.log_integral + gain * error).clamp(lo, hi)
-        self.log_lambda = (self.log_integral + PROPORTIONAL * gain * error).clamp(lo, hi)
+        if self.settings.calibrate:
+            self.project(self.target(self.iteration))
 
     def _epoch_record(self, epoch):
         record = super()._epoch_record(epoch)
-        record.update(target=self.target(self.iteration), penalty=float(self.lam()))
+        if self.settings.calibrate:
+            record["target"] = self.target(self.iteration)
         return record
-
-    def state_dict(self):
-        state = super().state_dict()
-        state["log_lambda"] = self.log_lambda.cpu()
-        state["log_integral"] = self.log_integral.cpu()
-        return state
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        if "log_lambda" in state:
-            self.log_lambda = state["log_lambda"].to(self.host.device)
-            self.log_integral = state["log_integral"].to(self.host.device)
 
 
 class Str(_Calibrated):
     """Soft Threshold Reparameterization (Kusupati et al. 2020) as BIMP HEAD ``STR``
     (scratchStrategies.py l.481-569): one learnable threshold logit ``s`` per layer (init
     ``s_initial``), forward ``sign(w) relu(|w| - sigmoid(s))``, gradients to ``w`` and
-    ``s``; the mask is ``|w| > sigmoid(s)`` and the fold writes the shrunken weights. The
+    ``s``; the mask is ``|w| > sigmoid(s)`` and the fold writes the shrunken weights. STR's
     sparsity driver is weight decay on ``s`` (STR trains s with the model's weight decay;
-    s < 0 is pulled towards 0, the threshold grows): here ``penalty`` * 0.5 s^2, its
-    coefficient adapted by the controller when ``calibrate``."""
-
-    # s decays by at most 0.2% per step (x10 with momentum 0.9): s_initial -8 reaches the
-    # thresholds of 90% sparsity (s ~ -3) in a few dozen steps, not in one overshoot.
-    max_penalty_step = 0.002
+    s < 0 is pulled towards 0, the threshold grows): here ``penalty`` * 0.5 s^2, fixed.
+    With ``calibrate`` (ours, not STR's or BIMP's) every threshold is then moved by the
+    same ``delta`` *in threshold space* after every step, sigmoid(s) -> sigmoid(s) +
+    delta, s = logit of it (clamped to [1e-12, 1 - 1e-7], so thresholds stay in (0, 1)):
+    the global pruned fraction follows GMP's ramp to the goal, the layers' thresholds keep
+    the differences STR learnt (a shift in logit space would scale them instead). The clamp
+    means a weight exactly 0 is always pruned (latent weights are not 0 in practice)."""
 
     def _init_theta(self, w):
         return torch.full((), float(self.settings.s_initial), dtype=w.dtype, device=w.device)
@@ -538,6 +557,11 @@ class Str(_Calibrated):
     def penalty(self):
         return 0.5 * self.lam() * sum(s.pow(2) for s in self.theta.values())
 
+    def _shift(self, delta):
+        for s in self.theta.values():
+            tau = (torch.sigmoid(s.double()) + delta).clamp(1e-12, 1 - 1e-7)
+            s.copy_(torch.logit(tau).to(s.dtype))
+
 
 class Cs(_Calibrated):
     """Continuous Sparsification (Savarese et al. 2020) as BIMP HEAD ``CS``
@@ -545,10 +569,12 @@ class Cs(_Calibrated):
     ``mask_initial``), forward ``w sigmoid(beta m) / sigmoid(mask_initial)`` (BIMP's
     rescaling, as CS's code), beta = beta_final^(i / T) after every iteration i of the
     method's T (one round, no rewinding, as BIMP), penalty ``penalty * sum sigmoid(beta
-    m)``; the mask is ``m > 0`` and the fold writes the effective weight at the last beta.
-    Weight decay once on ``w`` (the optimizer), none on ``m``. The controller holds the
-    measured sparsity at the goal from the start (with ``m = mask_initial <= 0`` every
-    weight starts on the pruned side)."""
+    m)`` (fixed); the mask is ``m > 0`` and the fold writes the effective weight at the last
+    beta. Weight decay once on ``w`` (the optimizer), none on ``m``. With ``calibrate``
+    (ours, not CS's or BIMP's) every logit is moved by the same ``-delta`` after every step
+    so that the mask prunes the goal's share from the start (``m = mask_initial <= 0``
+    puts every weight on the pruned side at first; the first step's gradients separate the
+    logits, the first projection splits them at the goal)."""
 
     hold_goal = True
 
@@ -572,6 +598,10 @@ class Cs(_Calibrated):
         beta = self.beta()
         return self.lam() * sum(torch.sigmoid(beta * m).sum() for m in self.theta.values())
 
+    def _shift(self, delta):
+        for m in self.theta.values():
+            m.copy_((m.double() - delta).to(m.dtype))
+
     def _epoch_record(self, epoch):
         record = super()._epoch_record(epoch)
         record["beta"] = self.beta()
@@ -584,7 +614,13 @@ class Dst(_Calibrated):
     step(|w| - t)`` with the official DST code's surrogate gradient (:func:`binary_step`),
     penalty ``penalty * sum exp(-t)``; a layer keeping 1% or less of its weights has its
     thresholds reset to 0 (before the forward, as BIMP). The fold writes the unshrunken
-    kept weights. Weight decay once on ``w``, none on ``t``."""
+    kept weights. Weight decay once on ``w``, none on ``t``. With ``calibrate`` (ours, not
+    DST's or BIMP's) every threshold gets the same ``+delta`` after every step, so the
+    global pruned fraction follows GMP's ramp to the goal. The reset and the projection
+    interplay so: a layer the projection leaves at <= 1% kept is reset to 0 before the
+    next forward (that forward sees it dense, DST's anti-collapse rule), and the projection
+    after that step places it again with every other layer (0 + delta); the exported mask
+    at an epoch's end is always the projected one."""
 
     def _init_theta(self, w):
         return torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
@@ -610,6 +646,10 @@ class Dst(_Calibrated):
 
     def penalty(self):
         return self.lam() * sum(torch.exp(-t).sum() for t in self.theta.values())
+
+    def _shift(self, delta):
+        for t in self.theta.values():
+            t.copy_((t.double() + delta).to(t.dtype))
 
 
 CLASSES = {"dnw": Dnw, "dpf": Dpf, "str": Str, "cs": Cs, "dst": Dst}
