@@ -103,9 +103,9 @@ struct Scratch {
 // [sqrt(1/2), sqrt(2)), ln x = e ln 2 + 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, the
 // odd series to s^23 (the next term is below 2^-60 of s) and ln 2 split in two (fdlibm's
 // ln2_hi has 21 trailing zero bits: e ln2_hi is exact). Within 2 ulp of std::log for
-// positive normal finite x; callers take std::log for any other lane. std::log one entry at a
-// time was the larger part of a check: a cNMF-shaped KL solve (2,000 x 784, ranks 5-15)
-// checks every 10 iterations, and a log per entry cost more than the 10 iterations.
+// positive normal finite x (measured over 4M values from e^-60 to e^60); callers take
+// std::log for any other lane. A cNMF-shaped KL solve (2,000 x 784, ranks 5-15, a check every
+// 10 iterations) took 90.5 s with std::log one entry at a time, 71-76 s with this (Zen 4).
 typedef double Vec4d __attribute__((vector_size(32)));
 typedef std::int64_t Vec4l __attribute__((vector_size(32)));
 
