@@ -95,6 +95,28 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# Where the Triton kernels' own tests run: compiled on a GPU, else under the interpreter on
+# CPU tensors (TRITON_INTERPRET, set above).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_runs_here() -> bool:
+    from ong_kernels.backends.triton import _common
+
+    return _common.available() and TRITON_DEVICE in _common.devices()
+
+
+def _triton_hint() -> str:
+    from ong_kernels.backends.triton import _common
+
+    return _common.HINT
+
+
+needs_triton = pytest.mark.skipif(
+    not _triton_runs_here(), reason=f"triton unavailable: {_triton_hint()}"
+)
+
+
 def compiled_cpu() -> bool:
     return ong_kernels.backends_available()["cpu"]
 

@@ -13,7 +13,9 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import TRITON_DEVICE as DEVICE
+from conftest import assert_close, needs_triton
+from kernels.cases import ragged_batch
 
 import ong_kernels
 from benchmarks.shapes import WORKLOADS, weight_matrix_shapes
@@ -23,25 +25,9 @@ from ong_kernels.backends.triton import _common
 from ong_kernels.backends.triton import nmf as tnmf
 from ong_kernels.nmf_init import initial_factors
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not _common.available() or DEVICE not in _common.devices(),
-    reason=f"triton unavailable: {_common.HINT}",
-)
-
 
 def batch(shapes, dtype=torch.float32, zero_at=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    vs, ws, hs = [], [], []
-    for i, (m, n, r) in enumerate(shapes):
-        r = min(r, m, n)
-        v = torch.rand(m, n, generator=gen)
-        if i == zero_at:
-            v.zero_()
-        vs.append(v.to(DEVICE, dtype))
-        ws.append((torch.rand(m, r, generator=gen) + 0.05).to(DEVICE))
-        hs.append((torch.rand(r, n, generator=gen) + 0.05).to(DEVICE))
-    return vs, ws, hs
+    return ragged_batch(shapes, DEVICE, dtype, zero_at, seed)
 
 
 def run(backend, vs, ws, hs, max_iter, tol, **kwargs):

@@ -14,21 +14,16 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import TRITON_DEVICE as DEVICE
+from conftest import assert_close, needs_triton
 
 import ong_kernels
 from ong_kernels import _ops
 from ong_kernels.backends import registry
-from ong_kernels.backends.triton import _common
 from ong_kernels.backends.triton import nmf as tnmf
 from ong_kernels.backends.triton import nmf_beta as tbeta
 from ong_kernels.nmf_beta import BetaLoss, divergence_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not _common.available() or DEVICE not in _common.devices(),
-    reason=f"triton unavailable: {_common.HINT}",
-)
 # (atol, rtol) of the factors after a few iterations, per V dtype: float32 rounding of the
 # same arithmetic in another order (tile sums, FMA contraction), grown over the iterations.
 TOLERANCES = {torch.float32: (1e-6, 5e-4), torch.bfloat16: (1e-6, 5e-4)}

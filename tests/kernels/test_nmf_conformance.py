@@ -12,26 +12,11 @@ import pytest
 import torch
 from conftest import assert_close
 
-from kernels.cases import interpreted, kernel_cases
+from kernels.cases import interpreted, kernel_cases, ragged_batch
 from ong_kernels import _ops
 from ong_kernels.nmf_init import initial_factors
 
 CASES = kernel_cases("nmf_mu")
-
-
-def ragged_batch(shapes, device, dtype=torch.float32, zero_at=None, seed=0):
-    """V_i (non-negative, in `dtype`) with random starts (W0, H0) in float32, rank clipped."""
-    gen = torch.Generator().manual_seed(seed)
-    vs, ws, hs = [], [], []
-    for i, (m, n, r) in enumerate(shapes):
-        r = min(r, m, n)
-        v = torch.rand(m, n, generator=gen)
-        if i == zero_at:
-            v.zero_()
-        vs.append(v.to(device=device, dtype=dtype))
-        ws.append((torch.rand(m, r, generator=gen) + 0.05).to(device))
-        hs.append((torch.rand(r, n, generator=gen) + 0.05).to(device))
-    return vs, ws, hs
 
 
 def run(backend, vs, ws, hs, max_iter, tol):

@@ -334,17 +334,13 @@ class _GroupedStepper:
         self.table, self.scratch = _device_table(v, w, h, config)
         self.launches = launch_constexprs(config, _tl_dtype(v[0].dtype), precision)
         shapes = [(vi.shape[0], vi.shape[1], wi.shape[1]) for vi, wi in zip(v, w, strict=True)]
-        rb = config.rb
-        br_w, br_h = config.launch("update_w").br, config.launch("update_h").br
-        gram = _tiles([math.ceil(r / rb) ** 2 for _, _, r in shapes], self.device)
-        rows_w = _tiles([math.ceil(m / br_w) for m, _, _ in shapes], self.device)
-        rows_h = _tiles([math.ceil(n / br_h) for _, n, _ in shapes], self.device)
+        rows = (config.launch(k).br for k in ("update_w", "update_h", "error"))
+        gram, rows_w, rows_h, error, self.max_blocks = tile_lists(
+            shapes, config.rb, *rows, self.device
+        )
         # One iteration: G = H H^T, the W step, G = W^T W, the H step (launch_constexprs order).
         self.iteration = list(zip(self.launches[:4], (gram, rows_w, gram, rows_h), strict=True))
-        br = config.launch("error").br
-        error_blocks = [math.ceil(m / br) for m, _, _ in shapes]
-        self.error = (self.launches[4], _tiles(error_blocks, self.device))
-        self.max_blocks = max(error_blocks)
+        self.error = (self.launches[4], error)
         self.flags = torch.ones(self.n, dtype=torch.int32, device=self.device)
 
     def _launch(self, spec, tiles, *args) -> None:
@@ -417,16 +413,41 @@ def workspace(shapes: Sequence[tuple[int, int, int, torch.dtype]]) -> int:
         total += _rounded(4 * floats) + _rounded(8 * 8 * n)
         if group.config.kernel == "grouped":
             c = group.config
-            br_w, br_h, br_e = (c.launch(k).br for k in ("update_w", "update_h", "error"))
-            total += _rounded(8 * n * max(math.ceil(m / br_e) for m, _, _ in sub))  # partials
-            for count in (  # the tile lists: Gram, W step, H step, error (int32 pairs)
-                sum(math.ceil(r / c.rb) ** 2 for _, _, r in sub),
-                sum(math.ceil(m / br_w) for m, _, _ in sub),
-                sum(math.ceil(n_ / br_h) for _, n_, _ in sub),
-                sum(math.ceil(m / br_e) for m, _, _ in sub),
-            ):
-                total += _rounded(8 * count)
+            rows = (c.launch(k).br for k in ("update_w", "update_h", "error"))
+            total += grouped_lists_bytes(sub, c.rb, *rows)
         total += _SMALL_TENSORS * _rounded(8 * n)
+    return total
+
+
+def tile_lists(shapes, rb: int, br_w: int, br_h: int, br_e: int, device):
+    """The stepwise path's tile lists for matrices of ``shapes`` (m, n, r), as ``_tiles`` pairs:
+    Gram blocks of ``rb``, W-step rows of ``br_w``, H-step columns of ``br_h``, error rows of
+    ``br_e``; and the most error row blocks of one matrix (its partials' stride). What
+    `grouped_lists_bytes` counts."""
+    error_blocks = [math.ceil(m / br_e) for m, _, _ in shapes]
+    return (
+        _tiles([math.ceil(r / rb) ** 2 for _, _, r in shapes], device),
+        _tiles([math.ceil(m / br_w) for m, _, _ in shapes], device),
+        _tiles([math.ceil(n / br_h) for _, n, _ in shapes], device),
+        _tiles(error_blocks, device),
+        max(error_blocks),
+    )
+
+
+def grouped_lists_bytes(shapes, rb: int, br_w: int, br_h: int, br_e: int) -> int:
+    """The stepwise (grouped) path's per-call lists for matrices of ``shapes`` (m, n, r): the
+    float64 error partials per (matrix, row block of ``br_e``) and the four tile lists (Gram
+    blocks of ``rb``, W-step rows of ``br_w``, H-step columns of ``br_h``, error rows; int32
+    pairs), each rounded up as the caching allocator does. The beta kernel's too."""
+    n = len(shapes)
+    total = _rounded(8 * n * max(math.ceil(m / br_e) for m, _, _ in shapes))
+    for count in (
+        sum(math.ceil(r / rb) ** 2 for _, _, r in shapes),
+        sum(math.ceil(m / br_w) for m, _, _ in shapes),
+        sum(math.ceil(n_ / br_h) for _, n_, _ in shapes),
+        sum(math.ceil(m / br_e) for m, _, _ in shapes),
+    ):
+        total += _rounded(8 * count)
     return total
 
 

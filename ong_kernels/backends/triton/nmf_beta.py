@@ -281,15 +281,11 @@ class _BetaStepper:
         self.scratch = _empty(total, torch.float32, self.device)
         self.coef = torch.tensor(_coefficients(shapes, loss), dtype=torch.float32).to(self.device)
         self.launches = launch_constexprs(config, tnmf._tl_dtype(v[0].dtype))
-        br_w, br_h, br_e = config.update_w.br, config.update_h.br, config.error.br
-        self.rows = (
-            _tiles([math.ceil(m / br_w) for m, _, _ in shapes], self.device),
-            _tiles([math.ceil(n / br_h) for _, n, _ in shapes], self.device),
-        )
-        self.gram = _tiles([math.ceil(r / config.rb) ** 2 for _, _, r in shapes], self.device)
-        error_blocks = [math.ceil(m / br_e) for m, _, _ in shapes]
-        self.error_tiles = _tiles(error_blocks, self.device)
-        self.max_blocks = max(error_blocks)
+        self.gram, rows_w, rows_h, self.error_tiles, self.max_blocks = tnmf.tile_lists(
+            shapes, config.rb, config.update_w.br, config.update_h.br, config.error.br,
+            self.device,
+        )  # fmt: skip
+        self.rows = (rows_w, rows_h)
         self.flags = torch.ones(self.n, dtype=torch.int32, device=self.device)
 
     def _launch(self, spec, tiles, *args) -> None:
@@ -350,15 +346,7 @@ def workspace(shapes: Sequence[tuple[int, int, int, torch.dtype]]) -> int:
         c = group.config
         _, floats = _scratch_offsets(sub, c)
         total += r_(4 * floats) + r_(8 * 8 * n) + r_(4 * len(COEF_COLUMNS) * n)
-        br_w, br_h, br_e = c.update_w.br, c.update_h.br, c.error.br
-        total += r_(8 * n * max(math.ceil(m / br_e) for m, _, _ in sub))  # error partials
-        for count in (
-            sum(math.ceil(r / c.rb) ** 2 for _, _, r in sub),
-            sum(math.ceil(m / br_w) for m, _, _ in sub),
-            sum(math.ceil(n_ / br_h) for _, n_, _ in sub),
-            sum(math.ceil(m / br_e) for m, _, _ in sub),
-        ):
-            total += r_(8 * count)
+        total += tnmf.grouped_lists_bytes(sub, c.rb, c.update_w.br, c.update_h.br, c.error.br)
         total += _SMALL_TENSORS * r_(8 * n)
     return total
 
