@@ -8,6 +8,10 @@ as soon as it is known. Run by benchmarks/gpu_check.sh; by hand:
 Cases, in this order (the issue's targets in brackets):
   correctness  the Triton kernels against the reference backend on this GPU: ragged batches
                on both paths, several rank blocks, float16/bfloat16 V, per-matrix stopping
+  beta         the Triton beta kernel (issue 30) against the reference on this GPU (KL, IS
+               regularised, beta 1.5 with H fixed; per-matrix stopping), then KL at
+               Fashion-MNIST's shape, rank 20, 200 iterations: Triton vs the reference
+               backend, with the written prediction
   resnet56     rank 16, 200 iterations: Triton vs the per-matrix PyTorch loop and the
                reference backend  [>= 100x the loop, < 10 ms]
   resnet18     the same  [>= 30x the loop]
@@ -439,8 +443,59 @@ def case_init_workspace(device, small):
     return row
 
 
-CASES = {
+def beta_op(backend, vs, ws, hs, max_iter, tol, loss):
+    w, h = [t.clone() for t in ws], [t.clone() for t in hs]
+    n_iter = _ops.nmf_beta_mu_(vs, w, h, max_iter, tol, loss.beta, loss.alpha_w, loss.alpha_h,
+                               loss.l1_ratio, loss.update_h, backend)  # fmt: skip
+    return w, h, n_iter
+
+
+def case_beta(device, small):
+    """Issue 30 on the GPU: the Triton beta kernel against the reference on this device (KL,
+    IS with regularisation, beta 1.5 with H fixed; ragged batches, per-matrix stopping), then
+    KL at Fashion-MNIST's shape (60,000 x 784, random V in [0, 1)), rank 20, 200 iterations
+    against the reference backend, with the written prediction (BETA_PREDICTIONS_H100_S)."""
+    from ong_kernels.nmf_beta import BetaLoss
+
+    row = {}
+    big = 1 if small else 4
+    shapes = [(37, 53), (65 * big, 31), (20, 90 * big)]
+    losses = {
+        "kl": BetaLoss(1.0, 0.0, 0.0, 0.0, True),
+        "is_regularised": BetaLoss(0.0, 0.01, 0.02, 0.3, True),
+        "beta1.5_fixed_h": BetaLoss(1.5, 0.0, 0.0, 0.0, False),
+    }
+    for i, (name, loss) in enumerate(losses.items()):
+        vs, ws, hs = problem(shapes, 7, device, seed=20 + i)
+        vs = [v + 0.01 for v in vs]  # beta <= 0 refuses zeros
+        ref = beta_op("reference", vs, ws, hs, 30, 1e-4, loss)
+        got = beta_op("triton", vs, ws, hs, 30, 1e-4, loss)
+        worst = max(
+            float(((g - e).abs() / (e.abs() + 1e-6)).max())
+            for gs, es in ((got[0], ref[0]), (got[1], ref[1]))
+            for g, e in zip(gs, es, strict=True)
+        )
+        row[f"{name}_max_factor_rel_diff"] = worst
+        expect(got[2].tolist() == ref[2].tolist(), f"{name}: n_iter {got[2].tolist()} != "
+               f"{ref[2].tolist()}")  # fmt: skip
+        expect(worst <= 1e-2, f"{name}: factors differ by {worst:.3g} (relative)")
+    m, n = (600, 78) if small else (60000, 784)
+    iters = 3 if small else 200
+    gen = torch.Generator(device=device).manual_seed(30)
+    v = torch.rand(m, n, generator=gen, device=device)
+    _, w0, h0 = problem([(m, n)], 20, device, seed=31)
+    kl = losses["kl"]
+    t_triton, _ = timed(lambda: beta_op("triton", [v], w0, h0, iters, 0.0, kl), device)
+    t_ref, _ = timed(lambda: beta_op("reference", [v], w0, h0, iters, 0.0, kl), device)
+    predicted = BETA_PREDICTIONS_H100_S["triton_kl_fashion_mnist_r20_200it"]
+    row.update(kl_fmnist_shape_triton_s=t_triton, kl_fmnist_shape_reference_s=t_ref,
+               reference_over_triton=t_ref / t_triton, predicted_s=predicted)  # fmt: skip
+    return row
+
+
+CASES = {  # in this order: the budget may skip the last ones
     "correctness": case_correctness,
+    "beta": case_beta,
     "resnet56": case_resnet56,
     "resnet18": case_resnet18,
     "square4096": case_square4096,
@@ -453,7 +508,7 @@ CASES = {
 # only when that much of the budget is left.
 MIN_SECONDS = {"correctness": 20, "resnet56": 10, "resnet18": 15, "square4096": 25,
                "llama7b": 60, "tf32_masks": 10, "resnet56_restarts": 10,
-               "init_workspace": 30}  # fmt: skip
+               "init_workspace": 30, "beta": 20}  # fmt: skip
 
 
 def tf32_estimate(workload: str = "resnet56", iters: int = 200) -> dict:
