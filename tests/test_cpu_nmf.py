@@ -329,8 +329,10 @@ def test_sketch_product_is_the_same_for_one_and_two_threads(threads, isa):
 def test_sketch_product_refuses_bad_operands(v, x, transpose, message):
     from ong_kernels.backends.cpu_nmf import sketch_product
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         sketch_product(v, x, transpose=transpose)
+    text = str(info.value)  # one line, naming the function
+    assert text.startswith("sketch_product:") and "\n" not in text
 
 
 @pytest.mark.parametrize(
@@ -346,8 +348,9 @@ def test_native_sketch_product_checks_sizes_and_addresses(args, message):
     # Raw addresses: the native call refuses what it can check before touching memory (the
     # dummy non-null addresses are never read: every case fails a check first).
     v, m, n, x, wp, out = args
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         _native.lib().sketch_product_cpu(v, m, n, x, wp, out, False, 1)
+    assert str(info.value).startswith("sketch_product_cpu:")
 
 
 def test_randomized_svd_on_the_mu_tiles_agrees_with_torch_matmul(monkeypatch):
