@@ -216,6 +216,22 @@ def fill_disk(monkeypatch):
     return lambda: monkeypatch.setattr(io, "save_file", torn)
 
 
+def record_float32_allocations(monkeypatch, module) -> list[int]:
+    """The bytes of every float32 tensor ``module._empty`` allocates from now on (a Triton
+    backend's scratch), the allocations themselves unchanged (poisoned where the module
+    poisons them)."""
+    allocated = []
+    empty = module._empty
+
+    def recording(size, dtype, device):
+        if dtype == torch.float32:
+            allocated.append(4 * size)
+        return empty(size, dtype, device)
+
+    monkeypatch.setattr(module, "_empty", recording)
+    return allocated
+
+
 def train_until_killed(config, kill_at: int) -> None:
     """Trains ``config`` (a TrainConfig with a run_dir) in a fresh interpreter on
     ``make_synthetic(160, 64, channels=3, size=8, seed=0)`` and SIGKILLs it after epoch

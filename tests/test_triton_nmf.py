@@ -14,7 +14,7 @@ import itertools
 import pytest
 import torch
 from conftest import TRITON_DEVICE as DEVICE
-from conftest import assert_close, needs_triton
+from conftest import assert_close, needs_triton, record_float32_allocations
 from kernels.cases import ragged_batch
 
 import ong_kernels
@@ -313,15 +313,7 @@ def test_workspace_counts_what_the_kernels_allocate(monkeypatch):
     """The declared workspace (the `memory_budget` grouping and the GPU check of issue 16 rely
     on it) against the scratch the call allocates: the denominators D only for ranks that span
     several rank blocks (one_chunk keeps them in registers), plus small per-call tensors."""
-    allocated = []
-    poisoned_empty = tnmf._empty
-
-    def recording(size, dtype, device):
-        if dtype == torch.float32:
-            allocated.append(4 * size)
-        return poisoned_empty(size, dtype, device)
-
-    monkeypatch.setattr(tnmf, "_empty", recording)
+    allocated = record_float32_allocations(monkeypatch, tnmf)
     monkeypatch.setattr(tnmf, "MIN_TILES", 0)
     # A Llama-7B block scaled down 32x per side (every matrix on the grouped path) at rank 16,
     # and ranks past one rank block (80: D in scratch).

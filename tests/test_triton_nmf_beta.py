@@ -15,7 +15,7 @@ import itertools
 import pytest
 import torch
 from conftest import TRITON_DEVICE as DEVICE
-from conftest import assert_close, needs_triton
+from conftest import assert_close, needs_triton, record_float32_allocations
 
 import ong_kernels
 from ong_kernels import _ops
@@ -240,15 +240,7 @@ def test_workspace_counts_what_the_kernel_allocates(monkeypatch):
     """The declared workspace (memory_budget grouping relies on it) against the float32
     scratch a call allocates: the max(m, n) x 2r sums only when the ranks span several rank
     blocks, never an m x n temporary."""
-    allocated = []
-    poisoned_empty = tbeta._empty
-
-    def recording(size, dtype, device):
-        if dtype == torch.float32:
-            allocated.append(4 * size)
-        return poisoned_empty(size, dtype, device)
-
-    monkeypatch.setattr(tbeta, "_empty", recording)
+    allocated = record_float32_allocations(monkeypatch, tbeta)
     for shapes, one_chunk in (([(40, 30, 6), (9, 50, 3)], True), ([(70, 66, 66)], False)):
         (group,) = tbeta.plan(shapes, [torch.float32] * len(shapes), 1.0)
         assert group.config.one_chunk == one_chunk
