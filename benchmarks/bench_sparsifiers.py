@@ -11,7 +11,7 @@ One round = one training step (forward, cross-entropy, backward, FusedMaskedSGD 
 mask on every prunable weight, as the seam's scheduled methods run), then GSM's
 ``after_backward`` (|w * grad| per layer, radix-select top-K, gradients outside zeroed), LC's
 (|w|, top-K, -wd * w added to the top-K's gradients) and a cut (global magnitude to 90% over
-the kept weights by ``global_keep``, then ``FusedMaskedSGD.update_masks``), each timed on its
+the kept weights by ``top_keep``, then ``FusedMaskedSGD.update_masks``), each timed on its
 own; the masks are restored after each cut so every round does the same work. ``extra_info``
 holds the medians and the ratios hook / step; the pytest-benchmark time is of the round.
 """
@@ -28,7 +28,7 @@ import ong_kernels
 from benchmarks.conftest import report_against_step, seconds, training_batch
 from ong_kernels.pruning.targets import prunable_parameters
 from ong_kernels.train.config import TrainConfig
-from ong_kernels.train.sparsifiers import Gsm, Lc, global_keep
+from ong_kernels.train.sparsifiers import Gsm, Lc, top_keep
 
 BATCH = 128
 WORKLOADS = {
@@ -71,7 +71,7 @@ def test_hook_cost(benchmark, workload, device):
         scores = [
             p.detach().abs().float().masked_fill(~masks[p], -float("inf")) for _, p in host.targets
         ]
-        keep = global_keep(scores, 0.9)
+        keep = top_keep(scores, 0.9)
         opt.update_masks({p: k for (_, p), k in zip(host.targets, keep, strict=True)})
 
     saved = {k: v.clone() for k, v in model.state_dict().items()}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ong_kernels.pruning import allocate, erk_densities, masks_from_scores
-from ong_kernels.pruning.allocation import kept_counts, select_top
+from ong_kernels.pruning.allocation import kept_counts, pruned_total, select_top
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.98, 0.999]
 SHAPES = [(9, 3, 3, 3), (17, 9, 3, 3), (17, 9, 1, 1), (33, 17, 3, 3), (21, 33), (7, 21)]
@@ -257,3 +257,18 @@ def test_kept_counts_layer_and_erk():
     assert kept_counts(shapes, 0.5, "layer", None) == [15 - 8, 101 - 50, 147 - 74]
     erk = kept_counts(shapes, 0.5, "erk", 0.0)
     assert sum(erk) == 263 - round(0.5 * 263)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer", "erk"])
+@pytest.mark.parametrize("min_density", [None, 0.0, 0.3])
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_pruned_total_is_what_allocate_prunes(scope, min_density, sparsity):
+    shapes = [(5, 3, 3, 3), *SHAPES]  # a 135-weight layer, so floors bind at 0.98
+    scores = tied_scores(shapes, seed=3)
+    try:
+        masks = allocate(scores, sparsity, scope, min_density=min_density)
+    except ValueError:  # the floors alone exceed the global budget: no total to give
+        assert scope == "global" and min_density == 0.3
+        return
+    pruned = sum(int((~m).sum()) for m in masks)
+    assert pruned_total(shapes, sparsity, scope, min_density) == pruned

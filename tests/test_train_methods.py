@@ -9,11 +9,12 @@ from conftest import SEAM_RUN, assert_one_line_cli_error, train_until_killed
 
 from ong_kernels import FusedMaskedSGD
 from ong_kernels.pruning import methods as M
+from ong_kernels.pruning.allocation import kept_counts
 from ong_kernels.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from ong_kernels.train.cli import train_main
 from ong_kernels.train.config import TrainConfig
 from ong_kernels.train.data import make_synthetic
-from ong_kernels.train.sparsifiers import global_keep
+from ong_kernels.train.sparsifiers import top_keep
 from ong_kernels.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,7 +115,7 @@ def test_global_top_k_equals_a_sort_oracle_with_ties_by_position(seed):
     scores = [torch.randint(0, 4, s, generator=g).float() / 4 for s in shapes]
     scores[1][2] = -math.inf
     for sparsity in (0.1, 0.37, 0.5, 0.9):
-        got = global_keep(scores, sparsity, floor=False)
+        got = top_keep(scores, sparsity, floor=False)
         want = sort_oracle(scores, sparsity)
         for a, b in zip(got, want, strict=False):
             assert torch.equal(a, b), sparsity
@@ -235,6 +236,28 @@ def test_gmp_allow_recovering_keeps_exact_counts():
     n = trainer.masked_total
     for epoch, s in M.gmp_plan(4, 1, 0.9):
         assert sum(int((~m).sum()) for m in masks[epoch].values()) == round(s * n)
+
+
+@pytest.mark.parametrize("scope", ["layer", "erk"])
+@pytest.mark.parametrize("method", ["gmp", "bimp", "dnw", "dpf"])
+def test_magnitude_cut_methods_follow_the_scope_per_layer(method, scope):
+    """Every cut, and the run's end, holds the scope's per-layer counts (kept_counts)."""
+    masks = {}
+    kwargs = {"train_budget": 1} if method == "bimp" else {}
+    cfg = make_config(method=method, scope=scope, method_kwargs=kwargs)
+    trainer = Trainer(cfg, dataset=DATA, callbacks=[_record_masks(masks)], log=None)
+    results = trainer.fit()  # checks exact zeros against the masks after every epoch
+    shapes = [tuple(p.shape) for _, p in trainer.targets]
+    floor = 0.0 if method == "dnw" else None
+    want = kept_counts(shapes, 0.9, scope, floor)
+    final = masks[cfg.epochs]
+    assert [int(m.sum()) for m in final.values()] == want
+    assert results["pruned_weights"] == sum(math.prod(s) for s in shapes) - sum(want)
+    for c in results["method_cuts"]:
+        if "sparsity" in c and method in ("gmp", "bimp"):
+            assert c["pruned"] == sum(math.prod(s) for s in shapes) - sum(
+                kept_counts(shapes, c["sparsity"], scope, None)
+            )
 
 
 def test_bimp_lr_per_iteration_follows_the_budgeted_cyclic_schedule():
@@ -362,6 +385,8 @@ def test_changed_method_setting_is_refused_on_resume(tmp_path):
         (["--method", "gsm", "--cut-phases", "0"], "cut_phases"),
         (["--method", "gsm", "--cut-phases", "2"], "cut_phases"),
         (["--method", "gsm", "--retrain-schedule", "cosine"], "retrain-schedule"),
+        (["--method", "gsm", "--scope", "layer"], "scope: method 'gsm' ranks every"),
+        (["--method", "lc", "--scope", "erk"], "scope: method 'lc' ranks every"),
     ],
 )
 def test_bad_method_options_are_one_line_errors_before_any_work(tmp_path, capsys, argv, message):

@@ -10,6 +10,7 @@ import torch
 from conftest import SEAM_RUN, assert_one_line_cli_error, run_two_gloo_ranks, train_until_killed
 
 from ong_kernels.pruning import methods as M
+from ong_kernels.pruning.allocation import kept_counts, pruned_total
 from ong_kernels.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ong_kernels.train.cli import train_main
 from ong_kernels.train.config import TrainConfig
@@ -82,6 +83,29 @@ def test_dnw_forward_uses_the_global_top_k_and_the_gradient_goes_straight_throug
     for p, w, gi in zip(host.params, w0, g, strict=True):
         assert torch.equal(p.detach(), w)  # dense weights back
         assert torch.equal(p.grad, gi)  # straight through, pruned weights too
+
+
+def per_layer_top_k(ws, counts):
+    """Each layer's ``counts[i]`` largest |w| (ties by position), by a sort."""
+    return [sort_top_k([w], 1 - c / w.numel())[0] for w, c in zip(ws, counts, strict=True)]
+
+
+@pytest.mark.parametrize("scope", ["layer", "erk"])
+def test_dnw_forward_follows_a_per_layer_scope(scope):
+    host = _Host("dnw", shapes=((8, 3, 3, 3), (16, 8), (40,)))
+    host.config = host.config.replace(scope=scope)
+    sp = host.sparsifier
+    w0 = [p.detach().clone() for p in host.params]
+    numels = [w.numel() for w in w0]
+    if scope == "layer":
+        counts = [n - round(0.9 * n) for n in numels]
+    else:  # ERK's counts (allocation.kept_counts, tested against RigL's definition)
+        counts = kept_counts([tuple(w.shape) for w in w0], 0.9, "erk", 0.0)
+        assert counts != [n - round(0.9 * n) for n in numels]  # not the layer split
+    assert sum(numels) - sum(counts) == pruned_total([w.shape for w in w0], 0.9, scope, 0.0)
+    sp.before_forward()
+    for p, w, k in zip(host.params, w0, per_layer_top_k(w0, counts), strict=True):
+        assert torch.equal(p.detach(), w * k)
 
 
 def test_str_cs_dst_forward_against_direct_formulas():
@@ -371,6 +395,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, method):
         (["--method", "dnw", "--penalty", "1"], "--penalty: method 'dnw'"),
         (["--method", "str", "--method-kwargs", '{"s_initial": "x"}'], "s_initial: expected"),
         (["--method", "dst", "--method-kwargs", '{"beta_final": 2}'], "no setting 'beta_final'"),
+        (["--method", "str", "--scope", "erk"], "scope: method 'str' ranks every"),
+        (["--method", "cs", "--scope", "layer"], "scope: method 'cs' ranks every"),
+        (["--method", "dst", "--scope", "layer"], "scope: method 'dst' ranks every"),
     ],
 )
 def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, argv, message):

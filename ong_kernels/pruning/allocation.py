@@ -42,6 +42,7 @@ __all__ = [
     "check_sparsity",
     "erk_densities",
     "kept_counts",
+    "pruned_total",
     "select_top",
 ]
 
@@ -154,6 +155,18 @@ def kept_counts(
     else:
         raise ValueError(f"kept_counts is per layer; scope {scope!r} has no per-layer counts")
     return [max(c, f) for c, f in zip(counts, floor_counts(numels, min_density), strict=True)]
+
+
+def pruned_total(
+    shapes: Sequence[Sequence[int]], sparsity: float, scope: str, min_density: float | None
+) -> int:
+    """Weights `allocate` prunes over all layers at `sparsity` under `scope`: round(s N)
+    for ``global`` (its floors are met inside that total), else what :func:`kept_counts`
+    leaves (per-layer rounding under ``layer``; floors that raise a layer's share)."""
+    n = sum(math.prod(s) for s in shapes)
+    if scope == "global":
+        return round(sparsity * n)
+    return n - sum(kept_counts(shapes, sparsity, scope, min_density))
 
 
 # ----------------------------------------------------------------------------- selection

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ong_kernels._validate import is_finite_real, is_int
+from ong_kernels.pruning.allocation import SCOPES
 from ong_kernels.pruning.api import _SCORERS, READS_DATA
 
 __all__ = [
@@ -311,6 +312,10 @@ class MethodSpec:
     needs: tuple[str, ...] = ()
     exact: bool = True  # exact sparsity during training (else only after the final cut)
     one_shot: bool = False  # prunes once at initialisation
+    # The --scope values the method's masks follow. Magnitude cuts take every scope; GSM's
+    # and LC's top-K and the STR/CS/DST projection rank every prunable weight together
+    # (BIMP), and their sparsity comes from the final cut, which is global (BIMP).
+    scopes: tuple[str, ...] = SCOPES
 
     def setting_names(self) -> tuple[str, ...]:
         if self.settings is None:
@@ -358,6 +363,7 @@ _SPECS: dict[str, MethodSpec] = {
         GsmSettings,
         needs=("final cut",),
         exact=False,
+        scopes=("global",),
     ),
     "lc": MethodSpec(
         "lc",
@@ -365,10 +371,11 @@ _SPECS: dict[str, MethodSpec] = {
         LcSettings,
         needs=("final cut",),
         exact=False,
+        scopes=("global",),
     ),
     "dnw": MethodSpec(
         "dnw",
-        "DNW: forward with the global top-k |w|, straight-through to the dense weights",
+        "DNW: forward with the top-k |w|, straight-through to the dense weights",
         DnwSettings,
         needs=("reparametrisation",),
     ),
@@ -384,6 +391,7 @@ _SPECS: dict[str, MethodSpec] = {
         StrSettings,
         needs=("reparametrisation", "final cut"),
         exact=False,
+        scopes=("global",),
     ),
     "cs": MethodSpec(
         "cs",
@@ -391,6 +399,7 @@ _SPECS: dict[str, MethodSpec] = {
         CsSettings,
         needs=("reparametrisation", "final cut"),
         exact=False,
+        scopes=("global",),
     ),
     "dst": MethodSpec(
         "dst",
@@ -398,6 +407,7 @@ _SPECS: dict[str, MethodSpec] = {
         DstSettings,
         needs=("reparametrisation", "final cut"),
         exact=False,
+        scopes=("global",),
     ),
 }
 assert set(_SCORERS) == set(_ONE_SHOT), "every prune() method is registered"

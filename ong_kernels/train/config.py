@@ -299,6 +299,12 @@ class TrainConfig:
             self.sparsity = 0.0
         else:
             check(self.sparsity > 0, "sparsity", f"method {self.method!r} needs sparsity > 0")
+            check(
+                self.scope in M.spec(self.method).scopes,
+                "scope",
+                f"method {self.method!r} ranks every prunable weight together (BIMP); "
+                f"per-layer scopes are for {', '.join(scoped_methods())}",
+            )
         check(
             is_int(self.prune_batches) and self.prune_batches > 0, "prune_batches", "expected > 0"
         )
@@ -413,6 +419,11 @@ class TrainConfig:
         """A folder name describing the run, e.g. ``resnet20-fashion-mnist-ong-0.9-seed0``."""
         method = self.method if self.method == "dense" else f"{self.method}-{self.sparsity:g}"
         return f"{self.model}-{self.dataset}-{method}-seed{self.seed}"
+
+
+def scoped_methods() -> list[str]:
+    """The registered methods that follow a per-layer --scope."""
+    return [m for m in METHODS if m != "dense" and len(M.spec(m).scopes) > 1]
 
 
 def unused_options(method: str, given: dict[str, Any]) -> list[str]:

@@ -68,9 +68,24 @@ switched the optimizer's off for CS):
   decay on ``t`` pulls it back to 0 against the penalty, so the sparsity would depend on
   weight decay as well as the penalty).
 
-GSM's and LC's top-K pools do not apply here; DNW's and DPF's global top-K is over the
-prunable set only (every conv and linear weight; BIMP's prunable set), by
-:func:`~.sparsifiers.global_keep` (radix select, exact counts, ties by position).
+GSM's and LC's top-K pools do not apply here; DNW's and DPF's top-K is over the prunable
+set only (every conv and linear weight; BIMP's prunable set), by
+:func:`~.sparsifiers.top_keep` (radix select, exact counts, ties by position): global as
+in BIMP by default, per layer or ERK with ``--scope layer`` / ``--scope erk``.
+
+**DNW and DPF at extreme sparsity with BatchNorm.** With the global top-K, both collapse
+to chance at 98% on ResNet-20 / Fashion-MNIST (all seeds; benchmarks/RESULTS.md, "DNW and
+DPF at 98%"), and the cause is the methods', not a defect: at initialisation the global
+top-2% keeps 72-152 of the 36,864 weights of a stage-3 conv, BatchNorm rescales that
+layer's small output back to unit variance, so the loss gradient reaching its weights is
+large (first step: norm 153-359 at stage 3's second convs, 2.6-33 at every other layer),
+and the straight-through backward hands it to all 36,864 latent weights. One step at lr
+0.1 takes two of those layers' latent norm from 11 to 60-69, the next global top-K gives
+them most of the budget and empties seven other layers, whose BatchNorm then divides by
+sqrt(eps) (x316): latent norms reach 3e4-7e5 at the next step and the network outputs a
+constant. A per-layer
+budget (``--scope erk``) bounds what a layer can take: DNW at 98% then trains (65.8% after
+4 epochs of 3,000 images against 10.5% global, same seed).
 """
 
 from __future__ import annotations
@@ -82,7 +97,7 @@ import torch
 
 from ong_kernels.pruning import methods as M
 
-from .sparsifiers import SeamHost, Sparsifier, global_keep
+from .sparsifiers import SeamHost, Sparsifier, pruned_goal, top_keep
 
 __all__ = ["CLASSES", "Cs", "Dnw", "Dpf", "Dst", "Str", "binary_step", "boundary_shift", "cs_beta"]
 
@@ -118,6 +133,7 @@ class _Reparam(Sparsifier):
 
     initial = "all"  # the host's masks keep every weight until train_end folds
     straight_through = False  # dL/dw = dL/d(effective weight) (DNW, DPF)
+    floor = True  # the method's masks keep at least one weight per layer (top_keep's floor)
 
     def __init__(self, host: SeamHost, settings: Any):
         super().__init__(host, settings)
@@ -301,7 +317,7 @@ class _Reparam(Sparsifier):
         total = host.masked_total
         pruned = sum(int((~k).sum()) for k in keep)
         self.reached_sparsity = pruned / total
-        goal = M.goal_count(host.config.sparsity, total)
+        goal = pruned_goal(host, host.config.sparsity, floor=self.floor)
         revived = 0
         if pruned > goal:
             with torch.no_grad():
@@ -309,7 +325,7 @@ class _Reparam(Sparsifier):
                     torch.where(k, math.inf, self.margin(n, w).float())
                     for n, w, k in zip(self.names, ws, keep, strict=True)
                 ]
-                new = global_keep(margins, host.config.sparsity, floor=False)
+                new = top_keep(margins, host.config.sparsity, floor=False)
                 values = [torch.where(k, v, w) for v, w, k in zip(values, ws, keep, strict=True)]
             keep, revived = new, pruned - goal
         with torch.no_grad():
@@ -360,16 +376,22 @@ class _Reparam(Sparsifier):
 
 class Dnw(_Reparam):
     """Discovering Neural Wirings (Wortsman et al. 2019) as BIMP HEAD ``DNW``
-    (scratchStrategies.py l.369-478): every forward uses the global top-k of |w| over the
-    prunable set (k = N - round(s N), ties by position; BIMP's kthvalue threshold prunes
-    ties together), the backward is straight-through to the dense latent weights, which the
-    optimizer steps with the run's momentum and weight decay (as BIMP). Exact at every step;
-    the fold keeps the top-k of the final weights. No settings: the goal is ``sparsity``."""
+    (scratchStrategies.py l.369-478): every forward uses the top-k of |w| over the
+    prunable set, global as BIMP (k = N - round(s N), ties by position; BIMP's kthvalue
+    threshold prunes ties together) or per the run's ``--scope`` (no floor: a layer may
+    keep nothing, as under BIMP's threshold), the backward is straight-through to the dense
+    latent weights, which the optimizer steps with the run's momentum and weight decay (as
+    BIMP). Exact at every step; the fold keeps the top-k of the final weights. No settings:
+    the goal is ``sparsity``."""
 
     straight_through = True
+    floor = False  # BIMP's kthvalue threshold has none
 
     def masks_of(self, ws):
-        return global_keep([w.abs().float() for w in ws], self.host.config.sparsity, floor=False)
+        cfg = self.host.config
+        return top_keep(
+            [w.abs().float() for w in ws], cfg.sparsity, scope=cfg.scope, floor=self.floor
+        )
 
     def _prepare(self) -> None:
         self._step_masks = dict(zip(self.names, self.masks_of(self.saved), strict=True))
@@ -378,16 +400,17 @@ class Dnw(_Reparam):
         return w * self._step_masks[name]
 
     def _plan_text(self):
-        return "every forward at the goal's global top-k |w|, straight through"
+        return f"every forward at the goal's top-k |w| ({self.host.config.scope}), straight through"
 
 
 class Dpf(_Reparam):
     """Dynamic Pruning with Feedback (Lin et al. 2020) as BIMP HEAD ``DPF``
     (scratchStrategies.py l.305-366): GMP's cubic schedule (:func:`methods.gmp_plan`, cuts
-    after epochs ``t * pruning_interval``) sets the sparsity; the global magnitude mask of
-    the *dense* latent weights is recomputed at each scheduled epoch and after every
-    ``refresh_interval``-th iteration (counted from the run's start), exact counts
-    round(s N) (ties by position, at least one weight per layer as the project's cuts).
+    after epochs ``t * pruning_interval``) sets the sparsity; the magnitude mask of the
+    *dense* latent weights (global as BIMP, or per the run's ``--scope``) is recomputed at
+    each scheduled epoch and after every ``refresh_interval``-th iteration (counted from the
+    run's start), exact counts (round(s N) when global; ties by position, at least one
+    weight per layer as the project's cuts).
     Forward and backward at the masked point; the optimizer steps every dense weight with
     that gradient (error feedback), momentum dense. The fold multiplies the last mask in
     (BIMP's make_pruning_permanent): exact at the end."""
@@ -403,7 +426,8 @@ class Dpf(_Reparam):
 
     def _refresh(self, ws: list[torch.Tensor]) -> None:
         scores = [w.abs().float() for w in ws]
-        self.mask = dict(zip(self.names, global_keep(scores, self.current), strict=True))
+        keep = top_keep(scores, self.current, scope=self.host.config.scope)
+        self.mask = dict(zip(self.names, keep, strict=True))
 
     def masks_of(self, ws):
         if self.mask is None:

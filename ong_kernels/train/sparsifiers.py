@@ -14,11 +14,13 @@ checkpoint, so every method resumes bit for bit. The step hooks run during the m
 The one-shot methods are the one-point schedule: masks from ``prune()`` at set-up, no hook
 does anything, so their runs are the same as before the seam, bit for bit.
 
-Every global top-K here (GMP/BIMP cuts, GSM, LC, the final cut) is
-:func:`global_keep`: ``pruning.stream.stream_masks``'s radix select over the per-layer
-scores (two 16-bit histogram passes, one counting pass, one writing pass; no sort, no
-concatenation of all weights), exact in counts, ties kept by position in the concatenation
-of the layers, as ``allocate`` does.
+Every top-K here (GMP/BIMP cuts, GSM, LC, the final cut) is :func:`top_keep`:
+``pruning.stream.stream_masks``'s radix select over the per-layer scores (two 16-bit
+histogram passes, one counting pass, one writing pass; no sort, no concatenation of all
+weights), exact in counts, ties kept by position in the concatenation of the layers, as
+``allocate`` does. It is global (BIMP), except that the methods whose masks are magnitude
+cuts (GMP, BIMP, DNW, DPF: ``MethodSpec.scopes``) follow the run's ``--scope``, as the
+one-shot methods do.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from ong_kernels.optim import FusedMaskedSGD
 from ong_kernels.pruning import methods as M
+from ong_kernels.pruning.allocation import pruned_total
 from ong_kernels.pruning.stream import stream_masks
 
 from .config import TrainConfig
@@ -42,7 +45,8 @@ __all__ = [
     "SeamHost",
     "Sparsifier",
     "SparsityError",
-    "global_keep",
+    "pruned_goal",
+    "top_keep",
 ]
 
 
@@ -73,16 +77,28 @@ class SeamHost(Protocol):
         """(exact zeros in the masked weights, number of masked weights)."""
 
 
-def global_keep(
-    scores: list[torch.Tensor], sparsity: float, *, floor: bool = True
+def top_keep(
+    scores: list[torch.Tensor], sparsity: float, *, scope: str = "global", floor: bool = True
 ) -> list[torch.Tensor]:
-    """Bool masks keeping exactly ``N - round(sparsity * N)`` of the scores' N entries (the
-    highest; ties by position), one per score. ``floor``: at least one entry per layer (the
+    """Bool masks keeping the highest of the scores, one per score, at ``sparsity`` under
+    ``scope`` (``allocate``'s scopes): exactly ``N - round(sparsity * N)`` of the N entries
+    under "global", ties by position. ``floor``: at least one entry per layer (the
     project's rule for cuts; a per-step top-K like GSM's has none)."""
     shapes = [tuple(s.shape) for s in scores]
     return list(
-        stream_masks(lambda: scores, shapes, sparsity, "global", min_density=None if floor else 0.0)
+        stream_masks(lambda: scores, shapes, sparsity, scope, min_density=_min_density(floor))
     )
+
+
+def pruned_goal(host: SeamHost, sparsity: float, *, floor: bool = True) -> int:
+    """Weights :func:`top_keep` prunes over the host's masked set at ``sparsity`` under the
+    run's ``scope``: the exact count a cut must land on."""
+    shapes = [tuple(p.shape) for _, p in host.targets]
+    return pruned_total(shapes, sparsity, host.config.scope, _min_density(floor))
+
+
+def _min_density(floor: bool) -> float | None:
+    return None if floor else 0.0
 
 
 def _masked_magnitude(host: SeamHost) -> list[torch.Tensor]:
@@ -155,9 +171,9 @@ class _Scheduled(Sparsifier):
     def _cut(self, epoch: int, sparsity: float, scores: list[torch.Tensor]) -> dict[str, Any]:
         host = self.host
         before = host.pruned_count
-        keep = global_keep(scores, sparsity)
+        keep = top_keep(scores, sparsity, scope=host.config.scope)
         host.apply_masks(dict(zip((n for n, _ in host.targets), keep, strict=True)))
-        want = M.goal_count(sparsity, host.masked_total)
+        want = pruned_goal(host, sparsity)
         if host.pruned_count != want:
             raise SparsityError(
                 f"{host.config.method} cut at epoch {epoch}: {host.pruned_count} weights "
@@ -354,7 +370,7 @@ class Gsm(Sparsifier):
         scores = [
             (p.detach() * g).abs().float() for (_, p), g in zip(host.targets, grads, strict=True)
         ]
-        keep = global_keep(scores, host.config.sparsity, floor=False)
+        keep = top_keep(scores, host.config.sparsity, floor=False)
         for g, k in zip(grads, keep, strict=True):
             g.masked_fill_(~k, 0)
 
@@ -374,7 +390,7 @@ class Lc(Sparsifier):
         if wd == 0:
             return
         scores = [p.detach().abs().float() for _, p in host.targets]
-        keep = global_keep(scores, host.config.sparsity, floor=False)
+        keep = top_keep(scores, host.config.sparsity, floor=False)
         with torch.no_grad():
             for (_, p), k in zip(host.targets, keep, strict=True):
                 if p.grad is not None:
@@ -442,7 +458,7 @@ class FinalCut:
         else:
             record["test_acc_before"] = host.evaluate()["test_acc"]
             norms = _norms(host)
-            keep = global_keep(_masked_magnitude(host), sparsity)
+            keep = top_keep(_masked_magnitude(host), sparsity)
             host.apply_masks(dict(zip((n for n, _ in host.targets), keep, strict=True)))
             record.update(changed=True, **_drop(host, norms, before))
         record["pruned"] = host.pruned_count
