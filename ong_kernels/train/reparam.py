@@ -84,8 +84,8 @@ and the straight-through backward hands it to all 36,864 latent weights. One ste
 them most of the budget and empties seven other layers, whose BatchNorm then divides by
 sqrt(eps) (x316): latent norms reach 3e4-7e5 at the next step and the network outputs a
 constant. A per-layer
-budget (``--scope erk``) bounds what a layer can take: DNW at 98% then trains (65.8% after
-4 epochs of 3,000 images against 10.5% global, same seed).
+budget bounds what a layer can take: DNW at 98% then trains (after 4 epochs of 3,000 images,
+same seed: 65.8% with ``--scope erk``, 41.1% with ``layer``, 9.3% global).
 """
 
 from __future__ import annotations
