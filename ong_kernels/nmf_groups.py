@@ -37,7 +37,7 @@ from ong_kernels._validate import check_bool, check_device, check_int
 from ong_kernels.backends import registry
 from ong_kernels.backends.cpu_nmf import sketch_bytes
 from ong_kernels.nmf_beta import BetaLoss, check_zeros_allowed
-from ong_kernels.nmf_init import initial_factors, use_exact_svd
+from ong_kernels.nmf_init import initial_factors, sketch_width, use_exact_svd
 from ong_kernels.nmf_rules import (
     FLOAT32_MAX,
     FLOAT32_TINY,
@@ -197,13 +197,13 @@ class Item:
 
 def _start_bytes(m: int, n: int, r: int, dtype: torch.dtype, init) -> int:
     """Temporaries of a matrix's start beyond the factors: NNDSVD's float32 copy of a
-    non-float32 V and its singular vectors (the exact SVD's, or the sketch's r + 10 columns,
+    non-float32 V and its singular vectors (the exact SVD's, or the sketch's columns,
     a few times over for the QRs, plus the CPU sketch products' padded operands and
     partial sums, cpu_nmf.sketch_bytes)."""
     if init != "nndsvd" and init != "nndsvda":
         return 0
     exact = use_exact_svd(m, n, r)
-    k = min(m, n) if exact else r + 10
+    k = min(m, n) if exact else sketch_width(m, n, r)
     copy = 0 if dtype == torch.float32 else 4 * m * n
     sketch = 0 if exact else sketch_bytes(m, n, k)
     return copy + 3 * 4 * k * (m + n) + 4 * k * k + sketch + min(LAPACK_ALLOWANCE, 4 * m * n)

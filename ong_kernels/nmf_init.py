@@ -25,28 +25,42 @@ from collections.abc import Sequence
 
 import torch
 
+from ong_kernels.backends.cpu_nmf import SKETCH_LANES
 from ong_kernels.nmf_rules import Factors, check_init_pair, scale_by_power_of_two, seed_for
 
 # scikit-learn's _initialize_nmf(eps=1e-6): NNDSVD entries below this are set to zero.
 NNDSVD_EPS = 1e-6
-# The sketch: scikit-learn's 10 extra columns. Power iterations: 4 (scikit-learn takes 7 when
-# r < 0.1 min(m, n)). Measured on a BERT-shaped set (2 layers, |W| at init) at rank 16, ONG
-# masks at 90% against the exact start's: the final fit within 2.1e-3 / 1.6e-3 / 8.3e-4 /
-# 4.2e-4 (relative) after 1 / 2 / 4 / 7 iterations; 4 is the fewest within 1e-3. Each costs
-# 2 (r + 10) / (4 r) MU iterations of work, so at r = 16 the 7 would cost ~13 MU iterations
-# and 4 costs ~8 (the start of a Llama-7B layer is budgeted at 10).
-OVERSAMPLES = 10
-POWER_ITERATIONS = 4
+# The sketch: r + max(OVERSAMPLES, r // 2) columns, rounded up to a multiple of
+# SKETCH_MULTIPLE, the CPU sketch product's lane count (cpu_nmf.SKETCH_LANES), which pads its
+# operands to that multiple and computes the padding columns anyway (scikit-learn takes r +
+# 10). POWER_ITERATIONS: measured on a BERT-shaped set (2 layers, |W| at init, ONG masks at
+# 90%) as the relative difference of the final fit from the exact start's (benchmarks/
+# RESULTS.md, issue 28). At rank 16, with scikit-learn's r + 10 = 26 columns, 2 / 4 / 7
+# iterations gave 1.6e-3 / 8.3e-4 / 4.2e-4; with 32 columns, 2 / 3 / 4 gave 1.3e-3 / 9.1e-4 /
+# 6.5e-4, so 3 is the fewest within 1e-3. At rank 64, 80 columns with 4 iterations and 96
+# with 3 both gave 1.3e-3, and 80 with 3 gave 1.8e-3, hence the r // 2. Three iterations are
+# 8 products of V: at rank 16, 8 at 32 columns where 4 iterations were 10 at the same padded
+# width; at rank 64, 8 x 96 columns against 10 x 80. The start of a Llama-7B layer at rank 16
+# is budgeted at 10 MU iterations.
+OVERSAMPLES = 16
+SKETCH_MULTIPLE = SKETCH_LANES
+POWER_ITERATIONS = 3
+
+
+def sketch_width(m: int, n: int, r: int) -> int:
+    """Columns of the randomized SVD's sketch of an m x n matrix at rank r."""
+    columns = r + max(OVERSAMPLES, r // 2)
+    return min(-(-columns // SKETCH_MULTIPLE) * SKETCH_MULTIPLE, min(m, n))
 
 
 def use_exact_svd(m: int, n: int, r: int) -> bool:
-    """The exact (Gram) SVD for a small matrix (min(m, n) <= 64) or a sketch of r + OVERSAMPLES
-    columns that covers at least a quarter of min(m, n): there the randomized start changes
-    the masks (see the module docstring) and the exact one costs a few of its power steps.
-    Below it, at the low ranks of large matrices (r = 16 of 4096), the exact SVD's
-    O(m n min(m, n)) would cost hundreds of MU iterations (benchmarks/bench_e2e.py)."""
+    """The exact (Gram) SVD for a small matrix (min(m, n) <= 64) or a sketch that covers at
+    least a quarter of min(m, n): there the randomized start changes the masks (see the
+    module docstring) and the exact one costs a few of its power steps. Below it, at the low
+    ranks of large matrices (r = 16 of 4096), the exact SVD's O(m n min(m, n)) would cost
+    hundreds of MU iterations (benchmarks/bench_e2e.py)."""
     short = min(m, n)
-    return short <= 64 or 4 * (r + OVERSAMPLES) >= short
+    return short <= 64 or 4 * sketch_width(m, n, r) >= short
 
 
 # Entries per chunk of mean64's float64 sum: a float64 reduction of a whole tensor
@@ -105,7 +119,7 @@ def randomized_svd(
     v: torch.Tensor, r: int, seed: int, power_iters: int = POWER_ITERATIONS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U (m, r), S (r,), Vh (r, n)): the leading r singular triplets of the float32 matrix v,
-    approximately (Halko et al. 2011, Algorithm 4.4: a Gaussian sketch of r + OVERSAMPLES
+    approximately (Halko et al. 2011, Algorithm 4.4: a Gaussian sketch of `sketch_width`
     vectors of the short side, `power_iters` subspace iterations re-orthonormalised by QR
     after every product; the products by `_sketch_products`). The sketch is drawn from a CPU
     generator seeded with `seed`, so the result is the same for a seed on every device and
@@ -113,7 +127,7 @@ def randomized_svd(
     """
     m, n = v.shape
     tall = m >= n
-    width = min(r + OVERSAMPLES, min(m, n))
+    width = sketch_width(m, n, r)
     gen = torch.Generator().manual_seed(seed)
     omega = torch.randn(min(m, n), width, generator=gen).to(device=v.device, dtype=v.dtype)
     times, t_times = _sketch_products(v)

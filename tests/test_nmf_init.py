@@ -14,6 +14,7 @@ from ong_kernels.nmf_init import (
     initial_factors,
     nndsvd_start,
     randomized_svd,
+    sketch_width,
     use_exact_svd,
 )
 
@@ -56,6 +57,18 @@ def test_exact_svd_rule():
     assert use_exact_svd(512, 4608, 128)  # ResNet-18 at rank 0.25: the sketch is a quarter
     assert not use_exact_svd(4096, 11008, 16)
     assert not use_exact_svd(768, 3072, 16)
+
+
+def test_sketch_width_fills_the_cpu_products_lanes():
+    from ong_kernels.backends.cpu_nmf import SKETCH_LANES
+
+    assert sketch_width(4096, 11008, 16) == 32  # 16 + 16 columns: no padding left
+    assert sketch_width(4096, 4096, 64) == 96  # 64 + 32
+    assert sketch_width(4096, 4096, 17) == 48  # never fewer than 16 beyond r
+    assert sketch_width(40, 30, 20) == 30  # never more than the short side
+    for r in range(1, 300, 7):
+        width, extra = sketch_width(5000, 6000, r), max(16, r // 2)
+        assert width % SKETCH_LANES == 0 and r + extra <= width < r + extra + SKETCH_LANES
 
 
 def test_start_of_a_matrix_is_the_same_alone_and_in_any_batch():

@@ -180,7 +180,14 @@ class TrainConfig:
         swept=True,
     )
     sparsity: float = _field(0.9, _PRUNE, "fraction of prunable weights removed", swept=True)
-    scope: str = _field("global", _PRUNE, "how sparsity is spread over layers", choices=SCOPES)
+    scope: str = _field(
+        "global",
+        _PRUNE,
+        "how sparsity is spread over layers (global only for "
+        f"{', '.join(m for m in METHODS if M.spec(m).scopes == ('global',))}: they rank every "
+        "prunable weight together)",
+        choices=SCOPES,
+    )
     prune_batches: int = _field(
         1,
         _PRUNE,
