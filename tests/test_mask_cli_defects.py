@@ -149,9 +149,12 @@ def test_a_masks_file_over_the_file_size_limit_is_one_line_and_keeps_the_old_fil
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     ckpt = write(tmp_path / "model.safetensors")
     out = tmp_path / "masks.safetensors"
-    # A real SIGINT, delivered while the factors are being computed.
+    # A real SIGINT, delivered while the factors are being computed. Python's own handler is
+    # installed first: a shell that starts the suite in the background makes its children
+    # ignore SIGINT, and Python then leaves it ignored.
     code = (
         "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from ong_kernels.pruning import stream\n"
         "def interrupted(*args, **kwargs):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ong_kernels import backends_available, nmf_batched
+from ong_kernels.nmf_init import use_exact_svd
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if backends_available("nmf_mu")[b]]
 
@@ -13,7 +14,8 @@ BACKENDS = [b for b in ("reference", "cpu", "triton") if backends_available("nmf
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("init", ["random", "nndsvda"])
 def test_restarts_in_one_call_equal_single_calls(backend, init):
-    v = torch.rand(70, 90)  # 70 > 4 * (3 + 10): the NNDSVD start takes the randomized SVD
+    v = torch.rand(130, 150)  # the NNDSVD start takes the randomized SVD here
+    assert not use_exact_svd(130, 150, 3)  # 130 > 4 x its 32 sketch columns
     seeds = [0, 5, 11, 2**40]
     iters = 25
     if backend == "triton":  # the interpreter took 47 s for 4 seeds x 25 iterations here
