@@ -169,7 +169,7 @@ def test_resnet56_set_is_one_persistent_launch():
     assert [name for name, *_ in tnmf.launch_constexprs(config, None, "ieee")] == [
         "_solve_kernel", "_solve_kernel",  # without / with checks: one of them is launched
     ]  # fmt: skip
-    assert config.launch("solve") == tnmf.Launch(br=32, num_warps=4, num_stages=2, maxnreg=255)
+    assert config.launch("solve") == tnmf.Launch(br=32, num_warps=8, num_stages=2, maxnreg=255)
 
 
 def test_resnet18_set_splits_small_and_large_matrices():
