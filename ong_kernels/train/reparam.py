@@ -75,17 +75,16 @@ in BIMP by default, per layer or ERK with ``--scope layer`` / ``--scope erk``.
 
 **DNW and DPF at extreme sparsity with BatchNorm.** With the global top-K, both collapse
 to chance at 98% on ResNet-20 / Fashion-MNIST (all seeds; benchmarks/RESULTS.md, "DNW and
-DPF at 98%"), and the cause is the methods', not a defect: at initialisation the global
-top-2% keeps 72-152 of the 36,864 weights of a stage-3 conv, BatchNorm rescales that
-layer's small output back to unit variance, so the loss gradient reaching its weights is
-large (first step: norm 153-359 at stage 3's second convs, 2.6-33 at every other layer),
-and the straight-through backward hands it to all 36,864 latent weights. One step at lr
-0.1 takes two of those layers' latent norm from 11 to 60-69, the next global top-K gives
-them most of the budget and empties seven other layers, whose BatchNorm then divides by
-sqrt(eps) (x316): latent norms reach 3e4-7e5 at the next step and the network outputs a
-constant. A per-layer
-budget bounds what a layer can take: DNW at 98% then trains (after 4 epochs of 3,000 images,
-same seed: 65.8% with ``--scope erk``, 41.1% with ``layer``, 9.3% global).
+DPF at 98%"), and the cause is the methods', not a defect. At initialisation the global
+top-2% keeps 129-152 of the 36,864 weights of each of stage 3's second convs; BatchNorm
+rescales their small output back to unit variance, so the loss gradient reaching them is
+large (first step: norm 153-359 there, at most 33 at any other layer), and the
+straight-through backward hands it to all 36,864 latent weights. One step at lr 0.1 takes
+two of those layers' latent norm from 11 to 60-69; the next global top-K gives them most of
+the budget and empties seven other layers, whose BatchNorm then divides by sqrt(eps)
+(x316): latent norms reach 3e4-7e5 at the next step and the network outputs a constant. A
+per-layer budget bounds what a layer can take: DNW at 98% then trains (after 4 epochs of
+3,000 images, same seed: 65.8% with ``--scope erk``, 41.1% with ``layer``, 9.3% global).
 """
 
 from __future__ import annotations
