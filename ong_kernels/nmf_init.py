@@ -107,7 +107,7 @@ def _sketch_products(v: torch.Tensor):
     from ong_kernels.backends import _native, cpu_nmf
 
     if v.device.type == "cpu" and v.dtype == torch.float32 and _native.has_cpu():
-        v = v.contiguous()  # once, not in each of the ten products
+        v = v.contiguous()  # once, not in each of the products
         return (
             lambda x: cpu_nmf.sketch_product(v, x),
             lambda x: cpu_nmf.sketch_product(v, x, transpose=True),

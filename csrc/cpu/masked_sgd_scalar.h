@@ -34,7 +34,6 @@ inline std::uint64_t mask_word(const std::uint8_t* bits, std::int64_t i) {
   return word;
 }
 
-
 // The step's scalars in T (float for the float32 spans, T for the scalar loops), each passed
 // through `set` (a vector unit's set1 broadcast; by default the scalar itself): one place
 // that reads them from SgdHyper for every span. `sign` folds maximize and GradScaler's

@@ -407,7 +407,7 @@ class Solver {
           for (i64 j = 0; j < n; ++j) wh[j] += wk * static_cast<double>(hk[j]);
         }
         const float* vr = job_.v + i * n;
-        if (logs_needed) {  // ln(x / c) of the kept entries (1 elsewhere: not read)
+        if (logs_needed) {  // x / c and its log for the kept entries (1 elsewhere: not read)
           for (i64 j = 0; j < n; ++j) {
             const double x = vr[j], y = wh[j];
             ratio[j] = x > kEps ? x / (y < kEps ? static_cast<double>(kEps) : y) : 1.0;
@@ -425,7 +425,7 @@ class Solver {
           if (kind == Kind::kKl) {
             total += y + (keep ? x * logs[j] - x : 0.0);
           } else if (kind == Kind::kIs) {
-            total += keep ? (x / c - logs[j]) - 1.0 : -1.0;
+            total += keep ? (ratio[j] - logs[j]) - 1.0 : -1.0;
           } else {
             double term = std::pow(y, beta) * (beta - 1);
             if (keep) term += std::pow(x, beta) - beta * x * std::pow(c, beta - 1);

@@ -63,7 +63,7 @@ def sketch_product(v: torch.Tensor, x: torch.Tensor, transpose: bool = False) ->
     a skinny float32 ``x`` (n x w, or m x w), on the MU kernel's register tiles
     (csrc/cpu/nmf_mu_kernel.h, sketch_product): ``v @ x`` as the W sweep's V H^T, ``v.T @ x``
     as the H sweep's W^T V, without forming v^T. Each entry is summed in one order whatever
-    the thread count. nmf_init's randomized SVD takes its ten products here: MKL's sgemm at
+    the thread count. nmf_init's randomized SVD takes its products here: MKL's sgemm at
     26 columns ran at 45-71 GFLOP/s on AMD Zen 4 (benchmarks/RESULTS.md, issue 28), a third
     of the MU kernel's rate on the same products."""
     if v.dim() != 2 or x.dim() != 2:

@@ -42,6 +42,12 @@ AMP_MODES = ("auto", "bf16", "off")
 RESUMABLE_OVERRIDES = frozenset({"data_dir", "run_dir", "progress", "compile"})
 
 
+def scoped_methods(per_layer: bool = True) -> list[str]:
+    """The registered pruning methods that follow a per-layer --scope (per_layer False: those
+    that take only "global")."""
+    return [m for m in METHODS if m != "dense" and (len(M.spec(m).scopes) > 1) == per_layer]
+
+
 def _parses_as_device(text: str) -> bool:
     import torch
 
@@ -184,7 +190,7 @@ class TrainConfig:
         "global",
         _PRUNE,
         "how sparsity is spread over layers (global only for "
-        f"{', '.join(m for m in METHODS if M.spec(m).scopes == ('global',))}: they rank every "
+        f"{', '.join(scoped_methods(per_layer=False))}: they rank every "
         "prunable weight together)",
         choices=SCOPES,
     )
@@ -426,11 +432,6 @@ class TrainConfig:
         """A folder name describing the run, e.g. ``resnet20-fashion-mnist-ong-0.9-seed0``."""
         method = self.method if self.method == "dense" else f"{self.method}-{self.sparsity:g}"
         return f"{self.model}-{self.dataset}-{method}-seed{self.seed}"
-
-
-def scoped_methods() -> list[str]:
-    """The registered methods that follow a per-layer --scope."""
-    return [m for m in METHODS if m != "dense" and len(M.spec(m).scopes) > 1]
 
 
 def unused_options(method: str, given: dict[str, Any]) -> list[str]:

@@ -508,9 +508,6 @@ class _Calibrated(_Reparam):
             )
         return f"{what}, no projection (BIMP); the final cut makes it exact"
 
-    def lam(self) -> float:
-        return float(self.settings.penalty)
-
     def target(self, iteration: int) -> float:
         """The sparsity the projection puts the mask at after ``iteration`` iterations."""
         goal = self.host.config.sparsity
@@ -578,7 +575,7 @@ class Str(_Calibrated):
         return w.abs() - torch.sigmoid(self.theta[name].detach())
 
     def penalty(self):
-        return 0.5 * self.lam() * sum(s.pow(2) for s in self.theta.values())
+        return 0.5 * self.settings.penalty * sum(s.pow(2) for s in self.theta.values())
 
     def _shift(self, delta):
         for s in self.theta.values():
@@ -619,7 +616,9 @@ class Cs(_Calibrated):
 
     def penalty(self):
         beta = self.beta()
-        return self.lam() * sum(torch.sigmoid(beta * m).sum() for m in self.theta.values())
+        return self.settings.penalty * sum(
+            torch.sigmoid(beta * m).sum() for m in self.theta.values()
+        )
 
     def _shift(self, delta):
         for m in self.theta.values():
@@ -668,7 +667,7 @@ class Dst(_Calibrated):
                 t.copy_(torch.where(kept <= 0.01, torch.zeros_like(t), t))
 
     def penalty(self):
-        return self.lam() * sum(torch.exp(-t).sum() for t in self.theta.values())
+        return self.settings.penalty * sum(torch.exp(-t).sum() for t in self.theta.values())
 
     def _shift(self, delta):
         for t in self.theta.values():

@@ -421,36 +421,33 @@ def workspace(shapes: Sequence[tuple[int, int, int, torch.dtype]]) -> int:
     return total
 
 
-def tile_lists(shapes, rb: int, br_w: int, br_h: int, br_e: int, device):
-    """The stepwise path's tile lists for matrices of ``shapes`` (m, n, r), as ``_tiles`` pairs:
-    Gram blocks of ``rb``, W-step rows of ``br_w``, H-step columns of ``br_h``, error rows of
-    ``br_e``; and the most error row blocks of one matrix (its partials' stride). What
-    `grouped_lists_bytes` counts."""
-    error_blocks = [math.ceil(m / br_e) for m, _, _ in shapes]
+def _block_counts(shapes, rb: int, br_w: int, br_h: int, br_e: int) -> tuple[list[int], ...]:
+    """Per matrix of ``shapes`` (m, n, r): its Gram blocks of ``rb``, W-step rows of ``br_w``,
+    H-step columns of ``br_h`` and error rows of ``br_e``: the stepwise path's tiles."""
     return (
-        _tiles([math.ceil(r / rb) ** 2 for _, _, r in shapes], device),
-        _tiles([math.ceil(m / br_w) for m, _, _ in shapes], device),
-        _tiles([math.ceil(n / br_h) for _, n, _ in shapes], device),
-        _tiles(error_blocks, device),
-        max(error_blocks),
+        [math.ceil(r / rb) ** 2 for _, _, r in shapes],
+        [math.ceil(m / br_w) for m, _, _ in shapes],
+        [math.ceil(n / br_h) for _, n, _ in shapes],
+        [math.ceil(m / br_e) for m, _, _ in shapes],
     )
+
+
+def tile_lists(shapes, rb: int, br_w: int, br_h: int, br_e: int, device):
+    """The stepwise path's tile lists for matrices of ``shapes`` (m, n, r), as ``_tiles`` pairs
+    (Gram, W step, H step, error: `_block_counts`), and the most error row blocks of one matrix
+    (its partials' stride). What `grouped_lists_bytes` counts."""
+    counts = _block_counts(shapes, rb, br_w, br_h, br_e)
+    return (*(_tiles(c, device) for c in counts), max(counts[3]))
 
 
 def grouped_lists_bytes(shapes, rb: int, br_w: int, br_h: int, br_e: int) -> int:
     """The stepwise (grouped) path's per-call lists for matrices of ``shapes`` (m, n, r): the
-    float64 error partials per (matrix, row block of ``br_e``) and the four tile lists (Gram
-    blocks of ``rb``, W-step rows of ``br_w``, H-step columns of ``br_h``, error rows; int32
-    pairs), each rounded up as the caching allocator does. The beta kernel's too."""
-    n = len(shapes)
-    total = _rounded(8 * n * max(math.ceil(m / br_e) for m, _, _ in shapes))
-    for count in (
-        sum(math.ceil(r / rb) ** 2 for _, _, r in shapes),
-        sum(math.ceil(m / br_w) for m, _, _ in shapes),
-        sum(math.ceil(n_ / br_h) for _, n_, _ in shapes),
-        sum(math.ceil(m / br_e) for m, _, _ in shapes),
-    ):
-        total += _rounded(8 * count)
-    return total
+    float64 error partials per (matrix, error row block) and the four tile lists of
+    `tile_lists` (int32 pairs), each rounded up as the caching allocator does. The beta
+    kernel's too."""
+    counts = _block_counts(shapes, rb, br_w, br_h, br_e)
+    total = _rounded(8 * len(shapes) * max(counts[3]))
+    return total + sum(_rounded(8 * sum(c)) for c in counts)
 
 
 @register("nmf_mu", "triton", devices=_common.devices(), available=_common.available,
