@@ -94,7 +94,26 @@ def random_start(v: torch.Tensor, r: int, seed: int) -> Factors:
     return w.to(v.device), h.to(v.device)
 
 
-def _orthonormal(x: torch.Tensor) -> torch.Tensor:
+# CholeskyQR's guard: a basis whose Cholesky factor has a diagonal ratio below this (cond(x)
+# of ~1e3 or more) goes to Householder QR instead. CholeskyQR loses orthogonality as float32
+# eps x cond(x)^2, ~0.1 at that ratio; a power step needs the span, not exact
+# orthonormality, and the next step re-normalises.
+_CHOLESKY_MIN_RATIO = 1e-3
+
+
+def _basis(x: torch.Tensor, orthonormal: bool) -> torch.Tensor:
+    """A basis of x's column span: Householder QR's Q where it must be `orthonormal` (the
+    randomized SVD's final basis, which the projection needs), on devices other than the CPU
+    (the check below would be a sync per power step there, not measured), and where x^T x is
+    singular or ill-conditioned; otherwise CholeskyQR, x R^-1 with R^T R = x^T x. Measured
+    (AMD Zen 4, 2 threads, 32 columns): 0.19 / 0.32 ms against QR's 0.60 / 1.65 ms for 4096 /
+    11008 rows."""
+    if not orthonormal and x.device.type == "cpu":
+        chol, info = torch.linalg.cholesky_ex(x.T @ x)
+        diagonal = chol.diagonal()
+        if int(info) == 0 and float(diagonal.min()) > _CHOLESKY_MIN_RATIO * float(diagonal.max()):
+            eye = torch.eye(x.shape[1], dtype=x.dtype)
+            return x @ torch.linalg.solve_triangular(chol.T, eye, upper=True)
     return torch.linalg.qr(x).Q
 
 
@@ -120,8 +139,8 @@ def randomized_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U (m, r), S (r,), Vh (r, n)): the leading r singular triplets of the float32 matrix v,
     approximately (Halko et al. 2011, Algorithm 4.4: a Gaussian sketch of `sketch_width`
-    vectors of the short side, `power_iters` subspace iterations re-orthonormalised by QR
-    after every product; the products by `_sketch_products`). The sketch is drawn from a CPU
+    vectors of the short side, `power_iters` subspace iterations re-normalised after every
+    product, by `_basis`; the products by `_sketch_products`). The sketch is drawn from a CPU
     generator seeded with `seed`, so the result is the same for a seed on every device and
     whatever else is in the batch.
     """
@@ -130,19 +149,18 @@ def randomized_svd(
     width = sketch_width(m, n, r)
     gen = torch.Generator().manual_seed(seed)
     omega = torch.randn(min(m, n), width, generator=gen).to(device=v.device, dtype=v.dtype)
-    times, t_times = _sketch_products(v)
-    if tall:  # q: an orthonormal basis (m, width) of v's column space
-        q = _orthonormal(times(omega))
-        for _ in range(power_iters):
-            q = _orthonormal(times(_orthonormal(t_times(q))))
-        ub, s, vh = torch.linalg.svd(t_times(q).T, full_matrices=False)  # (width, n)
-        return q @ ub[:, :r], s[:r], vh[:r]
-    # wide: q, an orthonormal basis (n, width) of v's row space
-    q = _orthonormal(t_times(omega))
-    for _ in range(power_iters):
-        q = _orthonormal(t_times(_orthonormal(times(q))))
-    u, s, vbh = torch.linalg.svd(times(q), full_matrices=False)  # (m, width)
-    return u[:, :r], s[:r], vbh[:r] @ q.T
+    step, last = _sketch_products(v) if tall else _sketch_products(v)[::-1]
+    # q: a basis (long side, width) of v's column space (tall) or row space (wide); the last
+    # one orthonormal (Householder), the power steps' CholeskyQR bases before it.
+    q = _basis(step(omega), orthonormal=power_iters == 0)
+    for i in range(power_iters):
+        q = _basis(step(_basis(last(q), False)), orthonormal=i == power_iters - 1)
+    # LAPACK's SVD of the tall (long side, width) projection, transposed for the tall v:
+    # 0.95 ms against 3.2 ms for the wide 32 x 4096 (Zen 4, 2 threads).
+    b, s, ch = torch.linalg.svd(last(q), full_matrices=False)  # (short side, width)
+    if tall:  # v ~ q ch^T s b^T
+        return q @ ch[:r].T, s[:r], b[:, :r].T
+    return b[:, :r], s[:r], ch[:r] @ q.T
 
 
 def gram_svd(v: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

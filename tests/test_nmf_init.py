@@ -71,6 +71,30 @@ def test_sketch_width_fills_the_cpu_products_lanes():
         assert width % SKETCH_LANES == 0 and r + extra <= width < r + extra + SKETCH_LANES
 
 
+def test_power_step_basis_spans_its_input_and_falls_back_to_householder(monkeypatch):
+    from ong_kernels import nmf_init
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1100, 32, generator=g) + 0.1 * torch.randn(1100, 32, generator=g)
+    householder = []
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda t: householder.append(1) or real_qr(t))
+    q = nmf_init._basis(x, orthonormal=False)  # well conditioned: CholeskyQR
+    assert not householder and q.shape == x.shape
+    gap = (q.T @ q - torch.eye(32)).abs().max()
+    assert torch.isfinite(gap) and gap < 1e-3
+    # q spans x: x's projection onto q's span leaves float32 rounding.
+    projected = q @ torch.linalg.lstsq(q, x).solution
+    assert (projected - x).norm() < 1e-4 * x.norm()
+    # Rank 31 (two equal columns): the Gram matrix is singular, Householder's Q instead.
+    x[:, 5] = x[:, 7]
+    q = nmf_init._basis(x, orthonormal=False)
+    assert householder == [1]
+    assert (q.T @ q - torch.eye(32)).abs().max() < 1e-5
+    nmf_init._basis(torch.rand(50, 8, generator=g), orthonormal=True)  # the final basis
+    assert householder == [1, 1]
+
+
 def test_start_of_a_matrix_is_the_same_alone_and_in_any_batch():
     g = torch.Generator().manual_seed(5)
     a = torch.rand(160, 130, generator=g)

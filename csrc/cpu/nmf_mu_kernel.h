@@ -56,8 +56,15 @@ constexpr int kCheckEvery = 10;  // nmf_plan.CHECK_EVERY
 // share of the sweep; raised to rp for very large ranks so they stay O((m + n) r) memory.
 constexpr i64 kBlock = 96;
 // Rows of V ahead that cols_tile prefetches: its column strips jump one row (n floats) per
-// step, a stride the hardware prefetchers do not follow beyond 2 KiB.
-constexpr i64 kPrefetchRows = 8;
+// step, a stride the hardware prefetchers do not follow beyond 2 KiB. With AVX-512 a strip
+// also gets its last line prefetched: at 12 columns (the 32-column sketch) 3 in 4 strips
+// cross a line, and the second line came from memory unprefetched. V^T X at 32 columns,
+// GFLOP/s on AMD Zen 4 (benchmarks/RESULTS.md, issue 28), 8 rows and first line -> 32 rows
+// and both lines: AVX-512 164-169 -> 177-193 (4096 x 4096, 11008 x 4096), 139-141 ->
+// 174-183 (4096 x 11008); 64 rows fell to 146-155. AVX2 and portable keep 8 rows and one
+// line: the same change took their 4096 x 11008 from 172-181 to 158-163 (AVX2) and 67 to 59.
+constexpr i64 kPrefetchRows = kVBytes == 64 ? 32 : 8;
+constexpr bool kPrefetchLastLine = kVBytes == 64;
 // W^T V on a tall and wide V (m >= kPackMinRows, n >= kPackMinCols) packs panels of
 // kPanelRows x block of V first: going down a column strip of thousands of rows with a row
 // stride of several KiB maps the rows onto few cache sets, and the strip falls out of L2
@@ -115,6 +122,7 @@ inline void cols_tile(const float* A, i64 lda, i64 K, const T* B, i64 ldb, T* ou
     const float* a = A + k * lda;
     __builtin_prefetch(a + kPrefetchRows * lda);
     if (NR > 16) __builtin_prefetch(a + kPrefetchRows * lda + 16);
+    if (kPrefetchLastLine && NR > 1) __builtin_prefetch(a + kPrefetchRows * lda + NR - 1);
     const T* b = B + k * ldb;
     V bv[NV];
     UNROLL for (int c = 0; c < NV; ++c) bv[c] = vload<T>(b + c * L);
