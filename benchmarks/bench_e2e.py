@@ -4,6 +4,7 @@ Long single runs, not micro-benchmarks, so this is a script with one sub-command
 of benchmarks/RESULTS.md (issue 16 section):
 
     .venv/bin/python -m benchmarks.bench_e2e llama      # validation + init vs MU iterations
+    .venv/bin/python -m benchmarks.bench_e2e sketch     # the start's products, GFLOP/s
     .venv/bin/python -m benchmarks.bench_e2e prune      # prune(model, "ong") vs its solve
     .venv/bin/python -m benchmarks.bench_e2e mask       # ong-mask defaults vs --init random
     .venv/bin/python -m benchmarks.bench_e2e crossover  # exact vs randomized SVD (the rule)
@@ -93,6 +94,25 @@ def cmd_llama(args) -> None:
         ratio = (b["check"] + b["init"]) / b["iteration"]
         print(f"| {rank} | {b['check']:.3f} | {b['init']:.3f} | {b['iteration']:.3f} | "
               f"{ratio:.1f} |", flush=True)  # fmt: skip
+
+
+def cmd_sketch(args) -> None:
+    """The randomized SVD's two products (cpu_nmf.sketch_product) on the Llama layer's three
+    shapes at the sketch width of --rank: V X and V^T X, GFLOP/s of the best of --repeats."""
+    from ong_kernels.backends import _native, cpu_nmf
+
+    print(f"{torch.get_num_threads()} threads, ISA {_native.lib().active_isa().name}")
+    print("| m x n | columns | V X GFLOP/s | V^T X GFLOP/s |")
+    print("| --- | --- | --- | --- |")
+    g = torch.Generator().manual_seed(0)
+    for m, n in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        width = nmf_init.sketch_width(m, n, args.rank)
+        v = torch.rand(m, n, generator=g)
+        x, y = torch.randn(n, width, generator=g), torch.randn(m, width, generator=g)
+        rate = 2 * m * n * width / 1e9
+        t_vx = best(lambda v=v, x=x: cpu_nmf.sketch_product(v, x), args.repeats)
+        t_vtx = best(lambda v=v, y=y: cpu_nmf.sketch_product(v, y, transpose=True), args.repeats)
+        print(f"| {m} x {n} | {width} | {rate / t_vx:.0f} | {rate / t_vtx:.0f} |", flush=True)
 
 
 def _solve_only(mats, factors, solver) -> None:
@@ -273,6 +293,9 @@ def main(argv=None) -> None:
     q.add_argument("--init", default="nndsvda")
     q.add_argument("--fp16", action="store_true")
     q.add_argument("--repeats", type=int, default=2)
+    q = sub.add_parser("sketch")
+    q.add_argument("--rank", type=int, default=16)
+    q.add_argument("--repeats", type=int, default=9)
     q = sub.add_parser("prune")
     q.add_argument("--models", nargs="+", default=["resnet56", "resnet18"])
     q.add_argument("--repeats", type=int, default=2)
@@ -293,7 +316,7 @@ def main(argv=None) -> None:
         help="set:rank pairs, e.g. resnet20:0.25 bert_base:16",
     )  # fmt: skip
     args = p.parse_args(argv)
-    commands = {"llama": cmd_llama, "prune": cmd_prune, "crossover": cmd_crossover,
+    commands = {"llama": cmd_llama, "sketch": cmd_sketch, "prune": cmd_prune, "crossover": cmd_crossover,
                 "quality": cmd_quality, "defaults": cmd_defaults, "mask": cmd_mask}  # fmt: skip
     commands[args.cmd](args)
 
