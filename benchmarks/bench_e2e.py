@@ -316,8 +316,9 @@ def main(argv=None) -> None:
         help="set:rank pairs, e.g. resnet20:0.25 bert_base:16",
     )  # fmt: skip
     args = p.parse_args(argv)
-    commands = {"llama": cmd_llama, "sketch": cmd_sketch, "prune": cmd_prune, "crossover": cmd_crossover,
-                "quality": cmd_quality, "defaults": cmd_defaults, "mask": cmd_mask}  # fmt: skip
+    commands = {"llama": cmd_llama, "sketch": cmd_sketch, "prune": cmd_prune,
+                "crossover": cmd_crossover, "quality": cmd_quality, "defaults": cmd_defaults,
+                "mask": cmd_mask}  # fmt: skip
     commands[args.cmd](args)
 
 

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from conftest import SEAM_RUN
 
 from ong_kernels.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from ong_kernels.train.config import TrainConfig
@@ -17,21 +18,9 @@ from ong_kernels.train.trainer import SparsityError, StopTraining, Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: why
 
 
-# A narrow ResNet-20 on 8x8 images: about 0.3 s per epoch on 2 cores.
+# A narrow ResNet-20 on 8x8 images (the seam tests' run, 2 epochs): ~0.3 s per epoch on 2 cores.
 DATA = make_synthetic(160, 64, channels=3, size=8, seed=0)
-SMALL = dict(
-    model="resnet20",
-    dataset="synthetic",
-    width=0.5,
-    epochs=2,
-    batch_size=32,
-    eval_batch_size=50,
-    lr=0.05,
-    method="ong",
-    sparsity=0.9,
-    progress=False,
-    device="cpu",
-)
+SMALL = dict(SEAM_RUN, epochs=2, eval_batch_size=50, method="ong")
 
 
 def make_config(tmp_path, name="run", **changes):

@@ -333,6 +333,32 @@ _ONE_SHOT = {
     "synflow": "SynFlow at initialisation",
 }
 
+# The methods that act during training: name, summary, settings, needs, and whether the
+# sparsity comes from a final cut (GSM, LC, STR, CS, DST as BIMP: inexact during training,
+# and global only, MethodSpec.scopes).
+# fmt: off
+_DURING_TRAINING = (
+    ("gmp", "gradual global magnitude pruning on the cubic schedule (BIMP HEAD GMP)",
+     GmpSettings, ("schedule",), False),
+    ("bimp", "budgeted IMP: dense training, then cuts each followed by a triangular lr cycle",
+     BimpSettings, ("schedule",), False),
+    ("gsm", "global sparse momentum: only the top-K |w * grad| weights get gradients",
+     GsmSettings, (), True),
+    ("lc", "learning-compression: weight decay only on the weights outside the top-K |w|",
+     LcSettings, (), True),
+    ("dnw", "DNW: forward with the top-k |w|, straight-through to the dense weights",
+     DnwSettings, ("reparametrisation",), False),
+    ("dpf", "DPF: GMP's schedule, forward at the masked point, dense weights stepped (feedback)",
+     DpfSettings, ("schedule", "reparametrisation"), False),
+    ("str", "STR: learnable soft threshold per layer, penalty calibrated to --sparsity",
+     StrSettings, ("reparametrisation",), True),
+    ("cs", "continuous sparsification: a mask logit per weight, penalty calibrated to --sparsity",
+     CsSettings, ("reparametrisation",), True),
+    ("dst", "DST: learnable threshold per output channel, penalty calibrated to --sparsity",
+     DstSettings, ("reparametrisation",), True),
+)
+# fmt: on
+
 _SPECS: dict[str, MethodSpec] = {
     "dense": MethodSpec("dense", "no pruning", None),
     **{
@@ -345,70 +371,17 @@ _SPECS: dict[str, MethodSpec] = {
         )
         for name, summary in _ONE_SHOT.items()
     },
-    "gmp": MethodSpec(
-        "gmp",
-        "gradual global magnitude pruning on the cubic schedule (BIMP HEAD GMP)",
-        GmpSettings,
-        needs=("schedule",),
-    ),
-    "bimp": MethodSpec(
-        "bimp",
-        "budgeted IMP: dense training, then cuts each followed by a triangular lr cycle",
-        BimpSettings,
-        needs=("schedule",),
-    ),
-    "gsm": MethodSpec(
-        "gsm",
-        "global sparse momentum: only the top-K |w * grad| weights get gradients",
-        GsmSettings,
-        needs=("final cut",),
-        exact=False,
-        scopes=("global",),
-    ),
-    "lc": MethodSpec(
-        "lc",
-        "learning-compression: weight decay only on the weights outside the top-K |w|",
-        LcSettings,
-        needs=("final cut",),
-        exact=False,
-        scopes=("global",),
-    ),
-    "dnw": MethodSpec(
-        "dnw",
-        "DNW: forward with the top-k |w|, straight-through to the dense weights",
-        DnwSettings,
-        needs=("reparametrisation",),
-    ),
-    "dpf": MethodSpec(
-        "dpf",
-        "DPF: GMP's schedule, forward at the masked point, dense weights stepped (feedback)",
-        DpfSettings,
-        needs=("schedule", "reparametrisation"),
-    ),
-    "str": MethodSpec(
-        "str",
-        "STR: learnable soft threshold per layer, penalty calibrated to --sparsity",
-        StrSettings,
-        needs=("reparametrisation", "final cut"),
-        exact=False,
-        scopes=("global",),
-    ),
-    "cs": MethodSpec(
-        "cs",
-        "continuous sparsification: a mask logit per weight, penalty calibrated to --sparsity",
-        CsSettings,
-        needs=("reparametrisation", "final cut"),
-        exact=False,
-        scopes=("global",),
-    ),
-    "dst": MethodSpec(
-        "dst",
-        "DST: learnable threshold per output channel, penalty calibrated to --sparsity",
-        DstSettings,
-        needs=("reparametrisation", "final cut"),
-        exact=False,
-        scopes=("global",),
-    ),
+    **{
+        name: MethodSpec(
+            name,
+            summary,
+            settings,
+            needs=(*needs, "final cut") if final_cut else needs,
+            exact=not final_cut,
+            scopes=("global",) if final_cut else SCOPES,
+        )
+        for name, summary, settings, needs, final_cut in _DURING_TRAINING
+    },
 }
 assert set(_SCORERS) == set(_ONE_SHOT), "every prune() method is registered"
 
