@@ -55,16 +55,20 @@ constexpr int kCheckEvery = 10;  // nmf_plan.CHECK_EVERY
 // 6, 4, 3) and large enough that the partial Gram products (rp x rp per block) stay a small
 // share of the sweep; raised to rp for very large ranks so they stay O((m + n) r) memory.
 constexpr i64 kBlock = 96;
-// Rows of V ahead that cols_tile prefetches: its column strips jump one row (n floats) per
-// step, a stride the hardware prefetchers do not follow beyond 2 KiB. With AVX-512 a strip
-// also gets its last line prefetched: at 12 columns (the 32-column sketch) 3 in 4 strips
-// cross a line, and the second line came from memory unprefetched. V^T X at 32 columns,
-// GFLOP/s on AMD Zen 4 (benchmarks/RESULTS.md, issue 28), 8 rows and first line -> 32 rows
-// and both lines: AVX-512 164-169 -> 177-193 (4096 x 4096, 11008 x 4096), 139-141 ->
-// 174-183 (4096 x 11008); 64 rows fell to 146-155. AVX2 and portable keep 8 rows and one
-// line: the same change took their 4096 x 11008 from 172-181 to 158-163 (AVX2) and 67 to 59.
-constexpr i64 kPrefetchRows = kVBytes == 64 ? 32 : 8;
-constexpr bool kPrefetchLastLine = kVBytes == 64;
+// Rows of V ahead that cols_tile prefetches, per ISA: its column strips jump one row (n
+// floats) per step, a stride the hardware prefetchers do not follow beyond 2 KiB. With
+// AVX-512 a strip also gets its last line prefetched: at 12 columns (the 32-column sketch) 3
+// in 4 strips cross a line, and the second line came from memory unprefetched. Measured on
+// AMD Zen 4, 2 threads (benchmarks/RESULTS.md, issue 28), against 8 rows and the first line:
+// - AVX-512, 32 rows and both lines: the sketch's V^T X at 32 columns 164-169 -> 177-193
+//   GFLOP/s (4096 x 4096, 11008 x 4096), 139-141 -> 174-183 (4096 x 11008); 64 rows fell
+//   to 146-155 (the next row block's rows);
+// - AVX2, 16 rows: one MU iteration of the Llama layer at rank 16 89.5-91.1 -> 82.7-83.3
+//   ms, BERT-base at 16 31.0-33.0 -> 30.0-30.3 (32 rows: 87.5; the second line cost 10%
+//   on 4096 x 11008's V^T X);
+// - portable: 16 rows cost 2-4% (MU iteration), so it keeps 8.
+constexpr i64 kPrefetchRows = ONG_NMF_PREFETCH_ROWS;
+constexpr bool kPrefetchLastLine = ONG_NMF_PREFETCH_LAST_LINE;
 // W^T V on a tall and wide V (m >= kPackMinRows, n >= kPackMinCols) packs panels of
 // kPanelRows x block of V first: going down a column strip of thousands of rows with a row
 // stride of several KiB maps the rows onto few cache sets, and the strip falls out of L2
