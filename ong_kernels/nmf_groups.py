@@ -198,7 +198,7 @@ class Item:
 def _start_bytes(m: int, n: int, r: int, dtype: torch.dtype, init) -> int:
     """Temporaries of a matrix's start beyond the factors: NNDSVD's float32 copy of a
     non-float32 V and its singular vectors (the exact SVD's, or the sketch's columns,
-    a few times over for the QRs, plus the CPU sketch products' padded operands and
+    a few times over for the power steps' bases, plus the CPU sketch products' padded operands and
     partial sums, cpu_nmf.sketch_bytes)."""
     if init != "nndsvd" and init != "nndsvda":
         return 0

@@ -30,10 +30,10 @@ from ong_kernels.nmf_rules import Factors, check_init_pair, scale_by_power_of_tw
 
 # scikit-learn's _initialize_nmf(eps=1e-6): NNDSVD entries below this are set to zero.
 NNDSVD_EPS = 1e-6
-# The sketch: r + max(OVERSAMPLES, r // 2) columns, rounded up to a multiple of
-# SKETCH_MULTIPLE, the CPU sketch product's lane count (cpu_nmf.SKETCH_LANES), which pads its
-# operands to that multiple and computes the padding columns anyway (scikit-learn takes r +
-# 10). POWER_ITERATIONS: measured on a BERT-shaped set (2 layers, |W| at init, ONG masks at
+# The sketch: r + max(OVERSAMPLES, r // 2) columns, rounded up to a multiple of the CPU
+# sketch product's lane count (cpu_nmf.SKETCH_LANES), which pads its operands to that
+# multiple and computes the padding columns anyway (scikit-learn takes r + 10).
+# POWER_ITERATIONS: measured on a BERT-shaped set (2 layers, |W| at init, ONG masks at
 # 90%) as the relative difference of the final fit from the exact start's (benchmarks/
 # RESULTS.md, issue 28). At rank 16, with scikit-learn's r + 10 = 26 columns, 2 / 4 / 7
 # iterations gave 1.6e-3 / 8.3e-4 / 4.2e-4; with 32 columns, 2 / 3 / 4 gave 1.3e-3 / 9.1e-4 /
@@ -43,14 +43,13 @@ NNDSVD_EPS = 1e-6
 # width; at rank 64, 8 x 96 columns against 10 x 80. The start of a Llama-7B layer at rank 16
 # is budgeted at 10 MU iterations.
 OVERSAMPLES = 16
-SKETCH_MULTIPLE = SKETCH_LANES
 POWER_ITERATIONS = 3
 
 
 def sketch_width(m: int, n: int, r: int) -> int:
     """Columns of the randomized SVD's sketch of an m x n matrix at rank r."""
     columns = r + max(OVERSAMPLES, r // 2)
-    return min(-(-columns // SKETCH_MULTIPLE) * SKETCH_MULTIPLE, min(m, n))
+    return min(-(-columns // SKETCH_LANES) * SKETCH_LANES, min(m, n))
 
 
 def use_exact_svd(m: int, n: int, r: int) -> bool:

@@ -425,7 +425,7 @@ class Dpf(_Reparam):
 
     def _refresh(self, ws: list[torch.Tensor]) -> None:
         scores = [w.abs().float() for w in ws]
-        keep = top_keep(scores, self.current, scope=self.host.config.scope)
+        keep = top_keep(scores, self.current, scope=self.host.config.scope, floor=self.floor)
         self.mask = dict(zip(self.names, keep, strict=True))
 
     def masks_of(self, ws):
